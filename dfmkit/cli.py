@@ -1,0 +1,127 @@
+"""The ``dfmkit`` command line: run, generate, prepare, bench, eval, plugins, recipe show."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from dfmkit.errors import DfmkitError
+
+log = logging.getLogger("dfmkit")
+
+EPILOG = "Overrides are dotted recipe keys: train.train_iters=20000 parallel.tensor=2 data.path=/x"
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe .toml file, or the name of a packaged recipe (quickstart_digits)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
+
+
+def _not_available(command: str, issue: str):
+    def run(args: argparse.Namespace) -> int:
+        print(f"dfmkit {command}: not available in this version yet ({issue}).", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from dfmkit.plugins import default_plugins
+
+    manager = default_plugins()
+    rows = manager.describe()
+    if args.json:
+        print(json.dumps({"components": rows, "skipped": [f.message() for f in manager.failures]}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="dfmkit components")
+    for column in ("kind", "name", "origin", "summary"):
+        table.add_column(column)
+    for registry in manager.registries:
+        if not len(registry):
+            table.add_row(registry.kind, "[dim](none)[/dim]", "", "")
+        for component in registry:
+            table.add_row(component.kind, component.name, component.origin, component.summary)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    for failure in manager.failures:
+        console.print(f"[red]skipped[/red] {failure.message()}")
+    return 0
+
+
+def cmd_recipe_show(args: argparse.Namespace) -> int:
+    from dfmkit.recipe import dump_recipe, load_recipe
+
+    sys.stdout.write(dump_recipe(load_recipe(args.recipe, args.overrides)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dfmkit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dfmkit",
+        description="Train and sample Diffusion Transformers (EDM) on megatron-core.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"dfmkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="train a model from a recipe", epilog=EPILOG)
+    _add_recipe_arguments(run)
+    run.add_argument("--mock", action="store_true", help="train on mock data (data.mock=true)")
+    run.set_defaults(func=_not_available("run", "training lands with the training issue"))
+
+    generate = commands.add_parser("generate", help="sample images or videos from a checkpoint or export")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint or export directory")
+    generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    generate.add_argument("--prompt-file", help="a text file with one prompt per line")
+    generate.add_argument("--out", required=True, help="output directory")
+    generate.set_defaults(func=_not_available("generate", "inference lands with the inference issue"))
+
+    prepare = commands.add_parser("prepare", help="encode a dataset into WebDataset shards for training")
+    _add_recipe_arguments(prepare)
+    prepare.add_argument("--source", help="hf:NAME, a parquet file, an image/video folder, or 'digits'")
+    prepare.add_argument("--out", help="output directory")
+    prepare.set_defaults(func=_not_available("prepare", "data preparation lands with the data issue"))
+
+    bench = commands.add_parser("bench", help="measure throughput and MFU over parallel layouts")
+    bench.add_argument("--mock", action="store_true", help="use mock data")
+    bench.set_defaults(func=_not_available("bench", "benchmarks land with the performance issue"))
+
+    evaluate = commands.add_parser("eval", help="evaluate generated samples (digit accuracy, FID)")
+    evaluate.set_defaults(func=_not_available("eval", "evaluation lands with the inference issue"))
+
+    plugins = commands.add_parser("plugins", help="list every component with its origin")
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plugins.set_defaults(func=cmd_plugins)
+
+    recipe = commands.add_parser("recipe", help="inspect recipes")
+    recipe_commands = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
+    show = recipe_commands.add_parser("show", help="print the fully resolved recipe as TOML", epilog=EPILOG)
+    _add_recipe_arguments(show)
+    show.set_defaults(func=cmd_recipe_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except DfmkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

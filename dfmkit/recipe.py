@@ -1,0 +1,539 @@
+"""Recipes: the attrs schema of a TOML recipe, loading with cattrs, dotted overrides, and TOML output.
+
+A recipe has fixed sections (``[diffusion]``, ``[data]``, ``[train]``, ``[optim]``, ``[parallel]``,
+``[checkpoint]``, ``[logging]``, ``[validation]``) and component sections (``[model]``,
+``[sampler]``, ``[tokenizer]``, ``[text_encoder]``, ``[task_encoder]``) that name a registered
+component with ``name = "..."``; the rest of a component section is validated by that
+component's own options class. Every mistake is reported with its dotted path and, where a
+close match exists, a suggestion.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import cattrs
+import tomli_w
+from attrs import validators as v
+from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from dfmkit.errors import DfmkitError, RecipeError, UnknownComponentError, did_you_mean
+from dfmkit.registry import Registries
+
+PACKAGED_RECIPES = Path(__file__).parent / "recipes"
+
+
+# --------------------------------------------------------------------------------------------
+# Component sections
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class ComponentSection:
+    """A section that picks a component by ``name``; ``options`` is that component's attrs object."""
+
+    kind: ClassVar[str] = ""
+    default: ClassVar[str] = ""
+    name: str
+    options: Any
+
+
+class BackboneSection(ComponentSection):
+    kind = "backbone"
+    default = "dit"
+
+
+class SamplerSection(ComponentSection):
+    kind = "sampler"
+    default = "edm-heun"
+
+
+class TokenizerSection(ComponentSection):
+    kind = "tokenizer"
+    default = "identity"
+
+
+class TextEncoderSection(ComponentSection):
+    kind = "text_encoder"
+    default = "t5"
+
+
+class TaskEncoderSection(ComponentSection):
+    kind = "task_encoder"
+    default = "packed"
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed sections
+# --------------------------------------------------------------------------------------------
+
+_positive = v.gt(0)
+_non_negative = v.ge(0)
+_fraction = [v.ge(0.0), v.le(1.0)]
+
+
+@attrs.define(kw_only=True)
+class DiffusionConfig:
+    """EDM training (Karras et al. 2022): noise levels, preconditioning and loss."""
+
+    sigma_data: float = attrs.field(default=0.5, validator=_positive)
+    p_mean: float = -1.2  # ln(sigma) ~ N(p_mean, p_std^2); the reference uses 0 / 1
+    p_std: float = attrs.field(default=1.2, validator=_positive)
+    condition_dropout: float = attrs.field(default=0.2, validator=_fraction)
+    loss_normalization: str = attrs.field(default="sample", validator=v.in_(["sample", "token"]))
+
+
+@attrs.define(kw_only=True)
+class DataConfig:
+    """Where samples come from and how they are packed into sequences."""
+
+    path: str = ""  # a folder written by `dfmkit prepare` (Energon-indexed WebDataset)
+    mock: bool = False  # random latents and text of the shapes below, for benchmarks
+    seq_length: int = attrs.field(default=4096, validator=_positive)  # tokens per packed sequence
+    packing_buffer_size: int = attrs.field(default=64, validator=_positive)
+    shuffle_buffer_size: int = attrs.field(default=100, validator=_non_negative)
+    max_samples_per_sequence: int = attrs.field(default=100, validator=_positive)
+    num_workers: int = attrs.field(default=2, validator=_non_negative)
+
+
+@attrs.define(kw_only=True)
+class TrainConfig:
+    """The training loop."""
+
+    train_iters: int = attrs.field(default=1000, validator=_positive)
+    global_batch_size: int = attrs.field(default=8, validator=_positive)  # packed sequences per step
+    seed: int = 1234
+    device: str = attrs.field(default="auto", validator=v.in_(["auto", "cpu", "cuda"]))
+    precision: str = attrs.field(default="auto", validator=v.in_(["auto", "bf16", "fp32"]))
+    log_interval: int = attrs.field(default=10, validator=_positive)
+    ema_decay: float = attrs.field(default=0.9999, validator=_fraction)
+    max_nonfinite_steps: int = attrs.field(default=5, validator=_positive)
+
+
+@attrs.define(kw_only=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (defaults as in the reference)."""
+
+    lr: float = attrs.field(default=9e-5, validator=_positive)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = attrs.field(default=1e-5, validator=_positive)
+    weight_decay: float = attrs.field(default=0.033, validator=_non_negative)
+    clip_grad: float = attrs.field(default=1.0, validator=_non_negative)  # 0 disables clipping
+    warmup_iters: int = attrs.field(default=2000, validator=_non_negative)
+    decay_style: str = attrs.field(default="cosine", validator=v.in_(["cosine", "linear", "constant"]))
+    min_lr_ratio: float = attrs.field(default=0.1, validator=_fraction)
+
+
+@attrs.define(kw_only=True)
+class ParallelConfig:
+    """Model parallelism; data parallelism takes the remaining processes."""
+
+    tensor: int = attrs.field(default=1, validator=_positive)
+    sequence: bool = False  # sequence parallelism inside tensor-parallel regions (needs tensor > 1)
+    context: int = attrs.field(default=1, validator=_positive)
+    distributed_optimizer: str = attrs.field(default="auto", validator=v.in_(["auto", "on", "off"]))
+
+
+@attrs.define(kw_only=True)
+class CheckpointConfig:
+    """Where and how often to save; resume picks up the newest complete checkpoint."""
+
+    dir: str = "checkpoints"
+    save_interval: int = attrs.field(default=1000, validator=_non_negative)  # 0: only at the end
+    keep_last: int = attrs.field(default=3, validator=_positive)
+    resume: bool = True
+    load: str = ""  # start from this checkpoint instead of the newest one in `dir`
+
+
+@attrs.define(kw_only=True)
+class LoggingConfig:
+    """TensorBoard always, Weights & Biases when a project is named."""
+
+    dir: str = ""  # default: <checkpoint.dir>/tensorboard
+    wandb_project: str = ""
+    wandb_entity: str = ""
+    progress: bool = True
+
+
+@attrs.define(kw_only=True)
+class ValidationConfig:
+    """Periodic validation: loss at fixed noise levels and generation of the prompts."""
+
+    interval: int = attrs.field(default=1000, validator=_non_negative)  # 0: never
+    prompts: list[str] = attrs.Factory(list)
+    height: int = attrs.field(default=256, validator=_positive)
+    width: int = attrs.field(default=256, validator=_positive)
+    frames: int = attrs.field(default=1, validator=_positive)
+    num_steps: int = attrs.field(default=35, validator=_positive)
+    guidance: float = 7.0
+    seed: int = 0
+    loss_sigmas: list[float] = attrs.Factory(lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
+    loss_batches: int = attrs.field(default=2, validator=_non_negative)
+
+
+@attrs.define(kw_only=True)
+class Recipe:
+    """A whole recipe. Build one with :func:`load_recipe`, which validates every section."""
+
+    model: BackboneSection
+    diffusion: DiffusionConfig = attrs.Factory(DiffusionConfig)
+    sampler: SamplerSection
+    tokenizer: TokenizerSection
+    text_encoder: TextEncoderSection
+    task_encoder: TaskEncoderSection
+    data: DataConfig = attrs.Factory(DataConfig)
+    train: TrainConfig = attrs.Factory(TrainConfig)
+    optim: OptimConfig = attrs.Factory(OptimConfig)
+    parallel: ParallelConfig = attrs.Factory(ParallelConfig)
+    checkpoint: CheckpointConfig = attrs.Factory(CheckpointConfig)
+    logging: LoggingConfig = attrs.Factory(LoggingConfig)
+    validation: ValidationConfig = attrs.Factory(ValidationConfig)
+
+
+COMPONENT_SECTIONS: dict[str, type[ComponentSection]] = {
+    field.name: field.type
+    for field in attrs.fields(Recipe)
+    if isinstance(field.type, type) and issubclass(field.type, ComponentSection)
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Structuring: strict types, overrides coerced to the target type
+# --------------------------------------------------------------------------------------------
+
+
+class _Raw(str):
+    """A value typed on the command line; it takes the type of the field it lands in."""
+
+
+class _ValueError(ValueError):
+    """A value of the wrong type or form; the message is shown as it is."""
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})" if not isinstance(value, _Raw) else repr(str(value))
+
+
+def _structure_int(value: Any, _: type) -> int:
+    if isinstance(value, _Raw):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            raise _ValueError(f"expected an integer, got {_describe(value)}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _ValueError(f"expected an integer, got {_describe(value)}")
+    return value
+
+
+def _structure_float(value: Any, _: type) -> float:
+    if isinstance(value, _Raw):
+        try:
+            return float(value)
+        except ValueError:
+            raise _ValueError(f"expected a number, got {_describe(value)}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _ValueError(f"expected a number, got {_describe(value)}")
+    return float(value)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _structure_bool(value: Any, _: type) -> bool:
+    if isinstance(value, _Raw):
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise _ValueError(f"expected true or false, got {_describe(value)}")
+    if not isinstance(value, bool):
+        raise _ValueError(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _structure_str(value: Any, _: type) -> str:
+    if isinstance(value, _Raw):
+        text = str(value)
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            return tomllib.loads(f"v = {text}")["v"]
+        return text
+    if not isinstance(value, str):
+        raise _ValueError(f"expected a string, got {_describe(value)}")
+    return value
+
+
+def _parse_raw_array(value: _Raw) -> list[Any]:
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = None
+    if not isinstance(parsed, list):
+        raise _ValueError(f"expected a TOML array such as [1, 2] or [\"a\", \"b\"], got {_describe(value)}")
+    return parsed
+
+
+def _is_optional(t: Any) -> bool:
+    args = typing.get_args(t)
+    return typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in args
+
+
+class RecipeLoader:
+    """Structures and unstructures recipes against one set of registries."""
+
+    def __init__(self, registries: Registries):
+        self.registries = registries
+        c = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+        c.register_structure_hook(int, _structure_int)
+        c.register_structure_hook(float, _structure_float)
+        c.register_structure_hook(bool, _structure_bool)
+        c.register_structure_hook(str, _structure_str)
+        c.register_structure_hook_func(
+            lambda t: typing.get_origin(t) in (list, tuple), self._structure_sequence
+        )
+        c.register_structure_hook_func(_is_optional, self._structure_optional)
+        c.register_structure_hook_func(
+            lambda t: isinstance(t, type) and issubclass(t, ComponentSection), self._structure_component
+        )
+        c.register_unstructure_hook_func(
+            lambda t: isinstance(t, type) and issubclass(t, ComponentSection), self._unstructure_component
+        )
+        c.register_unstructure_hook(tuple, list)
+        self.converter = c
+
+    # -- structure hooks ---------------------------------------------------------------------
+
+    def _structure_sequence(self, value: Any, t: Any) -> Any:
+        if isinstance(value, _Raw):
+            value = _parse_raw_array(value)
+        if not isinstance(value, (list, tuple)):
+            raise _ValueError(f"expected an array, got {_describe(value)}")
+        args = typing.get_args(t)
+        if typing.get_origin(t) is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _ValueError(f"expected an array of {len(args)} values, got {len(value)}")
+            item_types = list(args)
+        else:
+            item_types = [args[0] if args else Any] * len(value)
+        items, errors = [], []
+        for index, (item, item_type) in enumerate(zip(value, item_types)):
+            try:
+                items.append(self.converter.structure(item, item_type))
+            except Exception as exc:
+                exc.__notes__ = [*getattr(exc, "__notes__", []), _IndexNote(index)]
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError("While structuring an array", errors, t)
+        return typing.get_origin(t)(items)
+
+    def _structure_optional(self, value: Any, t: Any) -> Any:
+        if value is None or (isinstance(value, _Raw) and value.lower() in ("none", "null")):
+            return None
+        inner = [a for a in typing.get_args(t) if a is not type(None)]
+        return self.converter.structure(value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)])
+
+    def _structure_component(self, value: Any, section: type[ComponentSection]) -> ComponentSection:
+        if not isinstance(value, Mapping):
+            raise _ValueError(f"expected a table with name = \"...\", got {_describe(value)}")
+        data = dict(value)
+        name = data.pop("name", section.default)
+        try:
+            name = _structure_str(name, str)
+            component = self.registries[section.kind].get(name)
+        except (UnknownComponentError, _ValueError) as exc:
+            exc.__notes__ = [AttributeValidationNote("name", "name", str)]
+            raise ClassValidationError(f"While structuring {section.__name__}", [exc], section) from None
+        options = self.converter.structure(data, component.options)
+        return section(name=name, options=options)
+
+    def _unstructure_component(self, section: ComponentSection) -> dict[str, Any]:
+        return {"name": section.name, **self.converter.unstructure(section.options)}
+
+    # -- public ------------------------------------------------------------------------------
+
+    def structure(self, data: Mapping[str, Any], source: str | None = None) -> Recipe:
+        if not isinstance(data, Mapping):
+            raise RecipeError([f"a recipe is a table of sections, got {type(data).__name__}"], source)
+        filled = dict(data)
+        for key, section in COMPONENT_SECTIONS.items():
+            filled.setdefault(key, {"name": section.default})
+        try:
+            return self.converter.structure(filled, Recipe)
+        except (ClassValidationError, IterableValidationError) as exc:
+            raise RecipeError(list(_messages(exc, "")), source) from None
+
+    def unstructure(self, recipe: Recipe) -> dict[str, Any]:
+        return _drop_none(self.converter.unstructure(recipe))
+
+
+class _IndexNote(str):
+    def __new__(cls, index: int) -> _IndexNote:
+        note = str.__new__(cls, f"index {index}")
+        note.index = index
+        return note
+
+
+def _messages(exc: BaseException, path: str) -> Iterator[str]:
+    """One "dotted.path: problem" line per leaf error of a cattrs exception tree."""
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        for sub in exc.exceptions:
+            notes = getattr(sub, "__notes__", [])
+            named = [n for n in notes if isinstance(n, AttributeValidationNote)]
+            indexed = [n for n in notes if isinstance(n, _IndexNote) or hasattr(n, "index")]
+            if named:
+                sub_path = f"{path}.{named[-1].name}" if path else named[-1].name
+            elif indexed:
+                sub_path = f"{path}[{indexed[-1].index}]"
+            else:
+                sub_path = path
+            yield from _messages(sub, sub_path)
+        return
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = [f.name for f in attrs.fields(exc.cl)]
+        if path in COMPONENT_SECTIONS:
+            known = ["name", *known]
+        for key in sorted(exc.extra_fields):
+            where = f"{path}.{key}" if path else key
+            guess = did_you_mean(key, known)
+            hint = f"; did you mean {path + '.' if path else ''}{guess}?" if guess else f"; known keys: {', '.join(known)}"
+            yield f"{where}: unknown key{hint}"
+        return
+    if isinstance(exc, KeyError):
+        yield f"{path}: required key missing"
+        return
+    if isinstance(exc, (DfmkitError, _ValueError)):
+        yield f"{path}: {exc}"
+        return
+    if isinstance(exc, ValueError) and str(exc):  # attrs validators: "'x' must be in [...] (got 'y')"
+        yield f"{path}: {exc}"
+        return
+    if isinstance(exc, TypeError):
+        yield f"{path}: wrong type ({exc})"
+        return
+    yield f"{path}: {type(exc).__name__}: {exc}"
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(x) for k, x in value.items() if x is not None}
+    if isinstance(value, list):
+        return [_drop_none(x) for x in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides, files and the public functions
+# --------------------------------------------------------------------------------------------
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``dotted.key=value`` set; values take their field's type later."""
+    result = _deep_copy(data)
+    problems = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not sep or not key or any(not p for p in parts):
+            problems.append(f"override {override!r} must look like section.key=value (for example train.train_iters=20000)")
+            continue
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"override {override!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = _Raw(value.strip())
+    if problems:
+        raise RecipeError(problems, "command line")
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(x) for k, x in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(x) for x in value]
+    return value
+
+
+def packaged_recipes() -> list[str]:
+    """Names of the recipes shipped inside the package (usable as ``dfmkit run NAME``)."""
+    return sorted(p.stem for p in PACKAGED_RECIPES.glob("*.toml"))
+
+
+def resolve_recipe_path(recipe: str | os.PathLike[str]) -> Path:
+    """A recipe file path, or the name of a packaged recipe such as ``quickstart_digits``."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_RECIPES / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    names = packaged_recipes()
+    guess = did_you_mean(path.stem, names)
+    hint = f" Did you mean '{guess}'?" if guess else ""
+    raise RecipeError(
+        [f"recipe file '{recipe}' not found.{hint} Give a path to a .toml file or a packaged recipe: {', '.join(names)}"]
+    )
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError([f"not valid TOML: {exc}"], str(path)) from None
+    except OSError as exc:
+        raise RecipeError([f"cannot read the recipe: {exc.strerror}"], str(path)) from None
+
+
+def load_recipe(
+    recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
+    overrides: Iterable[str] = (),
+    *,
+    registries: Registries | None = None,
+) -> Recipe:
+    """A validated :class:`Recipe` from a TOML path (or packaged name), a dict, or a Recipe."""
+    if registries is None:
+        from dfmkit.plugins import default_plugins
+
+        registries = default_plugins().registries
+    loader = RecipeLoader(registries)
+    overrides = list(overrides)
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        data, source = loader.unstructure(recipe), None
+    elif isinstance(recipe, Mapping):
+        data, source = dict(recipe), None
+    else:
+        path = resolve_recipe_path(recipe)
+        data, source = read_recipe_file(path), str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} with overrides" if source else "overrides"
+    return loader.structure(data, source)
+
+
+def recipe_to_dict(recipe: Recipe, *, registries: Registries | None = None) -> dict[str, Any]:
+    """The recipe as plain TOML-ready data (every default filled in)."""
+    if registries is None:
+        from dfmkit.plugins import default_plugins
+
+        registries = default_plugins().registries
+    return RecipeLoader(registries).unstructure(recipe)
+
+
+def dump_recipe(recipe: Recipe, *, registries: Registries | None = None) -> str:
+    """The resolved recipe as TOML text; loading it gives an equal recipe."""
+    return tomli_w.dumps(recipe_to_dict(recipe, registries=registries))
