@@ -11,6 +11,7 @@ close match exists, a suggestion.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import types
 import typing
@@ -411,8 +412,14 @@ def _messages(exc: BaseException, path: str) -> Iterator[str]:
     if isinstance(exc, (DfmkitError, _ValueError)):
         yield f"{path}: {exc}"
         return
-    if isinstance(exc, ValueError) and str(exc):  # attrs validators: "'x' must be in [...] (got 'y')"
-        yield f"{path}: {exc}"
+    if isinstance(exc, ValueError) and exc.args:
+        # attrs validators raise "'field' must be ..." from the class's __init__, so the field is in the text.
+        text = str(exc.args[0])
+        field = re.match(r"'(\w+)' (.*)", text, re.DOTALL)
+        if field:
+            yield f"{path}.{field.group(1)}: {field.group(2)}" if path else f"{field.group(1)}: {field.group(2)}"
+        else:
+            yield f"{path}: {text}"
         return
     if isinstance(exc, TypeError):
         yield f"{path}: wrong type ({exc})"

@@ -1,0 +1,140 @@
+"""Recipe loading: strict types, dotted errors with suggestions, overrides, and TOML round trips."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import tomllib
+
+from dfmkit.errors import RecipeError
+from dfmkit.recipe import apply_overrides, dump_recipe, load_recipe
+from tests.conftest import TOY_SECTIONS
+
+
+def load(data, overrides=(), plugins=None):
+    return load_recipe({**TOY_SECTIONS, **data}, overrides, registries=plugins.registries)
+
+
+def problems(excinfo) -> list[str]:
+    return excinfo.value.problems
+
+
+def test_defaults_and_component_options(toy_plugins):
+    recipe = load({}, plugins=toy_plugins)
+    assert recipe.train.train_iters == 1000
+    assert recipe.optim.betas == (0.9, 0.95)
+    assert recipe.sampler.name == "toy-sampler"
+    assert recipe.sampler.options.num_steps == 35
+    assert recipe.tokenizer.options.scale == 1.0
+
+
+def test_unknown_key_suggests_the_closest(toy_plugins):
+    with pytest.raises(RecipeError) as info:
+        load({"train": {"train_iter": 5}}, plugins=toy_plugins)
+    assert problems(info) == ["train.train_iter: unknown key; did you mean train.train_iters?"]
+
+
+def test_unknown_section_and_component_option_typos(toy_plugins):
+    with pytest.raises(RecipeError) as info:
+        load({"trian": {}, "sampler": {"name": "toy-sampler", "num_step": 10}}, plugins=toy_plugins)
+    assert set(problems(info)) == {
+        "trian: unknown key; did you mean train?",
+        "sampler.num_step: unknown key; did you mean sampler.num_steps?",
+    }
+
+
+def test_wrong_types_name_the_path(toy_plugins):
+    with pytest.raises(RecipeError) as info:
+        load({"train": {"train_iters": "many", "seed": 1.5}, "optim": {"betas": [0.9]},
+              "model": {"name": "toy-backbone", "widths": [1, "two"]}}, plugins=toy_plugins)
+    assert set(problems(info)) == {
+        "train.train_iters: expected an integer, got 'many' (str)",
+        "train.seed: expected an integer, got 1.5 (float)",
+        "optim.betas: expected an array of 2 values, got 1",
+        "model.widths[1]: expected an integer, got 'two' (str)",
+    }
+
+
+def test_validators_report_the_path(toy_plugins):
+    with pytest.raises(RecipeError) as info:
+        load({"diffusion": {"condition_dropout": 1.5}, "train": {"precision": "fp8"}}, plugins=toy_plugins)
+    assert set(problems(info)) == {
+        "diffusion.condition_dropout: must be <= 1.0: 1.5",
+        "train.precision: must be in ['auto', 'bf16', 'fp32'] (got 'fp8')",
+    }
+
+
+def test_unknown_component_name(toy_plugins):
+    with pytest.raises(RecipeError) as info:
+        load({"sampler": {"name": "toy-sampeler"}}, plugins=toy_plugins)
+    [message] = problems(info)
+    assert message.startswith("sampler.name: unknown sampler 'toy-sampeler'; did you mean 'toy-sampler'?")
+
+
+def test_overrides_are_coerced_to_the_field_type(toy_plugins):
+    recipe = load({}, ["train.train_iters=20000", "parallel.tensor=2", "data.path=/x/y", "optim.lr=1e-4",
+                       "parallel.sequence=true", "optim.betas=[0.8, 0.99]", "sampler.num_steps=18",
+                       "validation.prompts=[\"a cat\", \"a dog\"]", "checkpoint.dir=\"quoted dir\"",
+                       "data.mock=yes"], plugins=toy_plugins)
+    assert recipe.train.train_iters == 20000
+    assert recipe.parallel.tensor == 2 and recipe.parallel.sequence is True
+    assert recipe.data.path == "/x/y" and recipe.data.mock is True
+    assert recipe.optim.lr == 1e-4 and recipe.optim.betas == (0.8, 0.99)
+    assert recipe.sampler.options.num_steps == 18
+    assert recipe.validation.prompts == ["a cat", "a dog"]
+    assert recipe.checkpoint.dir == "quoted dir"
+
+
+def test_override_of_component_name_switches_options(toy_plugins):
+    recipe = load({"sampler": {"name": "toy-sampler", "num_steps": 3}}, ["model.num_layers=4"], plugins=toy_plugins)
+    assert recipe.model.options.num_layers == 4
+    assert recipe.sampler.options.num_steps == 3
+
+
+def test_bad_overrides(toy_plugins):
+    with pytest.raises(RecipeError) as info:
+        load({"train": {"train_iters": 5}}, ["train.train_iters", "train..x=1", "train.train_iters.deeper=1"],
+             plugins=toy_plugins)
+    assert len(problems(info)) == 3
+    with pytest.raises(RecipeError) as info:
+        load({}, ["train.train_iters=lots", "train.train_iter=5"], plugins=toy_plugins)
+    assert set(problems(info)) == {
+        "train.train_iters: expected an integer, got 'lots'",
+        "train.train_iter: unknown key; did you mean train.train_iters?",
+    }
+
+
+def test_apply_overrides_does_not_modify_its_input():
+    data = {"train": {"train_iters": 5}}
+    apply_overrides(data, ["train.train_iters=7"])
+    assert data == {"train": {"train_iters": 5}}
+
+
+def test_dump_parses_back_to_an_equal_recipe(toy_plugins):
+    recipe = load({"validation": {"prompts": ["a", "b"]}}, ["optim.lr=3e-4", "sampler.sigma_max=inf"],
+                  plugins=toy_plugins)
+    text = dump_recipe(recipe, registries=toy_plugins.registries)
+    assert tomllib.loads(text)["sampler"] == {"name": "toy-sampler", "num_steps": 35, "sigma_max": float("inf")}
+    again = load_recipe(tomllib.loads(text), registries=toy_plugins.registries)
+    assert again == recipe
+
+
+def test_missing_and_invalid_files(tmp_path, toy_plugins):
+    with pytest.raises(RecipeError, match="recipe file 'nope.toml' not found"):
+        load_recipe("nope.toml", registries=toy_plugins.registries)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\n")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(bad, registries=toy_plugins.registries)
+
+
+def test_cli_prints_errors_without_traceback(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\ntrain_iter = 5\n")
+    result = subprocess.run([sys.executable, "-m", "dfmkit.cli", "recipe", "show", str(recipe)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "train.train_iter: unknown key; did you mean train.train_iters?" in result.stderr
+    assert "Traceback" not in result.stderr
