@@ -115,6 +115,7 @@ class TrainConfig:
     precision: str = attrs.field(default="auto", validator=v.in_(["auto", "bf16", "fp32"]))
     log_interval: int = attrs.field(default=10, validator=_positive)
     ema_decay: float = attrs.field(default=0.9999, validator=_fraction)
+    ema_halflife: float = attrs.field(default=0.0, validator=_non_negative)  # in steps; > 0 overrides ema_decay
     max_nonfinite_steps: int = attrs.field(default=5, validator=_positive)
 
 

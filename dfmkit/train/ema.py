@@ -1,0 +1,75 @@
+"""Exponential moving average of the weights, kept in fp32 beside the (possibly bf16) model."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+
+
+def ema_decay(decay: float, halflife_steps: float) -> float:
+    """The per-step decay: ``decay`` itself, or 0.5 ** (1 / halflife) when a half-life is given."""
+    return 0.5 ** (1.0 / halflife_steps) if halflife_steps > 0 else decay
+
+
+class EMA:
+    """fp32 shadow weights: ``ema = d * ema + (1 - d) * weights`` after every optimizer step.
+
+    With ``warmup`` the decay is ``min(d, (1 + n) / (10 + n))`` at update n, so the average
+    is not dominated by the random initial weights in short runs.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().to(torch.float32, copy=True) for p in self.params]
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = self.current_decay()
+        weights = [p.detach().float() for p in self.params]
+        torch._foreach_lerp_(self.shadow, weights, 1.0 - d)
+        self.num_updates += 1
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Inside the block the model holds the EMA weights; the trained weights come back after."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    def sharded_state_dict(self, model_sharded: dict, prefix: str = "ema.") -> dict:
+        """The EMA tensors under the sharding of the model's own checkpoint entries.
+
+        Each ShardedTensor of ``model_sharded`` whose data is one of the model's parameters is
+        copied with the EMA tensor as data and ``prefix`` before its key.
+        """
+        shadow_of = {id(p): s for p, s in zip(self.params, self.shadow)}
+        return _map_sharded(model_sharded, shadow_of, prefix)
+
+
+def _map_sharded(node, shadow_of: dict, prefix: str):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(node, dict):
+        mapped = {k: _map_sharded(v, shadow_of, prefix) for k, v in node.items()}
+        return {k: v for k, v in mapped.items() if v is not None}
+    if isinstance(node, ShardedTensor) and id(node.data) in shadow_of:
+        return dataclasses.replace(node, key=prefix + node.key, data=shadow_of[id(node.data)], dtype=torch.float32)
+    return None

@@ -1,0 +1,371 @@
+"""The training loop of ``dfmkit run``: megatron DDP + optimizer, EDM loss on packed sequences, EMA,
+checkpoints with exact resume, logging and periodic validation.
+
+One optimizer step consumes ``train.global_batch_size`` packed sequences: each data-parallel rank
+runs ``global_batch_size / dp`` micro-batches (one packed sequence each) and accumulates gradients.
+The loss of a step is the mean over every sample of the global batch (or over every real token,
+with ``diffusion.loss_normalization = "token"``): each rank back-propagates its sum and megatron's
+``finalize_model_grads`` divides the reduced gradients by the global count.
+
+Randomness of a step (noise levels, noise, condition dropout) comes from a generator seeded with
+(seed, step, micro-batch, data-parallel rank), so a resumed run draws exactly what an
+uninterrupted run draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dfmkit.batch import PackedBatch
+from dfmkit.diffusion.edm import EDM, LossTerms
+from dfmkit.errors import DfmkitError, RecipeError
+from dfmkit.job import Job
+from dfmkit.recipe import dump_recipe
+from dfmkit.train import checkpoint as ckpt
+from dfmkit.train.ema import EMA, ema_decay
+from dfmkit.train.logger import MetricsLogger
+from dfmkit.train.optim import build_optimizer, check_schedule
+
+log = logging.getLogger("dfmkit")
+
+
+class TrainingStopped(DfmkitError):
+    """Training stopped early on purpose (too many non-finite losses); the state was saved."""
+
+
+def step_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Generator:
+    """The generator of one micro-batch's random draws: a pure function of its position in the run."""
+    return torch.Generator().manual_seed(hash((seed, step, micro, dp_rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RecipeError(["train.device: 'cuda' was asked for but no GPU is visible; use train.device=cpu"])
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Everything a run holds. ``Trainer(job).train()`` runs to ``train.train_iters`` or a stop signal."""
+
+    def __init__(self, job: Job, *, mock: bool = False):
+        from dfmkit import parallel
+
+        self.job = job
+        recipe = self.recipe = job.recipe
+        if mock and not recipe.data.mock:
+            import attrs
+
+            self.recipe = recipe = attrs.evolve(recipe, data=attrs.evolve(recipe.data, mock=True))
+        self.device = resolve_device(recipe.train.device)
+        precision = recipe.train.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.model_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        check_schedule(recipe.optim, recipe.train.train_iters)
+        self._check_data_path()
+
+        self.env = parallel.initialize(recipe.parallel, self.device)
+        dp = self.env.dp_size
+        if recipe.train.global_batch_size % dp:
+            raise RecipeError([
+                f"train.global_batch_size ({recipe.train.global_batch_size}) must be divisible by the "
+                f"data-parallel size {dp} (= {self.env.world_size} processes / tensor {self.env.tp_size} / "
+                f"context {self.env.cp_size}); a micro-batch is one packed sequence"
+            ])
+        self.micro_batches = recipe.train.global_batch_size // dp
+        self.pad_multiple = parallel.required_pad_multiple(recipe.parallel)
+
+        torch.manual_seed(recipe.train.seed)
+        parallel.seed_model_parallel(recipe.train.seed)
+        self.model = job.components["model"].build(recipe=recipe).to(self.device)
+        if self.bf16:
+            self.model.to(torch.bfloat16)
+        self.model_options = recipe.model.options
+        self.edm = EDM.from_config(recipe.diffusion)
+
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        distributed_optimizer = {"on": True, "off": False, "auto": self.device.type == "cuda"}[
+            recipe.parallel.distributed_optimizer]
+        if distributed_optimizer and self.device.type != "cuda":
+            raise RecipeError(["parallel.distributed_optimizer = \"on\" needs GPUs; use \"auto\" or \"off\" on CPU"])
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=self.device.type == "cuda",
+            use_distributed_optimizer=distributed_optimizer,
+        )
+        self.ddp = DistributedDataParallel(self.model.config, ddp_config, self.model)
+        self.optimizer, self.scheduler = build_optimizer(
+            recipe.optim, recipe.train.train_iters, [self.ddp], self.bf16, distributed_optimizer)
+        self.ema = EMA(self.model, ema_decay(recipe.train.ema_decay, recipe.train.ema_halflife))
+
+        self.step = 0
+        self.consumed_sequences = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self.data = self._build_data()
+        self._stop_signal: int | None = None
+        self.checkpoint_dir = Path(recipe.checkpoint.dir)
+        self._maybe_resume()
+        self.logger = MetricsLogger(recipe.logging, str(self.checkpoint_dir), self._run_config(),
+                                    enabled=self.env.rank == 0, total_steps=recipe.train.train_iters,
+                                    start_step=self.step)
+        self.validator = None
+        if recipe.validation.interval > 0:
+            from dfmkit.train.validation import Validator
+
+            self.validator = Validator(self)
+
+    # -- set-up helpers --------------------------------------------------------------------
+
+    def _check_data_path(self) -> None:
+        data = self.recipe.data
+        if data.mock:
+            return
+        if not data.path:
+            raise RecipeError(["data.path is empty: point it at a folder written by `dfmkit prepare`, "
+                               "or train on mock data with --mock (data.mock=true)"])
+        if not Path(data.path).exists():
+            raise RecipeError([f"data.path: dataset folder '{data.path}' does not exist; create it with "
+                               f"`dfmkit prepare RECIPE --source ... --out {data.path}`"])
+
+    def _build_data(self):
+        from dfmkit.data.loader import build_train_loader
+
+        return build_train_loader(self.job, dp_rank=self.env.dp_rank, dp_size=self.env.dp_size,
+                                  pad_multiple=self.pad_multiple)
+
+    def _run_config(self) -> dict[str, Any]:
+        import tomllib
+
+        return tomllib.loads(dump_recipe(self.recipe, registries=self.job.plugins.registries))
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _sharded_state_dict(self) -> dict[str, Any]:
+        model_sd = self.model.sharded_state_dict(prefix="model.")
+        return {
+            "model": model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=False),
+            "ema": self.ema.sharded_state_dict(model_sd),
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": {"step": self.step, "consumed_sequences": self.consumed_sequences,
+                        "nonfinite_total": self.nonfinite_total, "ema_updates": self.ema.num_updates},
+        }
+
+    def save(self) -> Path:
+        marker = {
+            "recipe": dump_recipe(self.recipe, registries=self.job.plugins.registries),
+            "model": self.recipe.model.name,
+            "parallel": {"tensor": self.env.tp_size, "context": self.env.cp_size, "data": self.env.dp_size},
+            "skipped_samples": self.data.skips.as_dict() if hasattr(self.data, "skips") else {},
+        }
+        rank_state = {"rng": ckpt.rng_state(), "loader": self.data.save_state()}
+        path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, self._sharded_state_dict(), marker, rank_state,
+                                    self.recipe.checkpoint.keep_last)
+        return path
+
+    def _maybe_resume(self) -> None:
+        cfg = self.recipe.checkpoint
+        source = cfg.load or (str(self.checkpoint_dir) if cfg.resume else "")
+        if not source:
+            return
+        found = ckpt.find_checkpoint(source)
+        if found is None:
+            if cfg.load:
+                raise ckpt.CheckpointError(f"checkpoint.load: no complete checkpoint in '{cfg.load}' "
+                                           f"(a complete one holds {ckpt.MARKER})")
+            return
+        marker = ckpt.read_marker(found)
+        if marker.get("model") != self.recipe.model.name:
+            raise ckpt.CheckpointError(f"{found} holds a '{marker.get('model')}' model, the recipe builds "
+                                       f"'{self.recipe.model.name}'")
+        model_sd = self.model.sharded_state_dict(prefix="model.")
+        wanted = {
+            "model": model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=True),
+            "ema": self.ema.sharded_state_dict(model_sd),
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": {},
+        }
+        try:
+            state, rank_state = ckpt.load_checkpoint(found, wanted)
+        except ckpt.CheckpointError:
+            raise
+        except Exception as exc:  # megatron reports shape/key mismatches as various exceptions
+            raise ckpt.CheckpointError(f"{found} does not fit the model of this recipe: {type(exc).__name__}: "
+                                       f"{str(exc)[:500]}") from None
+        self.model.load_state_dict(_strip_prefix(state["model"], "model."), strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        ema_state = _strip_prefix(state["ema"], "model.")
+        named = dict(self.model.named_parameters())
+        for param, shadow in zip(self.ema.params, self.ema.shadow):
+            name = next(n for n, p in named.items() if p is param)
+            if name in ema_state:
+                shadow.copy_(ema_state[name])
+        self.scheduler.load_state_dict(state["scheduler"])
+        trainer = state["trainer"]
+        self.step = int(trainer["step"])
+        self.consumed_sequences = int(trainer["consumed_sequences"])
+        self.nonfinite_total = int(trainer["nonfinite_total"])
+        self.ema.num_updates = int(trainer["ema_updates"])
+        ckpt.set_rng_state(rank_state["rng"])
+        self.data.restore_state(rank_state["loader"])
+        if self.env.rank == 0:
+            log.info("resumed from %s at step %d", found, self.step)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _model_fn(self, x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        batch = batch if batch.text.dtype == self.model_dtype else batch.to(self.device, self.model_dtype)
+        return self.ddp(x.to(self.model_dtype), c_noise, batch)
+
+    def _loss_terms(self, batch: PackedBatch, generator: torch.Generator) -> LossTerms:
+        from dfmkit import parallel
+
+        draw = self.edm.draw(batch, generator)
+        local_batch, local_noise = parallel.shard_for_context_parallel(batch, draw.noise, self.env)
+        import attrs
+
+        local_draw = attrs.evolve(draw, noise=local_noise.to(self.device))
+        local_batch = local_batch.to(self.device)
+        local_draw = attrs.evolve(local_draw, sigma=draw.sigma.to(self.device), keep_text=draw.keep_text.to(self.device))
+        return self.edm.loss_terms(self._model_fn, local_batch, local_draw, self.model_dtype)
+
+    def train_step(self) -> dict[str, float]:
+        from megatron.core.distributed import finalize_model_grads
+
+        from dfmkit import parallel
+
+        batches = [next(self.data) for _ in range(self.micro_batches)]
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        normalization = self.edm.loss_normalization
+        loss_sum = torch.zeros((), device=self.device)
+        denominator = torch.zeros((), device=self.device)
+        for micro, batch in enumerate(batches):
+            generator = step_generator(self.recipe.train.seed, self.step, micro, self.env.dp_rank)
+            terms = self._loss_terms(batch, generator)
+            counts = parallel.all_reduce_context_parallel(terms.token_count.detach().clone(), self.env)
+            if normalization == "sample":
+                micro_loss = (terms.sq_err_sum / counts.clamp(min=1)).sum()
+                micro_count = (counts > 0).sum().float() if self.env.cp_rank == 0 else torch.zeros((), device=self.device)
+            else:
+                micro_loss = terms.sq_err_sum.sum()
+                micro_count = terms.token_count.sum().detach()
+            micro_loss.backward()
+            loss_sum += micro_loss.detach()
+            denominator += micro_count
+        # Every rank must agree to skip a non-finite step, or the collectives below diverge.
+        nonfinite = torch.tensor(0.0 if torch.isfinite(loss_sum) else 1.0, device=self.device)
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+        global_loss = loss_sum.clone()
+        global_count = denominator.clone()
+        dist.all_reduce(global_loss, group=parallel.data_and_context_group(self.env))
+        dist.all_reduce(global_count, group=parallel.data_and_context_group(self.env))
+        if nonfinite.item() > 0:
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            self.step += 1
+            self.consumed_sequences += self.recipe.train.global_batch_size
+            return {"loss": float("nan"), "skipped_nonfinite": 1.0}
+        self.nonfinite_in_a_row = 0
+        finalize_model_grads([self.ddp], num_tokens=denominator)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(1)
+        self.ema.update()
+        self.step += 1
+        self.consumed_sequences += self.recipe.train.global_batch_size
+        tokens = sum(int(b.seqlens.sum()) for b in batches)
+        samples = sum(b.num_samples for b in batches)
+        return {
+            "loss": float(global_loss / global_count.clamp(min=1)),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples": float(samples),
+            "tokens": float(tokens),
+        }
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, request_stop)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor(1.0 if self._stop_signal is not None else 0.0, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> dict[str, Any]:
+        from dfmkit import parallel
+
+        recipe = self.recipe
+        cfg = recipe.train
+        self._install_signal_handlers()
+        history: list[float] = []
+        window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
+        save_interval = recipe.checkpoint.save_interval
+        stopped_by = None
+        try:
+            while self.step < cfg.train_iters:
+                metrics = self.train_step()
+                history.append(metrics["loss"])
+                window_samples += metrics.get("samples", 0.0) * self.env.dp_size
+                window_tokens += metrics.get("tokens", 0.0) * self.env.dp_size
+                if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    self.save()
+                    raise TrainingStopped(
+                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss (step {self.step}); the "
+                        f"state was saved to {self.checkpoint_dir}. Lower optim.lr, check the data, or raise "
+                        "train.max_nonfinite_steps")
+                if self.step % cfg.log_interval == 0 or self.step == cfg.train_iters:
+                    elapsed = time.perf_counter() - window_start
+                    values = {
+                        "train/loss": metrics["loss"],
+                        "train/lr": metrics.get("lr", float("nan")),
+                        "train/grad_norm": metrics.get("grad_norm", float("nan")),
+                        "train/samples_per_s": window_samples / elapsed,
+                        "train/tokens_per_s": window_tokens / elapsed,
+                        "train/nonfinite_steps": float(self.nonfinite_total),
+                    }
+                    values.update({f"data/skipped_{k}": float(v) for k, v in self.data.skips.as_dict().items()})
+                    self.logger.scalars(self.step, values)
+                    window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
+                self.logger.advance(self.step, f"loss {metrics['loss']:.4f}")
+                if self.validator is not None and self.step % recipe.validation.interval == 0:
+                    self.validator.run(self.step)
+                if save_interval and self.step % save_interval == 0:
+                    self.save()
+                if self._stop_requested():
+                    stopped_by = self._stop_signal or "a stop signal on another rank"
+                    break
+            if not save_interval or self.step % save_interval != 0:
+                self.save()
+        finally:
+            self.logger.close()
+        if stopped_by is not None and self.env.rank == 0:
+            log.info("stopped by signal %s at step %d; saved to %s", stopped_by, self.step, self.checkpoint_dir)
+        parallel.barrier()
+        return {"step": self.step, "losses": history, "checkpoint_dir": str(self.checkpoint_dir),
+                "stopped_by_signal": stopped_by is not None}
+
+
+def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def train(job: Job, *, mock: bool = False) -> dict[str, Any]:
+    """Train the job's recipe; returns the final step, the per-step losses and the checkpoint folder."""
+    return Trainer(job, mock=mock).train()

@@ -1,0 +1,56 @@
+"""AdamW through megatron-core's optimizer, and its warm-up + decay schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from dfmkit.errors import RecipeError
+from dfmkit.recipe import OptimConfig
+
+
+def check_schedule(optim: OptimConfig, train_iters: int) -> None:
+    if optim.warmup_iters >= train_iters and optim.decay_style != "constant":
+        raise RecipeError([
+            f"optim.warmup_iters ({optim.warmup_iters}) must be smaller than train.train_iters ({train_iters}); "
+            "lower the warm-up or set optim.decay_style = \"constant\""
+        ])
+
+
+def build_optimizer(optim: OptimConfig, train_iters: int, model_chunks: list, bf16: bool, distributed: bool):
+    """megatron's AdamW (no weight decay on biases and 1-D parameters such as norms) and its scheduler.
+
+    With ``bf16`` the model holds bf16 weights and the optimizer keeps fp32 master weights.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    check_schedule(optim, train_iters)
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.lr * optim.min_lr_ratio,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0],
+        adam_beta2=optim.betas[1],
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    decay_style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[optim.decay_style]
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.lr * optim.min_lr_ratio if decay_style != "constant" else optim.lr,
+        lr_warmup_steps=optim.warmup_iters,
+        lr_decay_steps=train_iters,
+        lr_decay_style=decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
