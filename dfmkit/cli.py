@@ -54,6 +54,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import dfmkit
+    from dfmkit.train.loop import train
+
+    overrides = [*args.overrides, *(["data.mock=true"] if args.mock else [])]
+    job = dfmkit.build(args.recipe, overrides)
+    result = train(job)
+    if result["stopped_by_signal"]:
+        print(f"stopped at step {result['step']}; checkpoint in {result['checkpoint_dir']}", file=sys.stderr)
+    return 0
+
+
 def cmd_recipe_show(args: argparse.Namespace) -> int:
     from dfmkit.recipe import dump_recipe, load_recipe
 
@@ -76,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train a model from a recipe", epilog=EPILOG)
     _add_recipe_arguments(run)
     run.add_argument("--mock", action="store_true", help="train on mock data (data.mock=true)")
-    run.set_defaults(func=_not_available("run", "training lands with the training issue"))
+    run.set_defaults(func=cmd_run)
 
     generate = commands.add_parser("generate", help="sample images or videos from a checkpoint or export")
     generate.add_argument("--checkpoint", required=True, help="checkpoint or export directory")
