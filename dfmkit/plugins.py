@@ -23,6 +23,8 @@ ENTRY_POINT_GROUP = "dfmkit"
 # Built-in components register through the same hook as third-party plugins.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "dfmkit.components.tokenizers",
+    "dfmkit.components.backbones",
+    "dfmkit.components.attention",
 )
 
 

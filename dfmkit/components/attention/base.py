@@ -1,0 +1,52 @@
+"""What every packed-attention backend computes, and the sequence description it receives.
+
+A backend is a module ``attend(q, k, v, params) -> out`` over packed ("thd") tensors:
+``q [Tq, H, D]``, ``k, v [Tk, H, D]``, ``out [Tq, H, D]``. Segment ``i`` of the queries,
+``q[cu_seqlens_q[i]:cu_seqlens_q[i+1]]``, attends (bidirectionally, softmax scale ``1/sqrt(D)``)
+to segment ``i`` of the keys and nothing else. Every key in a segment is a real key: the DiT
+drops padding keys before calling (padding queries are allowed; their outputs are never used
+by real tokens). Segments hold at least one key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import attrs
+import torch
+
+
+@dataclasses.dataclass
+class VarlenParams:
+    """Segment boundaries of one packed attention call, on the device and on the host."""
+
+    cu_seqlens_q: torch.Tensor  # [N+1] int32, on the tensors' device
+    cu_seqlens_k: torch.Tensor  # [N+1] int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+    host_cu_seqlens_q: list[int]
+    host_cu_seqlens_k: list[int]
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-forward state a backend may keep
+
+    @classmethod
+    def from_host(cls, cu_q: list[int], cu_k: list[int], device: torch.device | str) -> VarlenParams:
+        lengths_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+        lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        return cls(
+            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+            cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+            max_seqlen_q=max(lengths_q, default=0),
+            max_seqlen_k=max(lengths_k, default=0),
+            host_cu_seqlens_q=list(cu_q),
+            host_cu_seqlens_k=list(cu_k),
+        )
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.host_cu_seqlens_q) - 1
+
+
+@attrs.define(kw_only=True)
+class AttentionOptions:
+    """Packed attention backends take no options; the model picks one by name (``model.attention``)."""

@@ -1,0 +1,152 @@
+"""Packed attention with PyTorch alone: varlen flash attention on CUDA, SDPA per segment anywhere, flex attention.
+
+Registered names (pick with ``model.attention``):
+
+- ``torch``: the default. On CUDA with bf16/fp16 inputs, flash-attention varlen
+  (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10; else ``aten._flash_attention_forward``);
+  everywhere else (CPU, fp32) one ``scaled_dot_product_attention`` call per segment.
+- ``torch-varlen``: flash varlen only (CUDA, bf16/fp16; a clear error otherwise).
+- ``torch-sdpa``: the per-segment SDPA loop only (correct on every device and dtype; the reference
+  the others are tested against).
+- ``torch-flex``: ``flex_attention`` with a document mask built once per forward (compiled on CUDA).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from dfmkit.components.attention.base import VarlenParams
+from dfmkit.errors import DfmkitError
+
+
+class AttentionBackendError(DfmkitError):
+    """An attention backend asked to run where it cannot."""
+
+
+# --------------------------------------------------------------------------------------------
+# Per-segment SDPA: correct everywhere
+# --------------------------------------------------------------------------------------------
+
+
+def sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: VarlenParams) -> torch.Tensor:
+    """One ``scaled_dot_product_attention`` per segment; ``[T, H, D]`` in and out."""
+    outputs = []
+    cu_q, cu_k = params.host_cu_seqlens_q, params.host_cu_seqlens_k
+    for i in range(params.num_segments):
+        qi = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)  # [H, Sq, D]
+        ki = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1)
+        vi = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1)
+        outputs.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1))
+    return torch.cat(outputs) if outputs else q.new_zeros(q.shape)
+
+
+class SDPASegments(torch.nn.Module):
+    """Packed attention as one SDPA call per segment."""
+
+    def forward(self, q, k, v, params: VarlenParams):
+        return sdpa_segments(q, k, v, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Flash attention varlen (CUDA, half precision)
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
+    if varlen_attn is not None:
+        return lambda q, k, v, p: varlen_attn(
+            q, k, v, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k
+        )
+    if hasattr(torch.ops.aten, "_flash_attention_forward"):
+
+        def flash(q, k, v, p):
+            return torch.ops.aten._flash_attention_forward(
+                q, k, v, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, 0.0, False, False
+            )[0]
+
+        return flash
+    return None
+
+
+def varlen_available(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_fn() is not None
+
+
+class FlashVarlen(torch.nn.Module):
+    """Packed attention through PyTorch's flash-attention varlen kernel."""
+
+    def forward(self, q, k, v, params: VarlenParams):
+        if not varlen_available(q):
+            raise AttentionBackendError(
+                f"attention backend 'torch-varlen' needs CUDA tensors in bf16/fp16 and torch >= 2.10 "
+                f"(got {q.device.type} {q.dtype}, torch {torch.__version__}); use 'torch' to fall back automatically"
+            )
+        return _varlen_fn()(q, k, v, params)
+
+
+class AutoTorchAttention(torch.nn.Module):
+    """Flash varlen where it runs (CUDA, bf16/fp16), per-segment SDPA elsewhere."""
+
+    def forward(self, q, k, v, params: VarlenParams):
+        if varlen_available(q):
+            return _varlen_fn()(q, k, v, params)
+        return sdpa_segments(q, k, v, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Flex attention with a document mask
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+class FlexDocumentAttention(torch.nn.Module):
+    """Packed attention as ``flex_attention`` with a block mask keeping each query in its segment."""
+
+    def forward(self, q, k, v, params: VarlenParams):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        key = ("flex_block_mask", q.shape[0], k.shape[0])
+        block_mask = params.cache.get(key)
+        if block_mask is None:
+            segments = torch.arange(params.num_segments, device=q.device)
+            doc_q = torch.repeat_interleave(segments, torch.diff(params.cu_seqlens_q).to(torch.int64))
+            doc_k = torch.repeat_interleave(segments, torch.diff(params.cu_seqlens_k).to(torch.int64))
+
+            def same_segment(b, h, q_idx, kv_idx):
+                return doc_q[q_idx] == doc_k[kv_idx]
+
+            block_mask = create_block_mask(same_segment, None, None, q.shape[0], k.shape[0], device=q.device)
+            params.cache[key] = block_mask
+        attend = _compiled_flex() if q.is_cuda else flex_attention
+        out = attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask)
+        return out[0].transpose(0, 1)
+
+
+def build_auto(options, **_context) -> torch.nn.Module:
+    return AutoTorchAttention()
+
+
+def build_varlen(options, **_context) -> torch.nn.Module:
+    return FlashVarlen()
+
+
+def build_sdpa(options, **_context) -> torch.nn.Module:
+    return SDPASegments()
+
+
+def build_flex(options, **_context) -> torch.nn.Module:
+    return FlexDocumentAttention()

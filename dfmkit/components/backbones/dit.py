@@ -1,0 +1,641 @@
+"""DiT: a text-conditioned Diffusion Transformer over packed latent tokens, on megatron-core.
+
+Read top to bottom:
+
+1. small pieces: per-head RMSNorm, adaLN modulation of packed samples, 3D RoPE / 3D sin-cos,
+   the timestep embedding;
+2. :class:`PackedLayout`: everything a forward needs to know about the pack (which sample each token
+   belongs to, attention segments, which keys are real, positions), computed once per forward;
+3. self- and cross-attention on megatron's column/row-parallel linears with a pluggable packed
+   attention backend (:mod:`dfmkit.components.attention`);
+4. :class:`DiTLayer` (adaLN-Zero block: self-attention -> cross-attention -> GELU MLP) and its
+   megatron ModuleSpec, stacked by megatron's ``TransformerBlock``;
+5. :class:`DiT` (patch embedding, timestep embedding, the block, final adaLN layer) and :func:`build`.
+
+The call: ``model(x [L, F], c_noise [N], batch) -> [L, F]``, the EDM network output F_theta for each
+token (preconditioning happens outside). ``batch`` is a :class:`~dfmkit.batch.PackedBatch`, or under
+context parallelism this rank's :class:`~dfmkit.parallel.ContextParallelBatch` with ``x`` its tokens.
+
+Parallelism: tensor parallelism splits heads (q/k/v, fc1 column-parallel; output projections and fc2
+row-parallel); every TP rank gets the same inputs and returns the same output. Sequence parallelism
+scatters the tokens across TP ranks after the patch embedding and gathers them before the final
+layer; because the adaLN modulation of a sample then only sees part of its tokens on each rank, its
+gradient is all-reduced over the TP group inside the layer, so no parameter needs a sequence-parallel
+gradient reduction. Context parallelism: see :mod:`dfmkit.parallel.context`; keys and values are
+all-gathered over the CP group inside self-attention.
+
+Gradient reductions left to the caller (megatron DDP + ``finalize_model_grads`` or
+:func:`dfmkit.parallel.reduce_gradients`): average over DP, sum over CP, and sum over TP of the
+per-head q/k RMSNorm weights (named ``q_layernorm``/``k_layernorm``; ``config.qk_layernorm`` is set
+so megatron does it).
+
+Text and classifier-free guidance: the key/value projections of cross-attention have NO bias, so text
+states of zeros give keys and values of zeros and cross-attention outputs exactly zero, whatever the
+text length. The guidance code relies on this: "null text" is zero states (see dfmkit.batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
+from torch import nn
+
+from dfmkit.batch import BatchError, PackedBatch
+from dfmkit.components.attention.base import VarlenParams
+from dfmkit.components.backbones.options import DiTOptions
+from dfmkit.errors import DfmkitError
+from dfmkit.parallel.context import ContextParallelBatch, required_pad_multiple, shard_index
+
+# ============================================================================================
+# 1. Small pieces
+# ============================================================================================
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim, computed in fp32 (per-head QK norm)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+class Segments:
+    """Which packed sample each token belongs to, for per-sample (adaLN) vectors.
+
+    ``expand(v [N, D]) -> [L, 1, D]`` repeats each sample's vector over its tokens; ``sum(t [L, 1, D])
+    -> [N, D]`` adds each sample's tokens up (a one-hot matmul: no atomics, fp32 accumulation).
+    """
+
+    def __init__(self, ids: torch.Tensor, num_samples: int):
+        self.ids = ids  # [L] int64
+        self.onehot = F.one_hot(ids, num_samples).T.float()  # [N, L]
+
+    def expand(self, v: torch.Tensor) -> torch.Tensor:
+        return v[self.ids].unsqueeze(1)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.onehot.to(t.dtype) @ t.reshape(t.shape[0], -1)
+
+
+class _Modulate(torch.autograd.Function):
+    """``x * (1 + scale[sample]) + shift[sample]``, saving only ``x`` and the per-sample ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, seg: Segments):
+        ctx.seg = seg
+        ctx.save_for_backward(x, scale)
+        return torch.addcmul(seg.expand(shift), x, 1 + seg.expand(scale))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        seg = ctx.seg
+        return grad * (1 + seg.expand(scale)), seg.sum(grad), seg.sum(grad * x), None
+
+
+class _GatedResidual(torch.autograd.Function):
+    """``residual + gate[sample] * y``, saving only ``y`` and the per-sample ``gate``."""
+
+    @staticmethod
+    def forward(ctx, residual, y, gate, seg: Segments):
+        ctx.seg = seg
+        ctx.save_for_backward(y, gate)
+        return torch.addcmul(residual, seg.expand(gate), y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, gate = ctx.saved_tensors
+        seg = ctx.seg
+        return grad, grad * seg.expand(gate), seg.sum(grad * y), None
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: Segments) -> torch.Tensor:
+    return _Modulate.apply(x, shift, scale, seg)
+
+
+def gated_residual(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, seg: Segments) -> torch.Tensor:
+    return _GatedResidual.apply(residual, y, gate, seg)
+
+
+def rope3d_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Channels of a head rotated by t, h and w: h and w get 2*(head_dim//6) each, t the rest (all even)."""
+    spatial = 2 * (head_dim // 6)
+    return head_dim - 2 * spatial, spatial, spatial
+
+
+def rope3d(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each ``[L, 1, head_dim/2]``, of the rotation angles of every token's (t, h, w)."""
+    angles = []
+    for axis, dim in enumerate(rope3d_axis_dims(head_dim)):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
+        angles.append(pos[:, axis, None].double() * freqs)
+    angle = torch.cat(angles, dim=-1).float().unsqueeze(1)
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [L, H, head_dim]`` (rotate-half pairing: channel j with j + head_dim/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim // 2))
+    angle = pos.double()[:, None] * omega
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+
+
+def sincos3d(pos: torch.Tensor, hidden: int) -> torch.Tensor:
+    """``[L, hidden]`` fixed 3D sin-cos embedding: hidden/4 channels for t, 3*hidden/8 each for h and w."""
+    dt, dhw = hidden // 4, 3 * hidden // 8
+    return torch.cat([_sincos_1d(pos[:, 0], dt), _sincos_1d(pos[:, 1], dhw), _sincos_1d(pos[:, 2], dhw)], -1).float()
+
+
+class TimestepEmbedding(nn.Module):
+    """EDM's ``c_noise`` (one per sample) -> sinusoid ``[sin | cos]`` of ``channels`` -> Linear, SiLU, Linear."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.channels = channels
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        half = self.channels // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=c_noise.device) / half)
+        angle = c_noise.float().reshape(-1, 1) * freqs
+        emb = torch.cat([angle.sin(), angle.cos()], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class AdaLN(nn.Module):
+    """SiLU -> (low-rank) linear from the conditioning vector to ``n`` modulation vectors; last layer zero."""
+
+    def __init__(self, hidden: int, n: int, lora_rank: int):
+        super().__init__()
+        if lora_rank > 0:
+            self.net = nn.Sequential(nn.SiLU(), nn.Linear(hidden, lora_rank, bias=False), nn.Linear(lora_rank, n * hidden, bias=False))
+        else:
+            self.net = nn.Sequential(nn.SiLU(), nn.Linear(hidden, n * hidden))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.net(c)
+
+
+# ============================================================================================
+# 2. The packed layout of one forward
+# ============================================================================================
+
+
+class DiTInputError(BatchError):
+    """Model inputs that disagree with each other, the model or the parallel layout."""
+
+
+@dataclasses.dataclass
+class PackedLayout:
+    """What the layers need about the pack; travels through TransformerBlock as ``packed_seq_params``."""
+
+    samples: Segments  # tokens of this (CP) rank, full sequence
+    sp_samples: Segments  # the tokens a layer holds: this TP rank's chunk under SP, else == samples
+    self_attn: VarlenParams  # local query segments vs. each sample's real keys
+    kv_index: torch.Tensor | None  # rows of the (CP-gathered) keys that are real, grouped by sample
+    cross_attn: VarlenParams  # local query segments vs. each sample's text
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    cp_group: Any = None  # set when keys/values must be all-gathered over context parallelism
+
+
+def _real_positions(cu: list[int], seqlens: list[int], device) -> torch.Tensor:
+    return torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(cu, seqlens)])
+
+
+def build_layout(
+    batch: PackedBatch,
+    *,
+    tp_size: int,
+    tp_rank: int,
+    sequence_parallel: bool,
+    cp_group: Any,
+    rope: tuple[int, float] | None,
+) -> PackedLayout:
+    device = batch.latents.device
+    n = batch.num_samples
+    cu = batch.cu_seqlens.tolist()
+    seqlens = batch.seqlens.tolist()
+    samples = Segments(batch.token_sample_ids(), n)
+    sp_samples = samples
+    if sequence_parallel and tp_size > 1:
+        chunk = batch.num_tokens // tp_size
+        sp_samples = Segments(samples.ids[tp_rank * chunk : (tp_rank + 1) * chunk], n)
+
+    cu_k = [0]
+    for length in seqlens:
+        cu_k.append(cu_k[-1] + length)
+    if isinstance(batch, ContextParallelBatch):
+        global_cu = batch.global_cu_seqlens.tolist()
+        gathered = torch.cat([shard_index(global_cu, batch.cp_size, r, device=device) for r in range(batch.cp_size)])
+        row_of = torch.empty_like(gathered)
+        row_of[gathered] = torch.arange(gathered.numel(), device=device)
+        kv_index = row_of[_real_positions(global_cu, seqlens, device)]
+    elif cu_k[-1] != batch.num_tokens:
+        kv_index = _real_positions(cu, seqlens, device)
+    else:
+        kv_index = None
+
+    rope_cs = None
+    if rope is not None:
+        head_dim, theta = rope
+        rope_cs = rope3d(batch.pos_ids.to(device), head_dim, theta)
+    return PackedLayout(
+        samples=samples,
+        sp_samples=sp_samples,
+        self_attn=VarlenParams.from_host(cu, cu_k, device),
+        kv_index=kv_index,
+        cross_attn=VarlenParams.from_host(cu, batch.cu_seqlens_kv.tolist(), device),
+        rope=rope_cs,
+        cp_group=cp_group,
+    )
+
+
+# ============================================================================================
+# 3. Attention
+# ============================================================================================
+
+
+@dataclasses.dataclass
+class AttentionSubmodules:
+    linear_q: Any = None  # self-attention: linear_qkv (fused, per-head [q, k, v]); cross: linear_q
+    linear_kv: Any = None  # cross-attention only: from the text states, per-head [k, v]
+    q_layernorm: Any = None
+    k_layernorm: Any = None
+    linear_proj: Any = None
+
+
+def make_attention_backend(name: str, num_heads: int, head_dim: int, kind: str) -> nn.Module:
+    from dfmkit.plugins import default_plugins
+
+    return default_plugins().registries.attention.get(name).build(num_heads=num_heads, head_dim=head_dim, kind=kind)
+
+
+class _Attention(MegatronModule):
+    def __init__(self, config: TransformerConfig, submodules: AttentionSubmodules, *, attention_backend: str,
+                 kind: str, text_dim: int = 0, layer_number: int = 1, tp_group=None, **_unused):
+        super().__init__(config)
+        self.layer_number = layer_number
+        tp = config.tensor_model_parallel_size
+        self.head_dim = config.kv_channels
+        self.heads = config.num_attention_heads // tp  # heads on this TP rank
+        hidden = config.hidden_size
+        if kind == "self":
+            self.linear_qkv = build_module(
+                submodules.linear_q, hidden, 3 * hidden, config=config, init_method=config.init_method,
+                gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
+                tp_comm_buffer_name="qkv", tp_group=tp_group,
+            )
+        else:
+            self.linear_q = build_module(
+                submodules.linear_q, hidden, hidden, config=config, init_method=config.init_method,
+                gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
+                tp_comm_buffer_name="q", tp_group=tp_group,
+            )
+            # The text is replicated on every rank, never sequence-parallel, and needs no input gradient.
+            # bias=False is load-bearing: zero text -> zero keys and values -> zero output (null text for CFG).
+            self.linear_kv = build_module(
+                submodules.linear_kv, text_dim, 2 * hidden,
+                config=dataclasses.replace(config, sequence_parallel=False), init_method=config.init_method,
+                gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
+                tp_comm_buffer_name="kv", tp_group=tp_group, disable_grad_reduce=True,
+            )
+        self.q_layernorm = build_module(submodules.q_layernorm, hidden_size=self.head_dim, eps=config.layernorm_epsilon)
+        self.k_layernorm = build_module(submodules.k_layernorm, hidden_size=self.head_dim, eps=config.layernorm_epsilon)
+        self.core = make_attention_backend(attention_backend, self.heads, self.head_dim, kind)
+        self.linear_proj = build_module(
+            submodules.linear_proj, hidden, hidden, config=config, init_method=config.output_layer_init_method,
+            bias=False, input_is_parallel=True, skip_bias_add=False, is_expert=False,
+            tp_comm_buffer_name="proj", tp_group=tp_group,
+        )
+        self.recompute_core = config.recompute_granularity == "selective" and "core_attn" in config.recompute_modules
+
+    def attend(self, q, k, v, params: VarlenParams) -> torch.Tensor:
+        if self.recompute_core and self.training:
+            return tensor_parallel.checkpoint(lambda q_, k_, v_: self.core(q_, k_, v_, params), False, q, k, v)
+        return self.core(q, k, v, params)
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        projected, _ = self.linear_proj(out.reshape(out.shape[0], 1, self.heads * self.head_dim))
+        return projected
+
+
+class SelfAttention(_Attention):
+    """Packed self-attention: per-head RMSNorm on q and k, 3D RoPE (optional), no cross-sample attention."""
+
+    def __init__(self, config, submodules, **kwargs):
+        super().__init__(config, submodules, kind="self", **kwargs)
+
+    def forward(self, hidden: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        qkv, _ = self.linear_qkv(hidden)  # [L, 1, 3 * heads * head_dim] (tokens gathered under SP)
+        q, k, v = qkv.view(qkv.shape[0], self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
+        q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if layout.rope is not None:
+            q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
+        if layout.cp_group is not None:  # every CP rank needs all keys of its samples (backward: reduce-scatter)
+            k = tensor_parallel.gather_from_sequence_parallel_region(k, True, group=layout.cp_group)
+            v = tensor_parallel.gather_from_sequence_parallel_region(v, True, group=layout.cp_group)
+        if layout.kv_index is not None:  # padding never serves as a key
+            k, v = k[layout.kv_index], v[layout.kv_index]
+        return self.project(self.attend(q, k, v.contiguous(), layout.self_attn))
+
+
+class CrossAttention(_Attention):
+    """Packed cross-attention of each sample's latent tokens to its own text states."""
+
+    def __init__(self, config, submodules, **kwargs):
+        super().__init__(config, submodules, kind="cross", **kwargs)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        q, _ = self.linear_q(hidden)
+        q = self.q_layernorm(q.view(q.shape[0], self.heads, self.head_dim))
+        kv, _ = self.linear_kv(context)  # [Lkv, 1, 2 * heads * head_dim]
+        k, v = kv.view(kv.shape[0], self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
+        return self.project(self.attend(q, self.k_layernorm(k), v.contiguous(), layout.cross_attn))
+
+
+# ============================================================================================
+# 4. The DiT block and its megatron spec
+# ============================================================================================
+
+
+@dataclasses.dataclass
+class DiTLayerSubmodules:
+    self_attention: Any = None
+    cross_attention: Any = None
+    mlp: Any = None
+
+
+class DiTLayer(MegatronModule, BaseTransformerLayer):
+    """adaLN-Zero block: x += g1 * SA(mod(LN x)); x += g2 * CA(mod(LN x), text); x += g3 * MLP(mod(LN x)).
+
+    LN is parameter-free; the nine (shift, scale, gate) vectors per sample come from the conditioning
+    vector, which TransformerBlock hands over in its ``attention_mask`` slot (the only argument slots it
+    forwards are megatron's, and only tensors in them survive activation recomputation). The pack's
+    :class:`PackedLayout` rides in ``packed_seq_params``.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: DiTLayerSubmodules, layer_number: int = 1,
+                 pg_collection=None, vp_stage=None, adaln_lora_rank: int = 256, **_unused):
+        super().__init__(config)
+        self.layer_number = layer_number
+        tp_group = pg_collection.tp if pg_collection is not None else None
+        self.eps = config.layernorm_epsilon
+        self.adaln = AdaLN(config.hidden_size, 9, adaln_lora_rank)
+        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number, tp_group=tp_group)
+        self.cross_attention = build_module(submodules.cross_attention, config=config, layer_number=layer_number, tp_group=tp_group)
+        self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp_group)
+        self.sequence_parallel = config.sequence_parallel and config.tensor_model_parallel_size > 1
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), eps=self.eps)
+
+    def forward(self, hidden_states, attention_mask=None, context=None, packed_seq_params=None, **_unused):
+        c, layout = attention_mask, packed_seq_params
+        mod = self.adaln(c)  # [N, 9D]
+        if self.sequence_parallel:  # each TP rank holds part of every sample's tokens: sum their gradients
+            mod = tensor_parallel.copy_to_tensor_model_parallel_region(mod)
+        shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca, shift_mlp, scale_mlp, gate_mlp = mod.chunk(9, dim=-1)
+        seg, x = layout.sp_samples, hidden_states
+
+        h = self.self_attention(modulate(self.norm(x), shift_sa, scale_sa, seg), layout)
+        x = gated_residual(x, h, gate_sa, seg)
+        h = self.cross_attention(modulate(self.norm(x), shift_ca, scale_ca, seg), context, layout)
+        x = gated_residual(x, h, gate_ca, seg)
+        h, _ = self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp, seg))
+        x = gated_residual(x, h, gate_mlp, seg)
+        return x, context
+
+
+def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_dim: int = 1024) -> ModuleSpec:
+    """The DiT block on megatron-core's local (non-TE) parallel linears; ``attention`` names the kernel backend."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    def attention_spec(module, **params):
+        return ModuleSpec(
+            module=module,
+            params={"attention_backend": attention, **params},
+            submodules=AttentionSubmodules(
+                linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear,
+                q_layernorm=RMSNorm, k_layernorm=RMSNorm, linear_proj=RowParallelLinear,
+            ),
+        )
+
+    return ModuleSpec(
+        module=DiTLayer,
+        params={"adaln_lora_rank": adaln_lora_rank},
+        submodules=DiTLayerSubmodules(
+            self_attention=attention_spec(SelfAttention),
+            cross_attention=attention_spec(CrossAttention, text_dim=text_dim),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+        ),
+    )
+
+
+# ============================================================================================
+# 5. The model
+# ============================================================================================
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) -> parameter-free LN -> zero-initialised linear to the patch features."""
+
+    def __init__(self, hidden: int, out_features: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, seg: Segments) -> torch.Tensor:
+        shift, scale = self.adaln(c).chunk(2, dim=-1)
+        x = modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale, seg)
+        return self.linear(x.squeeze(1))
+
+
+class DiT(MegatronModule):
+    """``forward(x [L, F], c_noise [N], batch) -> [L, F]``; see the module docstring."""
+
+    def __init__(self, config: TransformerConfig, options: DiTOptions):
+        super().__init__(config)
+        self.options = options
+        hidden = config.hidden_size
+        self.in_features = options.in_features
+        self.text_dim = options.text_dim
+        self.tp_size = config.tensor_model_parallel_size
+        self.cp_size = config.context_parallel_size
+        self.sequence_parallel = config.sequence_parallel and self.tp_size > 1
+        self.rope = (config.kv_channels, options.rope_theta) if options.position_embedding == "rope3d" else None
+
+        self.x_embedder = nn.Linear(self.in_features, hidden)
+        self.t_embedder = TimestepEmbedding(options.timestep_channels, hidden)
+        spec = dit_layer_spec(options.attention, options.adaln_lora_rank, options.text_dim)
+        self.decoder = TransformerBlock(
+            config, TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=None),
+            post_layer_norm=False,
+        )
+        self.final_layer = FinalLayer(hidden, self.in_features, config.layernorm_epsilon)
+        self._init_weights(config.init_method_std)
+
+    @torch.no_grad()
+    def _init_weights(self, std: float) -> None:
+        """N(0, std) for the plain linears (megatron initialises its own); zero for the adaLN-Zero outputs."""
+        plain = [self.x_embedder, *self.t_embedder.mlp, *self.final_layer.adaln, self.final_layer.linear]
+        plain += [m for layer in self.decoder.layers for m in layer.adaln.net]
+        for module in plain:
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+        for module in [layer.adaln.net[-1] for layer in self.decoder.layers] + [self.final_layer.adaln[-1], self.final_layer.linear]:
+            module.weight.zero_()
+            if module.bias is not None:
+                module.bias.zero_()
+
+    def check_inputs(self, x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> None:
+        if self.cp_size > 1:
+            if not isinstance(batch, ContextParallelBatch) or batch.cp_size != self.cp_size:
+                raise DiTInputError(
+                    f"under context parallelism {self.cp_size} the model takes this rank's shard: pass "
+                    "dfmkit.parallel.split_for_context_parallel(batch) and its latents"
+                )
+        elif isinstance(batch, ContextParallelBatch):
+            raise DiTInputError(f"a context-parallel shard (CP {batch.cp_size}) given to a model built without context parallelism")
+        batch.validate()
+        if x.ndim != 2 or x.shape != (batch.num_tokens, self.in_features):
+            raise DiTInputError(
+                f"x must be [{batch.num_tokens}, {self.in_features}] (the batch's tokens x p*p*pt*C), got {tuple(x.shape)}"
+            )
+        if c_noise.numel() != batch.num_samples:
+            raise DiTInputError(f"c_noise has {c_noise.numel()} values for {batch.num_samples} samples (one per sample)")
+        if batch.text.shape[-1] != self.text_dim:
+            raise DiTInputError(f"text states have width {batch.text.shape[-1]}, the model was built with text_dim {self.text_dim}")
+        if int(batch.seqlens_kv.min()) < 1:
+            raise DiTInputError(
+                f"every sample needs at least one text token (seqlens_kv {batch.seqlens_kv.tolist()}); "
+                "null text is one token of zeros"
+            )
+        if self.sequence_parallel and batch.num_tokens % self.tp_size:
+            raise DiTInputError(
+                f"sequence parallelism over {self.tp_size} ranks needs a token count divisible by {self.tp_size}, got "
+                f"{batch.num_tokens}; pad samples to dfmkit.parallel.required_pad_multiple(recipe.parallel)"
+            )
+
+    def layout(self, batch: PackedBatch) -> PackedLayout:
+        return build_layout(
+            batch,
+            tp_size=self.tp_size,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            sequence_parallel=self.sequence_parallel,
+            cp_group=parallel_state.get_context_parallel_group() if self.cp_size > 1 else None,
+            rope=self.rope,
+        )
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        self.check_inputs(x, c_noise, batch)
+        layout = self.layout(batch)
+        dtype = self.x_embedder.weight.dtype
+        h = self.x_embedder(x.to(dtype))
+        if self.rope is None:
+            h = h + sincos3d(batch.pos_ids, h.shape[-1]).to(h.dtype)
+        c = self.t_embedder(c_noise)  # [N, D]
+        h = h.unsqueeze(1)  # megatron's [sequence, batch=1, hidden]
+        if self.sequence_parallel:
+            h = tensor_parallel.scatter_to_sequence_parallel_region(h)
+        context = batch.text.to(dtype).unsqueeze(1)
+        h = self.decoder(hidden_states=h, attention_mask=c, context=context, packed_seq_params=layout)
+        if self.sequence_parallel:
+            h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+        return self.final_layer(h, c, layout.samples)
+
+
+# ============================================================================================
+# Building
+# ============================================================================================
+
+
+class DiTConfigError(DfmkitError):
+    """DiT options that do not fit the parallel layout."""
+
+
+def transformer_config(options: DiTOptions, *, tensor: int = 1, context: int = 1, sequence: bool = False,
+                       use_cpu_initialization: bool = True) -> TransformerConfig:
+    layers, hidden, heads = options.resolved()
+    if heads % tensor:
+        raise DiTConfigError(f"num_heads {heads} is not divisible by tensor parallelism {tensor}")
+    recompute = {}
+    if options.recompute == "full":
+        recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    elif options.recompute == "selective":
+        recompute = {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return TransformerConfig(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        kv_channels=hidden // heads,
+        ffn_hidden_size=round(hidden * options.mlp_ratio),
+        add_bias_linear=False,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        layernorm_epsilon=options.layernorm_epsilon,
+        init_method_std=options.init_std,
+        qk_layernorm=True,
+        tensor_model_parallel_size=tensor,
+        context_parallel_size=context,
+        sequence_parallel=sequence and tensor > 1,
+        use_cpu_initialization=use_cpu_initialization,
+        params_dtype=torch.float32,
+        **recompute,
+    )
+
+
+def build(options: DiTOptions, *, recipe=None, parallel=None, device: str | torch.device | None = None, **_context) -> DiT:
+    """The DiT for ``options`` under ``recipe.parallel`` (or ``parallel``; default: megatron's current groups).
+
+    megatron's parallel_state must be set up by the caller (:func:`dfmkit.parallel.initialize`) when
+    tensor or context parallelism is above 1. With neither above 1 and nothing set up, a one-process
+    world is created (:func:`dfmkit.parallel.ensure_initialized`). Weights are fp32 (the training loop
+    casts). The model is built on the current CUDA device when there is a GPU, else on the CPU (where
+    ``use_cpu_initialization`` is forced on); ``device="meta"`` builds without memory (parameter counts).
+    With ``use_cpu_initialization`` every weight matrix is drawn whole and then sliced, so the same seed
+    gives the same model for every tensor-parallel size.
+    """
+    from dfmkit.parallel.state import ensure_initialized
+
+    if parallel is None and recipe is not None:
+        parallel = recipe.parallel
+    current = ensure_initialized(parallel)
+    sequence = bool(parallel.sequence) if parallel is not None else current.sequence_parallel
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    cpu_init = options.use_cpu_initialization or device.type != "cuda"
+    config = transformer_config(options, tensor=current.tp_size, context=current.cp_size, sequence=sequence,
+                                use_cpu_initialization=cpu_init)
+    with torch.device(device):
+        return DiT(config, options)
+
+
+__all__ = ["DiT", "DiTLayer", "PackedLayout", "build", "dit_layer_spec", "required_pad_multiple", "transformer_config"]

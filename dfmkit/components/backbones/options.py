@@ -1,0 +1,82 @@
+"""Options of the ``dit`` backbone (the recipe's ``[model]`` section). Light: attrs only, no torch.
+
+Presets (layers / hidden / heads): tiny 2/64/4 (tests), S 12/384/6, B 12/768/12, L 24/1024/16,
+XL 28/1152/16. ``num_layers``, ``hidden_size`` and ``num_heads`` override the preset when non-zero.
+"""
+
+from __future__ import annotations
+
+import attrs
+from attrs import validators as v
+
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 64, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+POSITION_EMBEDDINGS = ("rope3d", "sincos3d")
+RECOMPUTE = ("none", "full", "selective")
+
+
+@attrs.define(kw_only=True)
+class DiTOptions:
+    """DiT (adaLN-Zero blocks with self-attention, cross-attention to text, GELU MLP) on megatron-core.
+
+    position_embedding: "rope3d" (default) rotates q and k in self-attention by each token's (t, h, w)
+    patch coordinates: relative, defined for any grid size, and the same code path for images and videos
+    packed together. "sincos3d" adds a fixed 3D sin-cos embedding (D/4 channels for t, 3D/8 each for h
+    and w) computed from the coordinates on the fly, so it too works for any grid size (the reference
+    looks it up in a fixed 34x40x40 table and aliases larger grids).
+
+    layernorm_epsilon: 1e-6 here; the reference's effective value is 1e-5 (its provider's 1e-6 is an
+    unannotated dataclass attribute that TransformerConfig's default overrides).
+    """
+
+    preset: str = attrs.field(default="XL", validator=v.in_(list(PRESETS)))
+    num_layers: int = attrs.field(default=0, validator=v.ge(0))  # 0: from the preset
+    hidden_size: int = attrs.field(default=0, validator=v.ge(0))
+    num_heads: int = attrs.field(default=0, validator=v.ge(0))
+    in_channels: int = attrs.field(default=16, validator=v.gt(0))  # latent channels C
+    patch_spatial: int = attrs.field(default=2, validator=v.gt(0))  # p
+    patch_temporal: int = attrs.field(default=1, validator=v.gt(0))  # pt
+    text_dim: int = attrs.field(default=1024, validator=v.gt(0))  # 1024: T5-11B / T5-large; 4096: T5-XXL
+    adaln_lora_rank: int = attrs.field(default=256, validator=v.ge(0))  # 0: full-rank adaLN
+    mlp_ratio: float = attrs.field(default=4.0, validator=v.gt(0))
+    position_embedding: str = attrs.field(default="rope3d", validator=v.in_(POSITION_EMBEDDINGS))
+    rope_theta: float = attrs.field(default=10000.0, validator=v.gt(0))
+    timestep_channels: int = attrs.field(default=256, validator=v.gt(0))  # sinusoid width before the MLP
+    attention: str = "torch"  # a registered attention backend: torch, torch-sdpa, torch-varlen, torch-flex, te
+    layernorm_epsilon: float = attrs.field(default=1e-6, validator=v.gt(0))
+    init_std: float = attrs.field(default=0.02, validator=v.gt(0))
+    recompute: str = attrs.field(default="none", validator=v.in_(RECOMPUTE))
+    use_cpu_initialization: bool = False  # always on without a GPU; identical weights for every TP size
+
+    def __attrs_post_init__(self) -> None:
+        layers, hidden, heads = self.resolved()
+        if hidden % heads:
+            raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {heads}")
+        head_dim = hidden // heads
+        if self.position_embedding == "rope3d" and (head_dim % 2 or head_dim < 6):
+            raise ValueError(
+                f"position_embedding 'rope3d' needs an even head dimension of at least 6 "
+                f"(hidden_size {hidden} / num_heads {heads} = {head_dim})"
+            )
+        if self.position_embedding == "sincos3d" and hidden % 16:
+            raise ValueError(f"position_embedding 'sincos3d' needs hidden_size divisible by 16, got {hidden}")
+        if self.timestep_channels % 2:
+            raise ValueError(f"timestep_channels must be even, got {self.timestep_channels}")
+        if round(hidden * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio} gives an empty MLP for hidden_size {hidden}")
+
+    def resolved(self) -> tuple[int, int, int]:
+        """(num_layers, hidden_size, num_heads) after applying the preset."""
+        layers, hidden, heads = PRESETS[self.preset]
+        return (self.num_layers or layers, self.hidden_size or hidden, self.num_heads or heads)
+
+    @property
+    def in_features(self) -> int:
+        """Width of a patchified latent token: p * p * pt * C."""
+        return self.patch_spatial * self.patch_spatial * self.patch_temporal * self.in_channels

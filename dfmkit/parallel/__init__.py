@@ -1,0 +1,54 @@
+"""Parallelism: megatron-core process groups, context-parallel packing, gradient reduction, CPU compat.
+
+- :func:`initialize` / :func:`destroy`: torch.distributed (NCCL on GPU, gloo on CPU) and megatron's
+  parallel_state from a recipe's ``[parallel]`` (tensor, sequence, context; data = the rest).
+- :func:`split_for_context_parallel` (:func:`shard_for_context_parallel` with a per-token tensor) /
+  :func:`gather_from_context_parallel`: a packed batch per CP rank and back; :func:`required_pad_multiple`
+  is what the data pipeline pads each sample to.
+- :func:`all_reduce_context_parallel`, :func:`data_and_context_group`, :func:`barrier`: the reductions a
+  loss needs.
+- :func:`reduce_gradients`: the gradient reduction a parallel layout needs after ``backward()``.
+- :mod:`dfmkit.parallel.cpu_compat`: the only place megatron is adapted to CPU-only machines.
+"""
+
+from dfmkit.parallel.context import (
+    ContextParallelBatch,
+    gather_from_context_parallel,
+    required_pad_multiple,
+    shard_for_context_parallel,
+    split_for_context_parallel,
+)
+from dfmkit.parallel.grads import reduce_gradients
+from dfmkit.parallel.state import (
+    ParallelError,
+    ParallelLayout,
+    all_reduce_context_parallel,
+    barrier,
+    data_and_context_group,
+    destroy,
+    ensure_initialized,
+    initialize,
+    is_initialized,
+    layout,
+    seed_model_parallel,
+)
+
+__all__ = [
+    "ContextParallelBatch",
+    "ParallelError",
+    "ParallelLayout",
+    "all_reduce_context_parallel",
+    "barrier",
+    "data_and_context_group",
+    "destroy",
+    "ensure_initialized",
+    "gather_from_context_parallel",
+    "initialize",
+    "is_initialized",
+    "layout",
+    "reduce_gradients",
+    "required_pad_multiple",
+    "seed_model_parallel",
+    "shard_for_context_parallel",
+    "split_for_context_parallel",
+]

@@ -1,0 +1,168 @@
+"""The one place where megatron-core is adapted to a machine without a GPU.
+
+megatron-core assumes CUDA in a few places that dfmkit reaches on CPU (gloo) runs: the CUDA RNG
+tracker, ``torch.cuda.current_device()`` as the device of communication buffers, and ``device="cuda"``
+literals in the optimizer and gradient-clipping code. :func:`apply` neutralises them, and only when
+``torch.cuda.is_available()`` is False; on a GPU machine it does nothing. No other module of dfmkit
+patches megatron. (../shared/CPU_STACK_FINDINGS.md section 2 lists each failure and why.)
+
+What is patched, and why:
+
+1. RNG tracker: megatron's ``CudaRNGStatesTracker`` stores CUDA generator states. It is replaced by
+   :class:`CPURNGStatesTracker`, which stores CPU generator states and swaps the CPU RNG state in
+   ``fork()``; ``_get_cuda_rng_state``/``_set_cuda_rng_state`` (used by megatron's activation
+   checkpointing) read and write the CPU RNG state. ``model_parallel_cuda_manual_seed`` then works
+   unchanged, and so do dropout in tensor-parallel regions and ``recompute = "full"``.
+2. ``torch.cuda.current_device`` returns ``torch.device("cpu")``: about 175 call sites in megatron use
+   it as the device of all-gather / reduce-scatter buffers. Nothing else can call it on a CPU-only
+   build without failing, so the global replacement changes no working code path.
+3. Optimizer, clipping and L2-norm helpers (``megatron.core.optimizer.optimizer``, ``.clip_grads``,
+   ``megatron.core.utils``) build small tensors with ``device="cuda"``: inside those modules the name
+   ``torch`` is a proxy whose tensor factories put such tensors on the CPU. Two limits remain on CPU:
+   megatron's ``clip_grad_by_total_norm_fp32`` asserts CUDA tensors (use ``clip_grad = 0`` in
+   megatron's OptimizerConfig and clip with ``torch.nn.utils.clip_grad_norm_``), and the distributed
+   optimizer refuses CPU tensors (use the plain one).
+
+Not needed by dfmkit's DiT, so not patched: megatron's own ``DotProductAttention`` (CPU causal-mask
+device; context parallelism needs TransformerEngine), ``WrappedTorchNorm`` under sequence parallelism
+and CP RoPE helpers. dfmkit's backbone uses its own attention modules and parameter-free norms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+
+_applied = False
+
+
+def needed() -> bool:
+    """True on a machine without a usable GPU: the only case in which :func:`apply` patches anything."""
+    return not torch.cuda.is_available()
+
+
+def apply() -> bool:
+    """Patch megatron-core for CPU runs if there is no GPU; idempotent. Returns True if patches are active."""
+    global _applied
+    if _applied:
+        return True
+    if not needed():
+        return False
+    _patch_current_device()
+    _patch_rng_tracker()
+    _patch_cuda_factories()
+    _applied = True
+    return True
+
+
+def is_applied() -> bool:
+    return _applied
+
+
+# --------------------------------------------------------------------------------------------
+# 1. RNG tracker on the CPU generator
+# --------------------------------------------------------------------------------------------
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CPURNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """megatron's RNG tracker with CPU generator states (see the module docstring)."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state, outer_name = torch.get_rng_state(), self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                restore = self.states_[outer_name] if outer_name != "default-rng" else outer_state
+                torch.set_rng_state(restore)
+                self._current_state_name = outer_name
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mp_random._get_cuda_rng_state = get_state
+    mp_random._set_cuda_rng_state = set_state
+    previous = mp_random._CUDA_RNG_STATE_TRACKER
+    mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+    if previous is not None and previous.is_initialized():
+        mp_random._CUDA_RNG_STATE_TRACKER.set_states(previous.get_states())
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+# --------------------------------------------------------------------------------------------
+# 2. torch.cuda.current_device
+# --------------------------------------------------------------------------------------------
+
+
+def _patch_current_device() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. device="cuda" literals in the optimizer, clipping and norm helpers
+# --------------------------------------------------------------------------------------------
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like")
+
+
+def _on_cpu(device: Any) -> Any:
+    if device is None:
+        return None
+    if isinstance(device, int) or (isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"):
+        return torch.device("cpu")
+    return device
+
+
+class _CPUTorchProxy:
+    """``torch`` as seen by a patched module: tensor factories asked for CUDA build on the CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(torch, name)
+        if name in _FACTORIES:
+
+            @functools.wraps(value)
+            def factory(*args, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _on_cpu(kwargs["device"])
+                return value(*args, **kwargs)
+
+            return factory
+        return value
+
+
+def _patch_cuda_factories() -> None:
+    import importlib
+
+    proxy = _CPUTorchProxy()
+    for module_name in ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a megatron-core without that module: nothing to patch there
+            continue
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
