@@ -1,0 +1,1 @@
+"""Benchmark helpers: model FLOP counting and MFU (:mod:`dfmkit.bench.flops`)."""
