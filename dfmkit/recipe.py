@@ -135,12 +135,22 @@ class OptimConfig:
 
 @attrs.define(kw_only=True)
 class ParallelConfig:
-    """Model parallelism; data parallelism takes the remaining processes."""
+    """Model parallelism; data parallelism takes the remaining processes (world / (tensor * context)).
+
+    tensor: ranks that split every layer's heads and MLP (megatron column/row-parallel linears).
+    sequence: also split the tokens between tensor-parallel regions (needs tensor > 1).
+    context: ranks that split every packed sample's tokens (attention gathers keys/values).
+    Each sample is padded to ``dfmkit.parallel.required_pad_multiple(parallel)`` tokens.
+    """
 
     tensor: int = attrs.field(default=1, validator=_positive)
     sequence: bool = False  # sequence parallelism inside tensor-parallel regions (needs tensor > 1)
     context: int = attrs.field(default=1, validator=_positive)
     distributed_optimizer: str = attrs.field(default="auto", validator=v.in_(["auto", "on", "off"]))
+
+    def __attrs_post_init__(self) -> None:
+        if self.sequence and self.tensor == 1:
+            raise ValueError("sequence = true needs tensor > 1 (sequence parallelism splits tensor-parallel regions)")
 
 
 @attrs.define(kw_only=True)

@@ -8,7 +8,8 @@ Registered names (pick with ``model.attention``):
 - ``torch-varlen``: flash varlen only (CUDA, bf16/fp16; a clear error otherwise).
 - ``torch-sdpa``: the per-segment SDPA loop only (correct on every device and dtype; the reference
   the others are tested against).
-- ``torch-flex``: ``flex_attention`` with a document mask built once per forward (compiled on CUDA).
+- ``torch-flex``: ``flex_attention`` with a document mask built once per forward (compiled on CUDA;
+  on CPU eager and forward-only: PyTorch has no flex backward there).
 """
 
 from __future__ import annotations

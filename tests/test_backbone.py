@@ -1,0 +1,305 @@
+"""The DiT backbone in one process: registration, presets and parameter counts, packing semantics,
+null text, attention backends, recomputation, and the errors bad input gets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import dit_harness as H
+from dfmkit.batch import BatchError, pack
+from dfmkit.components.attention.base import VarlenParams
+from dfmkit.components.attention.torch_backend import FlexDocumentAttention, SDPASegments
+from dfmkit.components.backbones import dit
+from dfmkit.components.backbones.options import DiTOptions
+from dfmkit.parallel import split_for_context_parallel
+from dfmkit.plugins import PluginManager
+from dfmkit.recipe import ParallelConfig
+
+# Parameter counts of the presets with default options (in_channels 16, p 2, pt 1, text_dim 1024,
+# adaLN-LoRA rank 256), as built. The README's table shows these figures.
+PARAMETER_COUNTS = {
+    "S": 46_601_152,
+    "B": 143_629_120,
+    "L": 469_118_016,
+    "XL": 673_297_984,
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = dit.build(H.tiny_options())
+    H.randomize_(m)
+    return m
+
+
+def run(model, batch, seed=0):
+    x, c_noise, _ = H.pack_inputs(batch, seed)
+    return model(x, c_noise, batch), x, c_noise
+
+
+# --------------------------------------------------------------------------------------------
+# Registration, options, presets
+# --------------------------------------------------------------------------------------------
+
+
+def test_registered_through_the_hook():
+    plugins = PluginManager(entry_points=False)
+    assert "dit" in plugins.registries.backbone
+    assert {"torch", "torch-sdpa", "torch-varlen", "torch-flex"} <= set(plugins.registries.attention.names())
+    assert ("te" in plugins.registries.attention) == _te_importable()
+
+
+def _te_importable() -> bool:
+    from dfmkit.components.attention import transformer_engine_importable
+
+    return transformer_engine_importable()
+
+
+@pytest.mark.parametrize("preset", list(PARAMETER_COUNTS))
+def test_preset_parameter_counts(preset):
+    model = dit.build(DiTOptions(preset=preset), device="meta")
+    layers, hidden, heads = DiTOptions(preset=preset).resolved()
+    assert len(model.decoder.layers) == layers and model.config.hidden_size == hidden
+    assert model.config.num_attention_heads == heads
+    assert sum(p.numel() for p in model.parameters()) == PARAMETER_COUNTS[preset]
+
+
+def test_option_errors_name_the_values():
+    with pytest.raises(ValueError, match="hidden_size 100 is not divisible by num_heads 6"):
+        DiTOptions(preset="S", hidden_size=100)
+    with pytest.raises(ValueError, match=r"even head dimension.*= 5"):
+        DiTOptions(preset="tiny", hidden_size=20, num_heads=4)
+    with pytest.raises(ValueError, match="divisible by 16, got 72"):
+        DiTOptions(preset="tiny", hidden_size=72, num_heads=4, position_embedding="sincos3d")
+    with pytest.raises(dit.DiTConfigError, match="num_heads 6 is not divisible by tensor parallelism 4"):
+        dit.transformer_config(DiTOptions(preset="S"), tensor=4)
+
+
+def test_recipe_section_validates_options():
+    from dfmkit.errors import RecipeError
+    from dfmkit.recipe import load_recipe
+
+    registries = PluginManager(entry_points=False).registries
+    with pytest.raises(RecipeError, match="model.*hidden_size 100 is not divisible by num_heads 16"):
+        load_recipe({"model": {"name": "dit", "hidden_size": 100}}, registries=registries)
+    recipe = load_recipe({"model": {"name": "dit", "preset": "B", "position_embedding": "sincos3d"}}, registries=registries)
+    assert recipe.model.options.resolved() == (12, 768, 12)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing semantics
+# --------------------------------------------------------------------------------------------
+
+
+def test_fresh_model_is_zero():
+    """adaLN-Zero and a zero final projection: an untrained model outputs exactly 0."""
+    model = dit.build(H.tiny_options())
+    batch = H.make_packs()[0]
+    out, _, _ = run(model, batch)
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("position_embedding", ["rope3d", "sincos3d"])
+def test_sample_in_a_pack_equals_the_sample_alone(position_embedding):
+    torch.manual_seed(0)
+    model = dit.build(H.tiny_options(position_embedding=position_embedding))
+    H.randomize_(model)
+    samples = H.make_samples(3, [(1, 6, 8), (3, 4, 4), (1, 2, 2)], [5, 9, 1])
+    packed = pack(samples, 2, 1, pad_multiple=8)  # padding differs: 12 -> 16, 12 -> 16, 1 -> 8
+    x, c_noise, _ = H.pack_inputs(packed, 0)
+    out = model(x, c_noise, packed)
+    for i, sample in enumerate(samples):
+        alone = pack([sample], 2, 1)
+        start, n = int(packed.cu_seqlens[i]), int(packed.seqlens[i])
+        out_alone = model(x[start : start + n], c_noise[i : i + 1], alone)
+        torch.testing.assert_close(out[start : start + n], out_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_content_does_not_leak(model):
+    batch = H.make_packs()[0]
+    out, x, c_noise = run(model, batch)
+    noisy = torch.where(batch.token_mask()[:, None], x, torch.randn_like(x) * 100)
+    out2 = model(noisy, c_noise, batch)
+    mask = batch.token_mask()
+    torch.testing.assert_close(out[mask], out2[mask], rtol=0, atol=1e-6)
+
+
+def test_cross_attention_sees_only_its_own_text(model):
+    batch = H.make_packs()[0]
+    out, x, c_noise = run(model, batch)
+    changed = batch.text.clone()
+    cu_kv = batch.cu_seqlens_kv.tolist()
+    changed[cu_kv[1] : cu_kv[2]] = torch.randn(cu_kv[2] - cu_kv[1], H.TEXT_DIM)  # sample 1's text
+    out2 = model(x, c_noise, dataclasses.replace(batch, text=changed))
+    ids, mask = batch.token_sample_ids(), batch.token_mask()
+    for i in range(batch.num_samples):
+        rows = (ids == i) & mask
+        if i == 1:
+            assert (out[rows] - out2[rows]).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(out[rows], out2[rows], rtol=0, atol=0)
+
+
+def test_null_text_of_any_length_is_the_same_condition(model):
+    """Bias-free k/v projections: zero text states give zero cross-attention whatever their length."""
+    samples = H.make_samples(5, [(1, 4, 4), (2, 2, 4)], [1, 1])
+    outs = []
+    for length in (1, 7):
+        for s in samples:
+            s.text = torch.zeros(length, H.TEXT_DIM)
+        batch = pack(samples, 2, 1)
+        outs.append(run(model, batch)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+    for layer in model.decoder.layers:
+        assert layer.cross_attention.linear_kv.bias is None
+
+
+def test_positions_beyond_the_reference_table_are_distinct():
+    """No fixed table: a 100 x 100 grid gives 10 000 different embeddings (the reference aliases > 40)."""
+    pos = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(100), torch.arange(100), indexing="ij"), -1).reshape(-1, 3)
+    cos, sin = dit.rope3d(pos, 64, 10000.0)
+    angles = torch.cat([cos, sin], -1).reshape(len(pos), -1)
+    assert torch.unique(angles.round(decimals=5), dim=0).shape[0] == len(pos)
+    emb = dit.sincos3d(pos, 64)
+    assert torch.unique(emb.round(decimals=5), dim=0).shape[0] == len(pos)
+
+
+def test_every_parameter_gets_a_gradient(model):
+    model.zero_grad()
+    out, _, _ = run(model, H.make_packs()[0])
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+    assert not missing
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_recompute_gives_the_same_gradients(recompute):
+    grads = {}
+    for mode in ("none", recompute):
+        model = dit.build(H.tiny_options(recompute=mode))
+        H.randomize_(model)
+        out, _, _ = run(model, H.make_packs()[0])
+        out.square().mean().backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+    for name, grad in grads["none"].items():
+        torch.testing.assert_close(grads[recompute][name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_forward_is_close_to_fp32(model):
+    batch = H.make_packs()[0]
+    out, x, c_noise = run(model, batch)
+    low = dit.build(H.tiny_options())
+    low.load_state_dict(model.state_dict())
+    low.to(torch.bfloat16)
+    out_low = low(x.bfloat16(), c_noise, batch.to("cpu", torch.bfloat16))
+    assert out_low.dtype == torch.bfloat16
+    assert (out_low.float() - out).abs().max() / out.abs().max() < 0.05
+
+
+def test_sharded_state_dict_covers_every_parameter(model):
+    sharded = model.sharded_state_dict(prefix="model.")
+    names = {f"model.{n}" for n, _ in model.named_parameters()}
+    assert names <= set(sharded)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention backends
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_reference(q, k, v, cu_q, cu_k):
+    seg_q = torch.repeat_interleave(torch.arange(len(cu_q) - 1), torch.diff(torch.tensor(cu_q)))
+    seg_k = torch.repeat_interleave(torch.arange(len(cu_k) - 1), torch.diff(torch.tensor(cu_k)))
+    mask = seg_q[:, None] == seg_k[None, :]
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+@pytest.mark.parametrize("backend", [SDPASegments, FlexDocumentAttention])
+def test_backends_match_a_dense_masked_reference(backend):
+    g = torch.Generator().manual_seed(0)
+    cu_q, cu_k = [0, 5, 17, 18, 30], [0, 3, 4, 13, 20]
+    q = torch.randn(cu_q[-1], 2, 8, generator=g)
+    k = torch.randn(cu_k[-1], 2, 8, generator=g)
+    v = torch.randn(cu_k[-1], 2, 8, generator=g)
+    out = backend()(q, k, v, VarlenParams.from_host(cu_q, cu_k, "cpu"))
+    torch.testing.assert_close(out, _dense_reference(q, k, v, cu_q, cu_k), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()  # flex attention has no backward on CPU
+def test_model_backends_agree():
+    outputs = {}
+    for name in ("torch", "torch-sdpa", "torch-flex"):
+        model = dit.build(H.tiny_options(attention=name))
+        H.randomize_(model)
+        outputs[name] = run(model, H.make_packs()[0])[0]
+    torch.testing.assert_close(outputs["torch-flex"], outputs["torch-sdpa"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["torch"], outputs["torch-sdpa"], rtol=0, atol=0)
+
+
+def test_varlen_backend_refuses_cpu_clearly():
+    from dfmkit.components.attention.torch_backend import AttentionBackendError, FlashVarlen
+
+    q = torch.zeros(4, 1, 8)
+    with pytest.raises(AttentionBackendError, match="needs CUDA tensors in bf16/fp16"):
+        FlashVarlen()(q, q, q, VarlenParams.from_host([0, 4], [0, 4], "cpu"))
+
+
+def test_unknown_backend_is_named():
+    from dfmkit.errors import UnknownComponentError
+
+    with pytest.raises(UnknownComponentError, match="unknown attention 'torch-sdp'; did you mean 'torch-sdpa'"):
+        dit.build(H.tiny_options(attention="torch-sdp"))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_give_clear_errors(model):
+    batch = H.make_packs()[0]
+    x, c_noise, _ = H.pack_inputs(batch, 0)
+    with pytest.raises(dit.DiTInputError, match=rf"x must be \[{batch.num_tokens}, 16\].*got \({batch.num_tokens}, 12\)"):
+        model(x[:, :12], c_noise, batch)
+    with pytest.raises(dit.DiTInputError, match="c_noise has 3 values for 4 samples"):
+        model(x, c_noise[:3], batch)
+    with pytest.raises(dit.DiTInputError, match="text states have width 8, the model was built with text_dim 24"):
+        model(x, c_noise, dataclasses.replace(batch, text=batch.text[:, :8]))
+    bad_cu = batch.cu_seqlens.clone()
+    bad_cu[-1] += 8
+    with pytest.raises(BatchError, match=rf"cu_seqlens \[0, 16, 32, 40, 56\] must rise from 0 to the {batch.num_tokens} latent"):
+        model(x, c_noise, dataclasses.replace(batch, cu_seqlens=bad_cu))
+    bad_cu = batch.cu_seqlens.clone()
+    bad_cu[3] = bad_cu[2] + 2
+    with pytest.raises(BatchError, match=r"seqlens \[12, 12, 3, 2\] must each be >= 1 and <= the padded lengths \[16, 16, 2, 14\]"):
+        model(x, c_noise, dataclasses.replace(batch, cu_seqlens=bad_cu))
+    with pytest.raises(BatchError, match=r"cu_seqlens_kv \[0, 5, 14, 15, 18\] must rise from 0 to the 17 text tokens"):
+        model(x, c_noise, dataclasses.replace(batch, text=batch.text[:17]))
+    empty = dataclasses.replace(
+        batch, seqlens_kv=torch.tensor([5, 9, 0, 4], dtype=torch.int32),
+        cu_seqlens_kv=torch.tensor([0, 5, 14, 14, 18], dtype=torch.int32),
+    )
+    with pytest.raises(dit.DiTInputError, match=r"at least one text token \(seqlens_kv \[5, 9, 0, 4\]\)"):
+        model(x, c_noise, empty)
+    shard = split_for_context_parallel(batch, 2, 0)
+    with pytest.raises(dit.DiTInputError, match="context-parallel shard"):
+        model(shard.latents, c_noise, shard)
+
+
+def test_sequence_parallel_without_tensor_parallel_is_an_error():
+    with pytest.raises(ValueError, match="sequence = true needs tensor > 1"):
+        ParallelConfig(tensor=1, sequence=True)
+
+
+def test_parallel_layout_that_does_not_fit_the_world():
+    from dfmkit.parallel import ParallelError, initialize
+
+    with pytest.raises(ParallelError, match="1 processes cannot be split into tensor parallelism 2 x context parallelism 1"):
+        initialize(ParallelConfig(tensor=2))
