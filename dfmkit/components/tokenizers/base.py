@@ -6,6 +6,28 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from dfmkit.errors import DfmkitError
+
+
+class MissingArtifactError(DfmkitError, FileNotFoundError):
+    """Model files (tokenizer or text-encoder weights) that are neither in the given folder nor on the hub.
+
+    The message names the files expected, the folder looked in and where to get them (the hub repo id).
+    """
+
+
+class TokenizerInputError(DfmkitError, ValueError):
+    """Pixels or latents a tokenizer cannot take: wrong rank, too small, or sides/frames that do not align."""
+
+
+def resolve_device(device: str, section: str) -> torch.device:
+    """The torch device of a component's ``device`` option: "auto" (CUDA when present), "cpu" or "cuda"."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DfmkitError(f"{section}.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
