@@ -18,10 +18,12 @@ What is patched, and why:
    build without failing, so the global replacement changes no working code path.
 3. Optimizer, clipping and L2-norm helpers (``megatron.core.optimizer.optimizer``, ``.clip_grads``,
    ``megatron.core.utils``) build small tensors with ``device="cuda"``: inside those modules the name
-   ``torch`` is a proxy whose tensor factories put such tensors on the CPU. Two limits remain on CPU:
-   megatron's ``clip_grad_by_total_norm_fp32`` asserts CUDA tensors (use ``clip_grad = 0`` in
-   megatron's OptimizerConfig and clip with ``torch.nn.utils.clip_grad_norm_``), and the distributed
-   optimizer refuses CPU tensors (use the plain one).
+   ``torch`` is a proxy whose tensor factories put such tensors on the CPU.
+4. ``clip_grad_by_total_norm_fp32`` asserts that gradients are CUDA tensors; it is replaced (in
+   ``clip_grads`` and in ``optimizer``, which imported the name) by the same scaling without the
+   assertion. megatron still computes the total norm over the tensor-parallel group as usual.
+5. ``torch.cuda.synchronize`` (called by dist_checkpointing before writing) does nothing.
+One limit remains on CPU: the distributed optimizer refuses CPU tensors (use the plain one).
 
 Not needed by dfmkit's DiT, so not patched: megatron's own ``DotProductAttention`` (CPU causal-mask
 device; context parallelism needs TransformerEngine), ``WrappedTorchNorm`` under sequence parallelism
@@ -54,6 +56,8 @@ def apply() -> bool:
     _patch_current_device()
     _patch_rng_tracker()
     _patch_cuda_factories()
+    _patch_clip_grads()
+    torch.cuda.synchronize = lambda *args, **kwargs: None
     _applied = True
     return True
 
@@ -166,3 +170,24 @@ def _patch_cuda_factories() -> None:
             continue
         if getattr(module, "torch", None) is torch:
             module.torch = proxy
+
+
+# --------------------------------------------------------------------------------------------
+# 4. gradient clipping without the CUDA assertion
+# --------------------------------------------------------------------------------------------
+
+
+def _patch_clip_grads() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        """megatron's clipping: scale every gradient by max_norm / total_norm when that is below 1."""
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        coefficient = max_norm / (total_norm + 1.0e-6)
+        if coefficient < 1.0:
+            grads = [p.decoupled_grad if use_decoupled_grad else p.grad for p in parameters]
+            torch._foreach_mul_([g for g in grads if g is not None], coefficient)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32

@@ -308,7 +308,8 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def train(self) -> dict[str, Any]:
+    def train(self, until_step: int | None = None) -> dict[str, Any]:
+        """Train to ``train.train_iters``, or stop (and save) after ``until_step`` like a preempted run."""
         from dfmkit import parallel
 
         recipe = self.recipe
@@ -319,7 +320,8 @@ class Trainer:
         save_interval = recipe.checkpoint.save_interval
         stopped_by = None
         try:
-            while self.step < cfg.train_iters:
+            last = cfg.train_iters if until_step is None else min(until_step, cfg.train_iters)
+            while self.step < last:
                 metrics = self.train_step()
                 history.append(metrics["loss"])
                 window_samples += metrics.get("samples", 0.0) * self.env.dp_size
@@ -366,6 +368,6 @@ def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def train(job: Job, *, mock: bool = False) -> dict[str, Any]:
+def train(job: Job, *, mock: bool = False, until_step: int | None = None) -> dict[str, Any]:
     """Train the job's recipe; returns the final step, the per-step losses and the checkpoint folder."""
-    return Trainer(job, mock=mock).train()
+    return Trainer(job, mock=mock).train(until_step)
