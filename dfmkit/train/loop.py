@@ -56,7 +56,9 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Everything a run holds. ``Trainer(job).train()`` runs to ``train.train_iters`` or a stop signal."""
 
-    def __init__(self, job: Job, *, mock: bool = False):
+    def __init__(self, job: Job, *, mock: bool = False, data: Any = None):
+        """``data``: an iterator of PackedBatch to train on instead of the recipe's loader (benchmarks, tests);
+        it may offer ``save_state()``/``restore_state()`` and ``skips`` like the loader."""
         from dfmkit import parallel
 
         self.job = job
@@ -70,7 +72,8 @@ class Trainer:
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.model_dtype = torch.bfloat16 if self.bf16 else torch.float32
         check_schedule(recipe.optim, recipe.train.train_iters)
-        self._check_data_path()
+        if data is None:
+            self._check_data_path()
 
         self.env = parallel.initialize(recipe.parallel, self.device)
         dp = self.env.dp_size
@@ -111,7 +114,7 @@ class Trainer:
         self.consumed_sequences = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
-        self.data = self._build_data()
+        self.data = data if data is not None else self._build_data()
         self._stop_signal: int | None = None
         self.checkpoint_dir = Path(recipe.checkpoint.dir)
         self._maybe_resume()
@@ -143,6 +146,10 @@ class Trainer:
         return build_train_loader(self.job, dp_rank=self.env.dp_rank, dp_size=self.env.dp_size,
                                   pad_multiple=self.pad_multiple)
 
+    def _skips(self) -> dict[str, int]:
+        skips = getattr(self.data, "skips", None)
+        return skips.as_dict() if skips is not None else {}
+
     def _run_config(self) -> dict[str, Any]:
         import tomllib
 
@@ -166,9 +173,10 @@ class Trainer:
             "recipe": dump_recipe(self.recipe, registries=self.job.plugins.registries),
             "model": self.recipe.model.name,
             "parallel": {"tensor": self.env.tp_size, "context": self.env.cp_size, "data": self.env.dp_size},
-            "skipped_samples": self.data.skips.as_dict() if hasattr(self.data, "skips") else {},
+            "skipped_samples": self._skips(),
         }
-        rank_state = {"rng": ckpt.rng_state(), "loader": self.data.save_state()}
+        rank_state = {"rng": ckpt.rng_state(),
+                      "loader": self.data.save_state() if hasattr(self.data, "save_state") else None}
         path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, self._sharded_state_dict(), marker, rank_state,
                                     self.recipe.checkpoint.keep_last)
         return path
@@ -218,7 +226,8 @@ class Trainer:
         self.nonfinite_total = int(trainer["nonfinite_total"])
         self.ema.num_updates = int(trainer["ema_updates"])
         ckpt.set_rng_state(rank_state["rng"])
-        self.data.restore_state(rank_state["loader"])
+        if rank_state.get("loader") is not None and hasattr(self.data, "restore_state"):
+            self.data.restore_state(rank_state["loader"])
         if self.env.rank == 0:
             log.info("resumed from %s at step %d", found, self.step)
 
@@ -342,7 +351,7 @@ class Trainer:
                         "train/tokens_per_s": window_tokens / elapsed,
                         "train/nonfinite_steps": float(self.nonfinite_total),
                     }
-                    values.update({f"data/skipped_{k}": float(v) for k, v in self.data.skips.as_dict().items()})
+                    values.update({f"data/skipped_{k}": float(v) for k, v in self._skips().items()})
                     self.logger.scalars(self.step, values)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
                 self.logger.advance(self.step, f"loss {metrics['loss']:.4f}")
@@ -368,6 +377,6 @@ def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def train(job: Job, *, mock: bool = False, until_step: int | None = None) -> dict[str, Any]:
+def train(job: Job, *, mock: bool = False, until_step: int | None = None, data: Any = None) -> dict[str, Any]:
     """Train the job's recipe; returns the final step, the per-step losses and the checkpoint folder."""
-    return Trainer(job, mock=mock).train(until_step)
+    return Trainer(job, mock=mock, data=data).train(until_step)
