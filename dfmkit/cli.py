@@ -66,6 +66,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from dfmkit.bench.matrix import parse_layouts, run_matrix, to_markdown, write_results
+
+    try:
+        latent = [int(v) for v in args.latent.split(",")]
+    except ValueError:
+        latent = []
+    if len(latent) != 4:
+        print(f"error: --latent must be four integers C,T,H,W, got {args.latent!r}", file=sys.stderr)
+        return 2
+    rows = run_matrix(
+        [m.strip() for m in args.models.split(",") if m.strip()], parse_layouts(args.layouts),
+        seq_length=args.seq_length, latent_shape=latent, text_tokens=args.text_tokens, text_dim=args.text_dim,
+        samples_per_pack=args.samples_per_pack, attention=args.attention, warmup=args.warmup, steps=args.steps,
+        peak_tflops=args.peak_tflops, recompute=args.recompute,
+    )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_results(rows, Path(args.out))
+        print(to_markdown(rows))
+    return 0
+
+
 def cmd_recipe_show(args: argparse.Namespace) -> int:
     from dfmkit.recipe import dump_recipe, load_recipe
 
@@ -99,13 +125,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = commands.add_parser("prepare", help="encode a dataset into WebDataset shards for training")
     _add_recipe_arguments(prepare)
-    prepare.add_argument("--source", help="hf:NAME, a parquet file, an image/video folder, or 'digits'")
-    prepare.add_argument("--out", help="output directory")
-    prepare.set_defaults(func=_not_available("prepare", "data preparation lands with the data issue"))
+    prepare.add_argument("--source", required=True,
+                         help="'digits' (offline, scikit-learn), 'hf:OWNER/NAME' (needs network), a .parquet file, "
+                              "or a folder of images/videos with sidecar .txt captions or captions.jsonl")
+    prepare.add_argument("--out", required=True, help="output folder (WebDataset shards + Energon index)")
+    prepare.add_argument("--split", help="train,val,test ratios such as 0.9,0.05,0.05 (default: data.split)")
+    prepare.add_argument("--format", choices=("safetensors", "npy"), default="safetensors",
+                         help="tensor member format in the shards (npy cannot hold bfloat16)")
+    prepare.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
+    prepare.add_argument("--batch-size", type=int, default=16, help="items encoded per tokenizer/text-encoder round")
+    prepare.add_argument("--limit", type=int, default=0, help="encode only the first N items (0: all)")
+    prepare.add_argument("--image-column", help="parquet/hf: the column of encoded images (default 'image')")
+    prepare.add_argument("--caption-column", help="parquet/hf: the column of captions (default 'caption' or 'text')")
+    prepare.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 
-    bench = commands.add_parser("bench", help="measure throughput and MFU over parallel layouts")
-    bench.add_argument("--mock", action="store_true", help="use mock data")
-    bench.set_defaults(func=_not_available("bench", "benchmarks land with the performance issue"))
+    def run_prepare(args: argparse.Namespace) -> int:
+        from dfmkit.data.prepare import cmd_prepare  # imports torch and energon: only when used
+
+        return cmd_prepare(args)
+
+    prepare.set_defaults(func=run_prepare)
+
+    bench = commands.add_parser("bench", help="measure training throughput and MFU over parallel layouts")
+    bench.add_argument("--mock", action="store_true", required=True, help="train on mock packs (the only mode)")
+    bench.add_argument("--models", default="S,B,L,XL", help="presets, comma-separated (default S,B,L,XL)")
+    bench.add_argument("--layouts", default="tp1cp1,tp2,tp2+sp,cp2,tp2cp2",
+                       help="layouts tp<N>[+sp][cp<M>], comma-separated; DP takes the remaining processes")
+    bench.add_argument("--seq-length", type=int, default=16384, help="tokens per packed sequence")
+    bench.add_argument("--latent", default="16,1,32,32", help="mock latent C,T,H,W (default: 256-token images)")
+    bench.add_argument("--text-tokens", type=int, default=77)
+    bench.add_argument("--text-dim", type=int, default=1024)
+    bench.add_argument("--samples-per-pack", type=int, default=0, help="0: as many as the sequence holds")
+    bench.add_argument("--attention", default="torch", help="attention backend")
+    bench.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                       help="activation recomputation of the model")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200: 989)")
+    bench.add_argument("--out", default="bench_results", help="folder for bench.json and bench.md")
+    bench.set_defaults(func=cmd_bench)
 
     evaluate = commands.add_parser("eval", help="evaluate generated samples (digit accuracy, FID)")
     evaluate.set_defaults(func=_not_available("eval", "evaluation lands with the inference issue"))
@@ -125,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args) or 0
     except DfmkitError as exc:
