@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     evaluate = commands.add_parser("eval", help="evaluate generated samples (digit accuracy, FID)")
-    evaluate.set_defaults(func=_not_available("eval", "evaluation lands with the inference issue"))
+    from dfmkit.eval.cli import add_eval_arguments
+
+    add_eval_arguments(evaluate)
 
     plugins = commands.add_parser("plugins", help="list every component with its origin")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
