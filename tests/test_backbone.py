@@ -303,3 +303,63 @@ def test_parallel_layout_that_does_not_fit_the_world():
 
     with pytest.raises(ParallelError, match="1 processes cannot be split into tensor parallelism 2 x context parallelism 1"):
         initialize(ParallelConfig(tensor=2))
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (run where a GPU is present; skipped elsewhere)
+# --------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("head_dim", [64, 72])
+def test_cuda_backends_match_sdpa_forward_and_backward(head_dim):
+    from dfmkit.components.attention.torch_backend import AutoTorchAttention, FlashVarlen, varlen_available
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cu_q, cu_k = [0, 130, 1154, 1160, 1700], [0, 100, 1024, 1030, 1600]
+    params = VarlenParams.from_host(cu_q, cu_k, "cuda")
+    shape_q, shape_k = (cu_q[-1], 4, head_dim), (cu_k[-1], 4, head_dim)
+    q = torch.randn(shape_q, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(shape_k, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(shape_k, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(shape_q, generator=g, device="cuda", dtype=torch.bfloat16)
+    assert varlen_available(q)
+
+    def run_backend(backend):
+        for t in (q, k, v):
+            t.grad = None
+        out = backend(q, k, v, params)
+        out.backward(grad)
+        return [out.float(), q.grad.float(), k.grad.float(), v.grad.float()]
+
+    expected = run_backend(SDPASegments())
+    for backend in (FlashVarlen(), AutoTorchAttention(), FlexDocumentAttention()):
+        for got, want in zip(run_backend(backend), expected):
+            assert (got - want).abs().max() <= 2e-2 * want.abs().max(), type(backend).__name__
+
+
+@cuda
+def test_cuda_model_in_bf16_with_each_backend():
+    outputs = {}
+    batch = H.make_packs()[0].to("cuda", torch.bfloat16)
+    for name in ("torch", "torch-sdpa", "torch-flex"):
+        torch.manual_seed(0)
+        model = dit.build(H.tiny_options(attention=name, use_cpu_initialization=True))
+        H.randomize_(model)
+        model.to(torch.bfloat16)
+        x, c_noise, _ = (t.cuda() for t in H.pack_inputs(H.make_packs()[0], 0))
+        out = model(x, c_noise, batch)
+        out.float().square().mean().backward()
+        outputs[name] = out.float()
+    for name in ("torch", "torch-flex"):
+        assert (outputs[name] - outputs["torch-sdpa"]).abs().max() <= 3e-2 * outputs["torch-sdpa"].abs().max()
+
+
+@cuda
+def test_cuda_gpu_initialisation_builds_on_the_device():
+    model = dit.build(DiTOptions(preset="S"))
+    assert all(p.is_cuda for p in model.parameters())
+    first = model.decoder.layers[0].self_attention.linear_qkv.weight
+    assert 0.015 < float(first.float().std()) < 0.025  # N(0, 0.02) from megatron's GPU init path

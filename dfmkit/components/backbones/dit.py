@@ -63,7 +63,8 @@ from dfmkit.parallel.context import ContextParallelBatch, required_pad_multiple,
 
 
 class RMSNorm(nn.Module):
-    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim, computed in fp32 (per-head QK norm)."""
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim (per-head QK norm); PyTorch's fused
+    ``rms_norm`` accumulates in fp32 for half-precision inputs."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, **_unused):
         super().__init__()
@@ -71,9 +72,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class Segments:
@@ -85,13 +84,17 @@ class Segments:
 
     def __init__(self, ids: torch.Tensor, num_samples: int):
         self.ids = ids  # [L] int64
-        self.onehot = F.one_hot(ids, num_samples).T.float()  # [N, L]
+        self.num_samples = num_samples
+        self._onehot: dict[torch.dtype, torch.Tensor] = {}  # [N, L] per dtype, made on first use
 
     def expand(self, v: torch.Tensor) -> torch.Tensor:
         return v[self.ids].unsqueeze(1)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self.onehot.to(t.dtype) @ t.reshape(t.shape[0], -1)
+        onehot = self._onehot.get(t.dtype)
+        if onehot is None:
+            onehot = self._onehot[t.dtype] = F.one_hot(self.ids, self.num_samples).T.to(t.dtype)
+        return onehot @ t.reshape(t.shape[0], -1)
 
 
 class _Modulate(torch.autograd.Function):
@@ -100,14 +103,15 @@ class _Modulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, seg: Segments):
         ctx.seg = seg
-        ctx.save_for_backward(x, scale)
-        return torch.addcmul(seg.expand(shift), x, 1 + seg.expand(scale))
+        one_plus_scale = 1 + scale  # [N, D]: cheaper before the expansion to tokens
+        ctx.save_for_backward(x, one_plus_scale)
+        return torch.addcmul(seg.expand(shift), x, seg.expand(one_plus_scale))
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale = ctx.saved_tensors
+        x, one_plus_scale = ctx.saved_tensors
         seg = ctx.seg
-        return grad * (1 + seg.expand(scale)), seg.sum(grad), seg.sum(grad * x), None
+        return grad * seg.expand(one_plus_scale), seg.sum(grad), seg.sum(grad * x), None
 
 
 class _GatedResidual(torch.autograd.Function):
@@ -140,20 +144,26 @@ def rope3d_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * spatial, spatial, spatial
 
 
-def rope3d(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each ``[L, 1, head_dim/2]``, of the rotation angles of every token's (t, h, w)."""
+def rope3d(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each ``[L, 1, head_dim]`` in ``dtype``, of the rotation angles of every token's (t, h, w).
+
+    Channel j and j + head_dim/2 form a rotated pair (rotate-half), so both halves carry the same angle.
+    The angles are computed in float64 and rounded once; the rotation runs in the activations' dtype,
+    as megatron's unfused RoPE does.
+    """
     angles = []
     for axis, dim in enumerate(rope3d_axis_dims(head_dim)):
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
         angles.append(pos[:, axis, None].double() * freqs)
-    angle = torch.cat(angles, dim=-1).float().unsqueeze(1)
-    return angle.cos(), angle.sin()
+    angle = torch.cat(angles, dim=-1)
+    angle = torch.cat([angle, angle], dim=-1).unsqueeze(1)
+    return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [L, H, head_dim]`` (rotate-half pairing: channel j with j + head_dim/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    """Rotate ``x [L, H, head_dim]``: ``x * cos + rotate_half(x) * sin``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat([-x2, x1], dim=-1), sin)
 
 
 def _sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -232,6 +242,7 @@ def build_layout(
     sequence_parallel: bool,
     cp_group: Any,
     rope: tuple[int, float] | None,
+    dtype: torch.dtype = torch.float32,
 ) -> PackedLayout:
     device = batch.latents.device
     n = batch.num_samples
@@ -260,7 +271,7 @@ def build_layout(
     rope_cs = None
     if rope is not None:
         head_dim, theta = rope
-        rope_cs = rope3d(batch.pos_ids.to(device), head_dim, theta)
+        rope_cs = rope3d(batch.pos_ids.to(device), head_dim, theta, dtype)
     return PackedLayout(
         samples=samples,
         sp_samples=sp_samples,
@@ -358,7 +369,7 @@ class SelfAttention(_Attention):
             v = tensor_parallel.gather_from_sequence_parallel_region(v, True, group=layout.cp_group)
         if layout.kv_index is not None:  # padding never serves as a key
             k, v = k[layout.kv_index], v[layout.kv_index]
-        return self.project(self.attend(q, k, v.contiguous(), layout.self_attn))
+        return self.project(self.attend(q, k, v, layout.self_attn))
 
 
 class CrossAttention(_Attention):
@@ -372,7 +383,7 @@ class CrossAttention(_Attention):
         q = self.q_layernorm(q.view(q.shape[0], self.heads, self.head_dim))
         kv, _ = self.linear_kv(context)  # [Lkv, 1, 2 * heads * head_dim]
         k, v = kv.view(kv.shape[0], self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
-        return self.project(self.attend(q, self.k_layernorm(k), v.contiguous(), layout.cross_attn))
+        return self.project(self.attend(q, self.k_layernorm(k), v, layout.cross_attn))
 
 
 # ============================================================================================
@@ -549,6 +560,7 @@ class DiT(MegatronModule):
             sequence_parallel=self.sequence_parallel,
             cp_group=parallel_state.get_context_parallel_group() if self.cp_size > 1 else None,
             rope=self.rope,
+            dtype=self.x_embedder.weight.dtype,
         )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
