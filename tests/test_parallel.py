@@ -21,20 +21,22 @@ from dfmkit.parallel.context import ContextParallelBatch, shard_index
 from dfmkit.recipe import ParallelConfig
 
 LAYOUTS = {
-    # name: (world size, parallel sizes, packs compared (= data-parallel size))
-    "tp2": (2, dict(tensor=2, sequence=False, context=1), 1),
-    "tp2_sp": (2, dict(tensor=2, sequence=True, context=1), 1),
-    "cp2": (2, dict(tensor=1, sequence=False, context=2), 1),
-    "dp2": (2, dict(tensor=1, sequence=False, context=1), 2),
-    "tp2_cp2": (4, dict(tensor=2, sequence=False, context=2), 1),
-    "tp2_sp_cp2_ddp": (4, dict(tensor=2, sequence=True, context=2, ddp=True), 1),
+    # name: (world size, parallel sizes, packs compared (= data-parallel size), model option overrides)
+    "tp2": (2, dict(tensor=2, sequence=False, context=1), 1, {}),
+    "tp2_sp": (2, dict(tensor=2, sequence=True, context=1), 1, {}),
+    "cp2": (2, dict(tensor=1, sequence=False, context=2), 1, {}),
+    "dp2": (2, dict(tensor=1, sequence=False, context=1), 2, {}),
+    "tp2_sp_sincos_full_adaln": (2, dict(tensor=2, sequence=True, context=1), 1,
+                                 dict(position_embedding="sincos3d", adaln_lora_rank=0)),
+    "tp2_cp2": (4, dict(tensor=2, sequence=False, context=2), 1, {}),
+    "tp2_sp_cp2_ddp": (4, dict(tensor=2, sequence=True, context=2, ddp=True), 1, {}),
 }
 
 RTOL = 1e-5  # of each tensor's largest magnitude; fp32 reordering of sums gives about 5e-7
 
 
 def _spawn(world: int, outdir: str) -> None:
-    layouts = [(name, parallel, {}) for name, (w, parallel, _) in LAYOUTS.items() if w == world]
+    layouts = [(name, parallel, overrides) for name, (w, parallel, _, overrides) in LAYOUTS.items() if w == world]
     multiprocessing.set_forkserver_preload(["dit_harness", "dfmkit.components.backbones.dit"])
     mp.start_processes(H.worker, args=(world, H.free_port(), outdir, layouts), nprocs=world, start_method="forkserver")
 
@@ -42,7 +44,7 @@ def _spawn(world: int, outdir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("parallel")
-    for world in sorted({w for w, _, _ in LAYOUTS.values()}):
+    for world in sorted({w for w, _, _, _ in LAYOUTS.values()}):
         _spawn(world, str(outdir))
     return outdir
 
@@ -50,8 +52,12 @@ def results(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references():
     packs = H.make_packs()
-    options = H.tiny_options()
-    return {dp: H.reference(options, packs[:dp]) for dp in {dp for _, _, dp in LAYOUTS.values()}}
+    refs = {}
+    for _, _, dp, overrides in LAYOUTS.values():
+        key = (dp, tuple(sorted(overrides.items())))
+        if key not in refs:
+            refs[key] = H.reference(H.tiny_options(**overrides), packs[:dp])
+    return refs
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -60,8 +66,8 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(results, references, name):
-    world, parallel, dp = LAYOUTS[name]
-    ref = references[dp]
+    world, parallel, dp, overrides = LAYOUTS[name]
+    ref = references[(dp, tuple(sorted(overrides.items())))]
     got = torch.load(results / f"{name}.pt")
     assert _close(got["loss"], ref["loss"]) < RTOL, (got["loss"], ref["loss"])
     assert set(got["grads"]) == set(ref["grads"])
@@ -75,7 +81,7 @@ def test_layout_matches_single_process(results, references, name):
 
 def test_gradients_are_not_trivial(references):
     """The comparison means something: every parameter gets a gradient of a sensible size."""
-    for name, grad in references[1]["grads"].items():
+    for name, grad in references[(1, ())]["grads"].items():
         assert grad.abs().max() > 1e-6, name
 
 
@@ -116,3 +122,34 @@ def test_split_rejects_lengths_that_do_not_divide():
     batch = H.make_packs(pad_multiple=2)[0]
     with pytest.raises(BatchError, match=r"multiple of 4 tokens.*padded sample lengths are \["):
         split_for_context_parallel(batch, 2, 0)
+
+
+def test_unconditional_copy_of_a_shard_is_the_shard_of_the_unconditional_pack():
+    from dfmkit.batch import with_unconditional
+
+    batch = H.make_packs()[1]
+    for rank in range(2):
+        expected = split_for_context_parallel(with_unconditional(batch), 2, rank)
+        got = split_for_context_parallel(batch, 2, rank).with_unconditional()
+        for field in ("latents", "cu_seqlens", "seqlens", "text", "cu_seqlens_kv", "pos_ids", "global_cu_seqlens"):
+            assert torch.equal(getattr(got, field), getattr(expected, field)), field
+        assert torch.equal(got.token_mask(), expected.token_mask())
+
+
+def test_shard_and_gather_without_context_parallelism_pass_through():
+    from dfmkit.parallel import gather_from_context_parallel, shard_for_context_parallel
+
+    batch = H.make_packs()[0]
+    noise = torch.randn(batch.latents.shape)
+    shard, local = shard_for_context_parallel(batch, noise, _Env(1, 0))
+    assert shard is batch and local is noise
+    assert gather_from_context_parallel(local, shard) is local
+    cp_shard, cp_noise = shard_for_context_parallel(batch, noise, _Env(2, 1))
+    assert torch.equal(cp_noise, noise[shard_index(batch.cu_seqlens.tolist(), 2, 1)])
+    with pytest.raises(BatchError, match="needs the ContextParallelBatch"):
+        gather_from_context_parallel(cp_noise, _Env(2, 1))
+
+
+class _Env:
+    def __init__(self, cp_size, cp_rank):
+        self.cp_size, self.cp_rank = cp_size, cp_rank

@@ -365,8 +365,8 @@ class SelfAttention(_Attention):
         if layout.rope is not None:
             q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
         if layout.cp_group is not None:  # every CP rank needs all keys of its samples (backward: reduce-scatter)
-            k = tensor_parallel.gather_from_sequence_parallel_region(k, True, group=layout.cp_group)
-            v = tensor_parallel.gather_from_sequence_parallel_region(v, True, group=layout.cp_group)
+            kv = tensor_parallel.gather_from_sequence_parallel_region(torch.cat([k, v], -1), True, group=layout.cp_group)
+            k, v = kv.split(self.head_dim, dim=-1)
         if layout.kv_index is not None:  # padding never serves as a key
             k, v = k[layout.kv_index], v[layout.kv_index]
         return self.project(self.attend(q, k, v, layout.self_attn))

@@ -1,7 +1,20 @@
 """Options of the ``dit`` backbone (the recipe's ``[model]`` section). Light: attrs only, no torch.
 
-Presets (layers / hidden / heads): tiny 2/64/4 (tests), S 12/384/6, B 12/768/12, L 24/1024/16,
-XL 28/1152/16. ``num_layers``, ``hidden_size`` and ``num_heads`` override the preset when non-zero.
+Presets; ``num_layers``, ``hidden_size`` and ``num_heads`` override the preset when non-zero.
+Parameters as built with the default options (in_channels 16, patch 2x2x1, text_dim 1024,
+adaLN-LoRA rank 256), counted by tests/test_backbone.py::test_preset_parameter_counts:
+
+    preset  layers  hidden  heads  head_dim  parameters   of which in the blocks
+    tiny       2      64      4      16            -       (tests only)
+    S         12     384      6      64     46,601,152     46,009,344
+    B         12     768     12      64    143,629,120    141,560,832
+    L         24    1024     16      64    469,118,016    465,573,888
+    XL        28    1152     16      72    673,297,984    668,868,480
+
+Per block: 14*D^2 (self-attention 4, cross q/out 2, MLP 8) + 2*text_dim*D (cross k/v) +
+D*r + r*9*D (adaLN-LoRA) + 4*head_dim (q/k norms). Full-rank adaLN (rank 0) makes XL 925,443,136;
+text_dim 4096 (T5-XXL) makes it 871,478,848. The reference README's "DiT-S 330M / L 450M / XL 700M"
+do not match its own modules either (its S is about 46.5M).
 """
 
 from __future__ import annotations
