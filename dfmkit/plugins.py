@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dfmkit.components.tokenizers",
     "dfmkit.components.backbones",
     "dfmkit.components.attention",
+    "dfmkit.components.task_encoders",
 )
 
 

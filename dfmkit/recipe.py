@@ -97,11 +97,36 @@ class DataConfig:
 
     path: str = ""  # a folder written by `dfmkit prepare` (Energon-indexed WebDataset)
     mock: bool = False  # random latents and text of the shapes below, for benchmarks
-    seq_length: int = attrs.field(default=4096, validator=_positive)  # tokens per packed sequence
-    packing_buffer_size: int = attrs.field(default=64, validator=_positive)
+    seq_length: int = attrs.field(default=4096, validator=_positive)  # latent tokens per packed sequence (at most)
+    packing_buffer_size: int = attrs.field(default=64, validator=_positive)  # samples considered per packing round
     shuffle_buffer_size: int = attrs.field(default=100, validator=_non_negative)
-    max_samples_per_sequence: int = attrs.field(default=100, validator=_positive)
-    num_workers: int = attrs.field(default=2, validator=_non_negative)
+    max_samples_per_sequence: int = attrs.field(default=100, validator=_positive)  # Energon: samples read in a row from one shard
+    num_workers: int = attrs.field(default=2, validator=_non_negative)  # loader worker processes per data-parallel rank
+    # `dfmkit prepare`: resizing (short side to image_size, 0 keeps it; sides rounded to size_multiple),
+    # frames (max_frames, 0 = all), the fps recorded when a source has none, and the train/val/test split.
+    image_size: int = attrs.field(default=512, validator=_non_negative)
+    size_multiple: int = attrs.field(default=16, validator=_positive)
+    resize_mode: str = attrs.field(default="bilinear", validator=v.in_(["bilinear", "bicubic", "nearest"]))
+    max_frames: int = attrs.field(default=0, validator=_non_negative)
+    fps: float = attrs.field(default=30.0, validator=_positive)
+    split: list[float] = attrs.field(factory=lambda: [1.0, 0.0, 0.0])
+    # data.mock = true: random samples of these sizes ([C, T, H, W] latent; text tokens x width) packed
+    # mock_samples_per_pack to a sequence (0: as many as data.seq_length holds). C = 0 and text width 0
+    # take the model's in_channels and text_dim.
+    mock_latent_shape: list[int] = attrs.field(factory=lambda: [0, 1, 64, 64])
+    mock_text_tokens: int = attrs.field(default=16, validator=_positive)
+    mock_text_dim: int = attrs.field(default=0, validator=_non_negative)
+    mock_samples_per_pack: int = attrs.field(default=0, validator=_non_negative)
+
+    @split.validator
+    def _check_split(self, attribute: attrs.Attribute, value: list[float]) -> None:
+        if len(value) != 3 or any(x < 0 for x in value) or sum(value) <= 0:
+            raise ValueError(f"'split' must be three non-negative ratios train, val, test such as [0.9, 0.05, 0.05] (got {value})")
+
+    @mock_latent_shape.validator
+    def _check_mock_shape(self, attribute: attrs.Attribute, value: list[int]) -> None:
+        if len(value) != 4 or value[0] < 0 or any(x < 1 for x in value[1:]):
+            raise ValueError(f"'mock_latent_shape' must be four sizes [C, T, H, W], C = 0 for the model's (got {value})")
 
 
 @attrs.define(kw_only=True)
@@ -208,6 +233,8 @@ class Recipe:
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
     validation: ValidationConfig = attrs.Factory(ValidationConfig)
 
+
+attrs.resolve_types(Recipe)  # `from __future__ import annotations` leaves field.type as a string until resolved
 
 COMPONENT_SECTIONS: dict[str, type[ComponentSection]] = {
     field.name: field.type

@@ -1,0 +1,500 @@
+"""The training data loader: Energon over a prepared folder (or mock data), yielding packed batches.
+
+``build_train_loader(job, dp_rank, dp_size, pad_multiple)`` returns an iterator of
+:class:`dfmkit.batch.PackedBatch` (one packed sequence each) with:
+
+- ``save_state()`` -> a JSON-ready dict: the loader position of this data-parallel rank, and
+  the skip counts. Energon's state (``SavableDataLoaderState``: dataclasses, FlexState dicts,
+  RNG states as tensors / numpy arrays / tuples, bytes) is written in a tagged JSON form by
+  :func:`state_to_json` and read back by :func:`state_from_json`, which rebuilds only
+  dataclasses from ``megatron.energon`` and plain values: no pickle anywhere, and the result can
+  go into the checkpoint's per-rank JSON file as it is.
+- ``restore_state(state)``: the next batch after a restore is the batch that followed the save.
+- ``skips``: a :class:`~dfmkit.data.skips.SkipCounter` of the samples skipped so far, by reason.
+
+Data parallelism: Energon's ``WorkerConfig(rank=dp_rank, world_size=dp_size)`` gives each DP rank
+its own part of the data; tensor- and context-parallel peers share a DP rank and so get the same
+batches. ``data.num_workers`` worker processes per rank (0: in the main process).
+
+Reading never crashes on bad data: besides the checks of the task encoder, a shard that cannot be
+read at a sample (a tar truncated after it was indexed, a damaged header) makes that sample a
+counted ``unreadable`` skip (Energon's tar readers are wrapped so a read error skips the sample
+instead of ending the epoch), shards that the index left out (see
+:func:`dfmkit.data.prepare.index_dataset`) are counted once by DP rank 0, and any other error in a
+sample is counted as ``error``.
+
+The loader checks at start that the dataset's latent channels and text width (``dfmkit.json``)
+match the backbone's ``in_channels`` and ``text_dim``: a mismatch is a :class:`DataError`, not a
+run that skips every sample.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import importlib
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dfmkit.batch import PackedBatch
+from dfmkit.data.shards import read_dataset_info
+from dfmkit.data.skips import SkipCounter
+from dfmkit.errors import DfmkitError
+
+log = logging.getLogger("dfmkit.data")
+
+STATE_FORMAT = "dfmkit-loader-state/1"
+
+
+class DataError(DfmkitError):
+    """A dataset folder that cannot be loaded (missing, not prepared, empty split)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loader state <-> JSON (no pickle)
+# --------------------------------------------------------------------------------------------
+
+_ALLOWED_MODULES = ("megatron.energon.", "dfmkit.")
+
+
+def _tensor_payload(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def state_to_json(value: Any) -> Any:
+    """Energon loader state (or any tree of dataclasses, dicts, tuples, tensors, arrays, bytes) as JSON data."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return {"$tensor": {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": _tensor_payload(raw)}}
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise TypeError("loader state holds a numpy object array, which cannot be stored without pickle")
+        array = np.ascontiguousarray(value)
+        return {"$ndarray": {"dtype": array.dtype.str, "shape": list(array.shape), "data": _tensor_payload(array.tobytes())}}
+    if isinstance(value, np.generic):
+        return {"$npscalar": {"dtype": value.dtype.str, "value": state_to_json(value.item())}}
+    if isinstance(value, (bytes, bytearray)):
+        return {"$bytes": _tensor_payload(bytes(value))}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        return {"$dataclass": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f.name: state_to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, tuple):
+        return {"$tuple": [state_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [state_to_json(v) for v in value]
+    if isinstance(value, Mapping):
+        items = [[state_to_json(k), state_to_json(v)] for k, v in value.items()]
+        tag = "$dict" if type(value) is dict else f"{type(value).__module__}:{type(value).__qualname__}"
+        return {"$mapping": tag, "items": items}
+    raise TypeError(f"loader state holds a {type(value).__module__}.{type(value).__qualname__}, which has no JSON form")
+
+
+def _resolve(name: str) -> type:
+    module, _, qualname = name.partition(":")
+    if not module.startswith(_ALLOWED_MODULES):
+        raise DataError(f"loader state names class {name!r}, which is not an Energon or dfmkit class")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise DataError(f"loader state names {name!r}, which is not a class")
+    return obj
+
+
+def state_from_json(value: Any) -> Any:
+    """The inverse of :func:`state_to_json`."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [state_from_json(v) for v in value]
+    if not isinstance(value, dict) or len(value) not in (1, 2):
+        raise DataError(f"malformed loader state entry: {str(value)[:100]}")
+    if "$float" in value:
+        return float(value["$float"])
+    if "$tensor" in value:
+        spec = value["$tensor"]
+        dtype = getattr(torch, spec["dtype"])
+        raw = bytearray(base64.b64decode(spec["data"]))
+        if not raw:
+            return torch.empty(spec["shape"], dtype=dtype)
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(spec["shape"]).clone()
+    if "$ndarray" in value:
+        spec = value["$ndarray"]
+        dtype = np.dtype(spec["dtype"])
+        if dtype.hasobject:
+            raise DataError("loader state asks for a numpy object array")
+        return np.frombuffer(base64.b64decode(spec["data"]), dtype=dtype).reshape(spec["shape"]).copy()
+    if "$npscalar" in value:
+        spec = value["$npscalar"]
+        return np.dtype(spec["dtype"]).type(state_from_json(spec["value"]))
+    if "$bytes" in value:
+        return base64.b64decode(value["$bytes"])
+    if "$tuple" in value:
+        return tuple(state_from_json(v) for v in value["$tuple"])
+    if "$mapping" in value:
+        items = {_hashable(state_from_json(k)): state_from_json(v) for k, v in value["items"]}
+        return items if value["$mapping"] == "$dict" else _resolve(value["$mapping"])(items)
+    if "$dataclass" in value:
+        cls = _resolve(value["$dataclass"])
+        if not dataclasses.is_dataclass(cls):
+            raise DataError(f"loader state names {value['$dataclass']!r}, which is not a dataclass")
+        fields = {k: state_from_json(v) for k, v in value["fields"].items()}
+        init = {f.name for f in dataclasses.fields(cls) if f.init}
+        obj = cls(**{k: v for k, v in fields.items() if k in init})
+        for k, v in fields.items():
+            if k not in init:
+                object.__setattr__(obj, k, v)
+        return obj
+    raise DataError(f"malformed loader state entry: {str(value)[:100]}")
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Loader construction
+# --------------------------------------------------------------------------------------------
+
+
+def _recipe_and_task_encoder(job_or_recipe: Any) -> tuple[Any, Any]:
+    """(recipe, the resolved task-encoder component or None) from a Job or a Recipe."""
+    if hasattr(job_or_recipe, "components") and hasattr(job_or_recipe, "recipe"):
+        return job_or_recipe.recipe, job_or_recipe.components.get("task_encoder")
+    return job_or_recipe, None
+
+
+def _error_handler(skips: SkipCounter):
+    def handle(exc: Exception, sample: Any, sources: Any = None) -> None:
+        where = ""
+        if sources:
+            source = sources[0]
+            where = f"{getattr(source, 'shard_name', '')}#{getattr(source, 'index', '')}"
+        skips.count("error", where, f"{type(exc).__name__}: {exc}")
+
+    return handle
+
+
+class _TolerantReader:
+    """Wraps an Energon tar reader: a sample that cannot be read becomes None (Energon skips it)."""
+
+    def __init__(self, inner: Any, skips: SkipCounter):
+        self._inner = inner
+        self._skips = skips
+
+    def __getitem__(self, index: Any) -> Any:
+        try:
+            return self._inner[index]
+        except Exception as exc:
+            shard = ""
+            try:
+                shard = self._inner.tar_filenames[self._inner._get_itar_sample_pointer(index).tar_file_id]
+            except Exception:
+                pass
+            self._skips.count("unreadable", f"{shard}#{index}", f"{type(exc).__name__}: {exc}")
+            return None
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_inner", "_skips"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def _harden_readers(dataset: Any, skips: SkipCounter) -> int:
+    """Wrap the tar readers of every Energon webdataset sample loader inside ``dataset``."""
+    from megatron.energon.flavors.webdataset.sample_loader import WebdatasetSampleLoaderDataset
+
+    wrapped, stack, seen = 0, [dataset], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, WebdatasetSampleLoaderDataset):
+            node.join_readers = [r if isinstance(r, _TolerantReader) else _TolerantReader(r, skips)
+                                 for r in node.join_readers]
+            wrapped += 1
+            continue
+        inner = getattr(node, "dataset", None)
+        if inner is not None:
+            stack.append(inner)
+        for item in getattr(node, "datasets", None) or ():
+            stack.append(item[0] if isinstance(item, tuple) else item)
+    return wrapped
+
+
+def _check_dataset(path: str, split: str) -> dict[str, Any] | None:
+    root = Path(path)
+    if not path:
+        raise DataError("data.path is empty: point it at a folder written by `dfmkit prepare`")
+    if not root.is_dir():
+        raise DataError(f"dataset folder '{path}' does not exist; "
+                        f"create it with `dfmkit prepare RECIPE --source ... --out {path}`")
+    if not (root / ".nv-meta" / "split.yaml").is_file():
+        raise DataError(f"'{path}' has no Energon index (.nv-meta/split.yaml); `dfmkit prepare` writes it, or run "
+                        "dfmkit.data.prepare.index_dataset on the folder")
+    return read_dataset_info(root)
+
+
+def _check_fits_model(recipe: Any, info: Mapping[str, Any], what: str, hint: str = "") -> None:
+    """A clear error when the data's latent channels or text width differ from what the backbone takes."""
+    from dfmkit.data import model_dims
+
+    channels, width = model_dims(recipe)
+    problems = []
+    if channels and info.get("latent_channels") and int(info["latent_channels"]) != channels:
+        problems.append(f"{what} has {info['latent_channels']}-channel latents but model.in_channels = {channels}")
+    if width and info.get("text_dim") and int(info["text_dim"]) != width:
+        problems.append(f"{what} has text states of width {info['text_dim']} but model.text_dim = {width}")
+    if problems:
+        hint = hint or "prepare the data with this recipe's tokenizer and text encoder, or change the model options"
+        raise DataError("; ".join(problems) + f" ({hint})")
+
+
+def split_samples(path: str, split: str) -> int:
+    """Samples that Energon's index puts in ``split`` of the prepared folder ``path``."""
+    import json
+
+    import yaml
+
+    root = Path(path)
+    try:
+        splits = yaml.safe_load((root / ".nv-meta" / "split.yaml").read_text())
+        counts = json.loads((root / ".nv-meta" / ".info.json").read_text())["shard_counts"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    import braceexpand
+
+    names = [n for pattern in splits.get("split_parts", {}).get(split, []) or [] for n in braceexpand.braceexpand(pattern)]
+    return sum(int(counts.get(n, 0)) for n in names)
+
+
+def _in_split(shard: str, split: str) -> bool:
+    """Whether ``shard`` belongs to ``split`` by the naming ``dfmkit prepare`` uses (others count as train)."""
+    base = shard.split("/")[-1]
+    named = next((s for s in ("train", "val", "test") if base.startswith(f"{s}-")), "train")
+    return named == split
+
+
+class EnergonLoader:
+    """Packed batches from an Energon-indexed folder; an iterator with savable state."""
+
+    def __init__(
+        self,
+        recipe: Any,
+        *,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        pad_multiple: int = 1,
+        task_encoder: Any = None,
+        split: str = "train",
+        repeat: bool = True,
+        shuffle: bool = True,
+        num_workers: int | None = None,
+    ):
+        data = recipe.data
+        self.recipe = recipe
+        self.path = data.path
+        self.split = split
+        self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
+        self.pad_multiple = int(pad_multiple)
+        self.repeat = repeat
+        self.shuffle = shuffle
+        self.num_workers = data.num_workers if num_workers is None else int(num_workers)
+        self.dataset_info = _check_dataset(self.path, split)
+        _check_fits_model(recipe, self.dataset_info or {}, f"the dataset '{self.path}'")
+        if not split_samples(self.path, split):
+            raise DataError(f"the '{split}' split of '{self.path}' holds no samples (see .nv-meta/split.yaml)")
+        self.skips = SkipCounter()
+        if self.dp_rank == 0:  # shards the index left out: counted once, not once per rank
+            for name, why in ((self.dataset_info or {}).get("excluded_shards") or {}).items():
+                if _in_split(name, split):
+                    self.skips.count("unreadable", name, f"shard left out of the index: {why.get('problem')}",
+                                     n=max(1, int(why.get("samples", 1))))
+        self._component = task_encoder
+        self.samples = 0  # samples delivered (this process)
+        self.batches = 0
+        self.last_metadata: list[dict] = []
+        self._loader: Any = None
+        self._iterator: Iterator[Any] | None = None
+        self._build()
+
+    def _task_encoder(self) -> Any:
+        context = dict(recipe=self.recipe, pad_multiple=self.pad_multiple, skips=self.skips,
+                       dataset_info=self.dataset_info or {})
+        if self._component is not None:
+            return self._component.build(**context)
+        from dfmkit.components.task_encoders import PackedOptions
+        from dfmkit.components.task_encoders.packed import build
+
+        return build(PackedOptions(), **context)
+
+    def _build(self) -> None:
+        from megatron.energon import WorkerConfig, get_savable_loader, get_train_dataset, get_val_dataset
+
+        data = self.recipe.data
+        worker_config = WorkerConfig(
+            rank=self.dp_rank, world_size=self.dp_size, num_workers=self.num_workers,
+            seed_offset=int(getattr(self.recipe.train, "seed", 0)),
+            global_error_handler=_error_handler(self.skips),
+        )
+        task_encoder = self._task_encoder()
+        if self.shuffle:
+            dataset = get_train_dataset(
+                self.path, split_part=self.split, worker_config=worker_config, batch_size=None,
+                shuffle_buffer_size=data.shuffle_buffer_size or None,
+                max_samples_per_sequence=data.max_samples_per_sequence,
+                packing_buffer_size=data.packing_buffer_size, task_encoder=task_encoder, repeat=self.repeat,
+            )
+        else:
+            dataset = get_val_dataset(
+                self.path, split_part=self.split, worker_config=worker_config, batch_size=None,
+                packing_buffer_size=data.packing_buffer_size, task_encoder=task_encoder,
+            )
+        if not _harden_readers(dataset, self.skips):
+            log.warning("no Energon webdataset reader found to guard against unreadable shards")
+        self.task_encoder = task_encoder
+        self._loader = get_savable_loader(dataset)
+        self._iterator = None
+        self._fresh = True
+
+    def __iter__(self) -> EnergonLoader:
+        return self
+
+    def __next__(self) -> PackedBatch:
+        if self._iterator is None:
+            self._iterator = iter(self._loader)
+        if self._fresh:
+            self._fresh = False
+            with warnings.catch_warnings():  # torch warns that pin_memory has no effect without a GPU
+                warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
+                pack = next(self._iterator)
+        else:
+            pack = next(self._iterator)
+        batch = pack.to_batch()
+        self.last_metadata = pack.meta  # the json of each sample of the batch just returned (captions, sizes)
+        self.samples += batch.num_samples
+        self.batches += 1
+        return batch
+
+    def save_state(self) -> dict[str, Any]:
+        """This rank's loader position and skip counts, as JSON-ready data."""
+        state = self._loader.save_state_rank()
+        return {
+            "format": STATE_FORMAT, "kind": "energon", "path": str(self.path), "split": self.split,
+            "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_workers": self.num_workers,
+            "samples": self.samples, "batches": self.batches, "skips": self.skips.as_dict(),
+            "energon": None if state is None else state_to_json(state),
+        }
+
+    def restore_state(self, state: Mapping[str, Any] | None) -> None:
+        """Continue from a :meth:`save_state` result (same recipe, DP layout and worker count)."""
+        if not state:
+            return
+        if state.get("format") != STATE_FORMAT or state.get("kind") != "energon":
+            raise DataError(f"not an Energon loader state of this dfmkit version: {str(state)[:120]}")
+        for key, mine in (("dp_rank", self.dp_rank), ("dp_size", self.dp_size), ("num_workers", self.num_workers)):
+            if int(state[key]) != mine:
+                raise DataError(f"loader state was saved with {key}={state[key]}, this run has {key}={mine}; "
+                                "resume with the same data-parallel size and data.num_workers")
+        if self._iterator is not None:
+            self.close()
+            self._build()
+        self.skips.load(state.get("skips", {}))
+        self.samples, self.batches = int(state.get("samples", 0)), int(state.get("batches", 0))
+        if state.get("energon") is not None:
+            self._loader.restore_state_rank(state_from_json(state["energon"]))
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()
+        loader = self._loader
+        shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def build_train_loader(
+    job: Any,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    pad_multiple: int | None = None,
+    *,
+    split: str = "train",
+    repeat: bool = True,
+    num_workers: int | None = None,
+):
+    """Packed training batches for data-parallel rank ``dp_rank`` of ``dp_size``.
+
+    ``job`` is a :class:`dfmkit.Job` (its ``task_encoder`` component is used) or a Recipe (the
+    built-in ``packed`` encoder). ``pad_multiple`` defaults to what the recipe's parallel layout
+    needs (:func:`default_pad_multiple`). With ``data.mock`` the batches are random
+    (:class:`~dfmkit.data.mock.MockLoader`).
+    """
+    recipe, component = _recipe_and_task_encoder(job)
+    if pad_multiple is None:
+        pad_multiple = default_pad_multiple(recipe)
+    if recipe.data.mock:
+        from dfmkit.data.mock import MockLoader
+
+        return MockLoader(recipe, dp_rank=dp_rank, dp_size=dp_size, pad_multiple=pad_multiple)
+    return EnergonLoader(recipe, dp_rank=dp_rank, dp_size=dp_size, pad_multiple=pad_multiple,
+                         task_encoder=component, split=split, repeat=repeat, num_workers=num_workers)
+
+
+def build_validation_batches(
+    job: Any,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    pad_multiple: int | None = None,
+    *,
+    count: int = 2,
+) -> list[PackedBatch]:
+    """``count`` fixed packed batches for validation: from the 'val' split, else 'train', unshuffled."""
+    recipe, component = _recipe_and_task_encoder(job)
+    if pad_multiple is None:
+        pad_multiple = default_pad_multiple(recipe)
+    if count <= 0:
+        return []
+    if recipe.data.mock:
+        from dfmkit.data.mock import MockLoader
+
+        loader = MockLoader(recipe, dp_rank=dp_rank, dp_size=dp_size, pad_multiple=pad_multiple,
+                            seed=int(getattr(recipe.train, "seed", 0)) + 7919)
+        return [next(loader) for _ in range(count)]
+    _check_dataset(recipe.data.path, "val")
+    split = "val" if split_samples(recipe.data.path, "val") else "train"
+    loader = EnergonLoader(recipe, dp_rank=dp_rank, dp_size=dp_size, pad_multiple=pad_multiple,
+                           task_encoder=component, split=split, repeat=False, shuffle=False, num_workers=0)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) >= count:
+            break
+    loader.close()
+    return batches
+
+
+def default_pad_multiple(recipe: Any) -> int:
+    """The per-sample token multiple the recipe's parallel layout needs (:func:`dfmkit.parallel.required_pad_multiple`)."""
+    from dfmkit.parallel.context import required_pad_multiple
+
+    return required_pad_multiple(recipe.parallel)

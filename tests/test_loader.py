@@ -1,0 +1,240 @@
+"""The training loader: bad shards never crash it, DP parts, savable state as JSON, mock data."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from test_data_harness import index_dataset, latent, members, recipe, write_good, write_info, write_raw
+
+from dfmkit.data.loader import (
+    DataError,
+    build_train_loader,
+    build_validation_batches,
+    state_from_json,
+    state_to_json,
+)
+from dfmkit.data.mock import MockLoader
+
+
+def keys_of(loader) -> list[str]:
+    keys = []
+    for batch in loader:
+        batch.validate()
+        assert batch.num_tokens <= 256
+        keys += batch.keys
+    return keys
+
+
+def _cut_inside(path, key: str, member: str) -> int:
+    """Byte offset in the middle of ``key.member``'s data."""
+    with tarfile.open(path) as tar:
+        info = tar.getmember(f"{key}.{member}")
+        return info.offset_data + info.size // 2
+
+
+@pytest.fixture(scope="module")
+def broken_dataset(tmp_path_factory):
+    """Good shards next to deliberately broken ones; returns (root, keys every loader must deliver once)."""
+    root = tmp_path_factory.mktemp("broken")
+    good = write_good(root, "train-good", range(0, 20)) + write_good(root, "train-good2", range(20, 40))
+    write_raw(root / "train-broken-000000.tar", [
+        ("000000100", members(100, lat=torch.full((3, 1, 8, 8), float("nan")))),  # NaN latent
+        ("000000101", members(101, txt=torch.zeros(3, 9))),  # wrong text width
+        ("000000102", members(102, lat=latent((3, 1, 64, 64)))),  # 1024 tokens > seq_length 256
+        ("000000103", {**members(103), "latent.safetensors": b"\x13garbage" * 40}),  # garbage bytes in a member
+        ("000000104", {k: v for k, v in members(104).items() if k != "text.safetensors"}),  # missing member
+        ("000000105", members(105)),  # a good sample inside a broken shard
+        ("000000106", {**members(106), "json": b"{oops"}),
+    ])
+    good.append("000000105")
+    # Truncated before indexing (a copy that stopped): Energon's indexer cannot read it, so it is left
+    # out of the index, reported, and its 6 samples (200-205) counted as unreadable.
+    write_raw(root / "train-trunc-000000.tar", [(f"{k:09d}", members(k)) for k in range(200, 210)])
+    cut = _cut_inside(root / "train-trunc-000000.tar", "000000205", "latent.safetensors")
+    data = (root / "train-trunc-000000.tar").read_bytes()
+    (root / "train-trunc-000000.tar").write_bytes(data[:cut])
+    # Cut at a sample boundary: the tar ends cleanly early, and all its samples are good.
+    write_raw(root / "train-short-000000.tar", [(f"{k:09d}", members(k)) for k in range(250, 256)])
+    with tarfile.open(root / "train-short-000000.tar") as tar:
+        boundary = tar.getmember("000000253.latent.safetensors").offset
+    (root / "train-short-000000.tar").write_bytes((root / "train-short-000000.tar").read_bytes()[:boundary])
+    good += [f"{k:09d}" for k in range(250, 253)]
+    # Truncated and damaged after indexing: found only when read.
+    write_raw(root / "train-cut-000000.tar", [(f"{k:09d}", members(k)) for k in range(300, 310)])
+    write_raw(root / "train-hdr-000000.tar", [(f"{k:09d}", members(k)) for k in range(400, 405)])
+    write_info(root)
+    index_dataset(root)
+    cut = _cut_inside(root / "train-cut-000000.tar", "000000305", "latent.safetensors")
+    data = (root / "train-cut-000000.tar").read_bytes()
+    (root / "train-cut-000000.tar").write_bytes(data[:cut])
+    good += [f"{k:09d}" for k in range(300, 305)]
+    with tarfile.open(root / "train-hdr-000000.tar") as tar:
+        header = tar.getmember("000000402.text.safetensors").offset
+    damaged = bytearray((root / "train-hdr-000000.tar").read_bytes())
+    damaged[header: header + 512] = b"\xa7" * 512
+    (root / "train-hdr-000000.tar").write_bytes(bytes(damaged))
+    good += ["000000400", "000000401", "000000403", "000000404"]
+    return root, sorted(good)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_broken_shards_skip_and_count_every_bad_sample(broken_dataset, workers):
+    root, good = broken_dataset
+    loader = build_train_loader(recipe(root, num_workers=workers, shuffle_buffer_size=8), repeat=False)
+    keys = keys_of(loader)
+    assert sorted(keys) == good  # every good sample exactly once
+    skips = loader.skips.as_dict()
+    # unreadable: 200-205 (shard left out of the index), 305-309 (cut off after indexing), 402 (damaged header)
+    assert skips == {"nonfinite": 1, "bad_text": 1, "too_long": 1, "unreadable": 12, "undecodable": 2, "missing_member": 1}
+    assert loader.skips.report() == ("18 skipped (unreadable 12, undecodable 2, bad_text 1, missing_member 1, "
+                                     "nonfinite 1, too_long 1)")
+    excluded = json.loads((root / "dfmkit.json").read_text())["excluded_shards"]
+    assert list(excluded) == ["train-trunc-000000.tar"] and excluded["train-trunc-000000.tar"]["samples"] == 6
+
+
+def test_data_parallel_ranks_split_the_data_and_peers_agree(broken_dataset):
+    root, good = broken_dataset
+    r = recipe(root, shuffle_buffer_size=8)
+    rank0 = keys_of(build_train_loader(r, dp_rank=0, dp_size=2, repeat=False))
+    rank1 = keys_of(build_train_loader(r, dp_rank=1, dp_size=2, repeat=False))
+    assert not set(rank0) & set(rank1) and sorted(rank0 + rank1) == good
+    # A tensor- or context-parallel peer has the same DP rank: the same batches, tensor for tensor.
+    a = build_train_loader(r, dp_rank=1, dp_size=2, pad_multiple=4)
+    b = build_train_loader(r, dp_rank=1, dp_size=2, pad_multiple=4)
+    for _ in range(5):
+        x, y = next(a), next(b)
+        assert x.keys == y.keys and torch.equal(x.latents, y.latents) and torch.equal(x.text, y.text)
+        assert all(n % 4 == 0 for n in x.padded_seqlens().tolist())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restored_loader_gives_the_same_next_batches(tmp_path, workers):
+    write_good(tmp_path, "train-a", range(0, 30))
+    write_good(tmp_path, "train-b", range(30, 60), shape=(3, 2, 8, 12))
+    write_info(tmp_path)
+    index_dataset(tmp_path)
+    r = recipe(tmp_path, num_workers=workers, shuffle_buffer_size=10, packing_buffer_size=12)
+    loader = build_train_loader(r)
+    for _ in range(7):
+        next(loader)
+    state = json.loads(json.dumps(loader.save_state()))  # JSON all the way: no pickle
+    expected = [next(loader) for _ in range(12)]  # crosses the end of an epoch
+    loader.close()
+
+    resumed = build_train_loader(r)
+    resumed.restore_state(state)
+    for want in expected:
+        got = next(resumed)
+        assert got.keys == want.keys
+        assert torch.equal(got.latents, want.latents) and torch.equal(got.pos_ids, want.pos_ids)
+        assert torch.equal(got.text, want.text) and torch.equal(got.cu_seqlens_kv, want.cu_seqlens_kv)
+    assert resumed.samples == loader.samples
+    with pytest.raises(DataError, match="data-parallel"):
+        build_train_loader(r, dp_rank=0, dp_size=2).restore_state(state)
+    resumed.close()
+
+
+def test_state_codec_round_trip_and_refusals():
+    from megatron.energon.rng import SystemRng
+    from megatron.energon.state import FlexState
+
+    state = {
+        "rng": SystemRng.save_state(),
+        "flex": FlexState(a=(1, "b", None), raw=b"\x00\xff", bf16=torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)),
+        "array": np.arange(5, dtype=np.uint32),
+        3: [1.5, float("inf"), np.int64(7)],
+    }
+    back = state_from_json(json.loads(json.dumps(state_to_json(state))))
+    assert isinstance(back["flex"], FlexState) and back["flex"]["a"] == (1, "b", None) and back["flex"]["raw"] == b"\x00\xff"
+    assert torch.equal(back["flex"]["bf16"], state["flex"]["bf16"]) and back["flex"]["bf16"].dtype == torch.bfloat16
+    assert back["array"].dtype == np.uint32 and back["array"].tolist() == [0, 1, 2, 3, 4]
+    assert back[3][1] == float("inf") and back[3][2] == 7 and isinstance(back[3][2], np.int64)
+    assert torch.equal(back["rng"].torch, state["rng"].torch) and back["rng"].random == state["rng"].random
+    assert back["rng"].numpy[0] == "MT19937" and np.array_equal(back["rng"].numpy[1], state["rng"].numpy[1])
+    with pytest.raises(DataError, match="not an Energon or dfmkit class"):
+        state_from_json({"$dataclass": "subprocess:Popen", "fields": {}})
+    with pytest.raises(TypeError, match="no JSON form"):
+        state_to_json({"x": object()})
+
+
+def test_missing_or_unprepared_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_train_loader(recipe(tmp_path / "nope"))
+    write_good(tmp_path, "train-a", range(3))
+    with pytest.raises(DataError, match="no Energon index"):
+        build_train_loader(recipe(tmp_path))
+    index_dataset(tmp_path)
+    with pytest.raises(DataError, match="'val' split .* holds no samples"):
+        build_train_loader(recipe(tmp_path), split="val")
+
+
+def test_validation_batches_use_the_val_split(tmp_path):
+    write_good(tmp_path, "train-a", range(0, 20))
+    write_good(tmp_path, "val-a", range(100, 106))
+    write_info(tmp_path)
+    index_dataset(tmp_path)
+    batches = build_validation_batches(recipe(tmp_path), count=5)
+    keys = [k for b in batches for k in b.keys]
+    assert sorted(keys) == [f"{k:09d}" for k in range(100, 106)]  # fewer than asked: the split is small
+    again = build_validation_batches(recipe(tmp_path), count=5)
+    assert [b.keys for b in again] == [b.keys for b in batches]
+
+
+def test_mock_data(tmp_path):
+    r = recipe(mock=True, mock_latent_shape=[4, 2, 8, 6], mock_text_tokens=3, mock_text_dim=16, seq_length=100)
+    loader = build_train_loader(r, dp_rank=0, dp_size=2, pad_multiple=8)
+    assert isinstance(loader, MockLoader)
+    batch = next(loader).validate()
+    assert batch.num_samples == 4 and batch.latents.shape == (4 * 24, 2 * 2 * 1 * 4)  # 24 = 2*4*3 tokens
+    assert batch.text.shape == (12, 16) and batch.padded_seqlens().tolist() == [24] * 4
+    assert batch.pos_ids.max(0).values.tolist() == [1, 3, 2]
+    state = json.loads(json.dumps(loader.save_state()))
+    following = [next(loader) for _ in range(3)]
+    other_rank = next(build_train_loader(r, dp_rank=1, dp_size=2, pad_multiple=8))
+    assert not torch.equal(other_rank.latents, batch.latents)
+    resumed = build_train_loader(r, dp_rank=0, dp_size=2, pad_multiple=8)
+    resumed.restore_state(state)
+    assert all(torch.equal(next(resumed).latents, want.latents) for want in following)
+    assert resumed.skips.as_dict() == {}
+    fixed = build_validation_batches(r, count=2, pad_multiple=8)
+    assert len(fixed) == 2 and torch.equal(build_validation_batches(r, count=2, pad_multiple=8)[1].text, fixed[1].text)
+    r2 = recipe(mock=True, mock_samples_per_pack=2, seq_length=4096)  # the stub model has no in_channels/text_dim
+    batch = next(build_train_loader(r2))
+    assert batch.num_samples == 2 and batch.latents.shape == (2048, 64) and batch.text.shape == (32, 1024)
+    with pytest.raises(Exception, match="seq_length"):
+        build_train_loader(recipe(mock=True, mock_latent_shape=[16, 1, 64, 64], seq_length=512))
+
+
+def test_data_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
+    import attrs
+
+    from dfmkit.hookspecs import hookimpl
+    from dfmkit.plugins import PluginManager
+
+    @attrs.define(kw_only=True)
+    class DiTLike:
+        patch_spatial: int = 2
+        patch_temporal: int = 1
+        in_channels: int = 16
+        text_dim: int = 1024
+
+    class Plugin:
+        @hookimpl
+        def dfmkit_register(self, registries):
+            registries.backbone.register("test-dit", dict, options=DiTLike)
+            registries.text_encoder.register("test-hash", dict)
+
+    plugins = PluginManager(entry_points=False, extra=[(Plugin(), "tests")])
+    write_good(tmp_path, "train-a", range(3))
+    write_info(tmp_path)  # 3 channels, width 8
+    index_dataset(tmp_path)
+    with pytest.raises(DataError, match="3-channel latents but model.in_channels = 16.*width 8 but model.text_dim = 1024"):
+        build_train_loader(recipe(tmp_path, plugins=plugins))
+    with pytest.raises(DataError, match="mock data has text states of width 8 but model.text_dim = 1024.*mock_text_dim = 0"):
+        build_train_loader(recipe(mock=True, mock_latent_shape=[16, 1, 8, 8], mock_text_dim=8, plugins=plugins))
+    batch = next(build_train_loader(recipe(mock=True, seq_length=1024, plugins=plugins)))  # sizes from the model
+    assert batch.latents.shape == (1024, 2 * 2 * 16) and batch.text.shape == (16, 1024)
