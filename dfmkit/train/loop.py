@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dfmkit.batch import PackedBatch
 from dfmkit.diffusion.edm import EDM, LossTerms
@@ -193,9 +194,7 @@ class Trainer:
                                            f"(a complete one holds {ckpt.MARKER})")
             return
         marker = ckpt.read_marker(found)
-        if marker.get("model") != self.recipe.model.name:
-            raise ckpt.CheckpointError(f"{found} holds a '{marker.get('model')}' model, the recipe builds "
-                                       f"'{self.recipe.model.name}'")
+        self._check_same_model(found, marker)
         model_sd = self.model.sharded_state_dict(prefix="model.")
         wanted = {
             "model": model_sd,
@@ -208,7 +207,7 @@ class Trainer:
             state, rank_state = ckpt.load_checkpoint(found, wanted)
         except ckpt.CheckpointError:
             raise
-        except Exception as exc:  # megatron reports shape/key mismatches as various exceptions
+        except (Exception, CheckpointException) as exc:  # shape/key mismatches surface as various exceptions
             raise ckpt.CheckpointError(f"{found} does not fit the model of this recipe: {type(exc).__name__}: "
                                        f"{str(exc)[:500]}") from None
         self.model.load_state_dict(_strip_prefix(state["model"], "model."), strict=False)
@@ -230,6 +229,21 @@ class Trainer:
             self.data.restore_state(rank_state["loader"])
         if self.env.rank == 0:
             log.info("resumed from %s at step %d", found, self.step)
+
+    def _check_same_model(self, found: Path, marker: dict[str, Any]) -> None:
+        """Refuse, before loading anything, a checkpoint whose [model] section differs from the recipe's."""
+        import tomllib
+
+        saved = tomllib.loads(marker.get("recipe", "")).get("model", {})
+        current = tomllib.loads(dump_recipe(self.recipe, registries=self.job.plugins.registries))["model"]
+        # How the model is computed may change between runs; what it is may not.
+        free = {"attention", "recompute", "use_cpu_initialization"}
+        differences = [f"model.{key}: checkpoint {saved.get(key)!r}, recipe {current.get(key)!r}"
+                       for key in sorted(set(saved) | set(current)) if key not in free and saved.get(key) != current.get(key)]
+        if differences:
+            raise ckpt.CheckpointError(
+                f"{found} does not fit the model of this recipe ({'; '.join(differences)}); point checkpoint.dir "
+                "elsewhere, or set checkpoint.resume=false to start fresh")
 
     # -- one step --------------------------------------------------------------------------
 
@@ -305,12 +319,16 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Make SIGTERM/SIGINT finish the step, save and stop; returns the handlers to put back."""
+
         def request_stop(signum, _frame):
             self._stop_signal = signum
 
+        previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, request_stop)
+            previous[sig] = signal.signal(sig, request_stop)
+        return previous
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor(1.0 if self._stop_signal is not None else 0.0, device=self.device)
@@ -323,7 +341,7 @@ class Trainer:
 
         recipe = self.recipe
         cfg = recipe.train
-        self._install_signal_handlers()
+        previous_handlers = self._install_signal_handlers()
         history: list[float] = []
         window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
         save_interval = recipe.checkpoint.save_interval
@@ -366,6 +384,8 @@ class Trainer:
                 self.save()
         finally:
             self.logger.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         if stopped_by is not None and self.env.rank == 0:
             log.info("stopped by signal %s at step %d; saved to %s", stopped_by, self.step, self.checkpoint_dir)
         parallel.barrier()

@@ -1,0 +1,174 @@
+"""Training through `dfmkit.train`: exact resume, killed saves, parallel layouts, non-finite losses, validation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dfmkit
+from dfmkit.errors import RecipeError
+from dfmkit.train import checkpoint as ckpt
+from dfmkit.train.loop import TrainingStopped, Trainer, train
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def tiny_recipe(checkpoint_dir, **sections):
+    recipe = {
+        "model": {"name": "dit", "preset": "tiny", "in_channels": 3, "text_dim": 64},
+        "sampler": {"name": "edm-euler", "num_steps": 4},
+        "tokenizer": {"name": "identity"},
+        "text_encoder": {"name": "t5-tiny"},
+        "task_encoder": {"name": "packed"},
+        "data": {"mock": True, "seq_length": 64, "mock_latent_shape": [3, 1, 8, 8], "mock_text_tokens": 4,
+                 "mock_text_dim": 64, "mock_samples_per_pack": 3},
+        "train": {"train_iters": 6, "global_batch_size": 2, "log_interval": 1},
+        "optim": {"warmup_iters": 2, "lr": 1e-3},
+        "checkpoint": {"dir": str(checkpoint_dir), "save_interval": 3},
+        "validation": {"interval": 0},
+        "logging": {"progress": False},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+def run_worker(tmp_path, recipe, name, nproc=1, **config):
+    out = tmp_path / f"{name}.json"
+    config_file = tmp_path / f"{name}.config.json"
+    config_file.write_text(json.dumps({"recipe": recipe, "out": str(out), **config}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    if nproc == 1:
+        command = [sys.executable, str(WORKER), str(config_file)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                   "--master-port", str(_free_port()), str(WORKER), str(config_file)]
+    log = tmp_path / f"{name}.log"
+    # Output to a file and a session of its own: a killed run can leave megatron's checkpoint-writer helper
+    # process behind, which would hold pipes open; it is ended with the session.
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            process.wait(timeout=240)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    result = subprocess.CompletedProcess(command, process.returncode, log.read_text(), log.read_text())
+    return result, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_resume_gives_the_same_loss_at_every_step(tmp_path):
+    whole = train(dfmkit.build(tiny_recipe(tmp_path / "whole")))
+    first = train(dfmkit.build(tiny_recipe(tmp_path / "split")), until_step=3)
+    assert ckpt.find_checkpoint(tmp_path / "split").name == "iter_0000003"
+    rest = train(dfmkit.build(tiny_recipe(tmp_path / "split")))
+    assert first["losses"] + rest["losses"] == whole["losses"]  # bitwise on CPU
+    assert rest["step"] == 6 and len(rest["losses"]) == 3
+    assert len(set(whole["losses"])) == 6  # the losses really move from step to step
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    recipe = tiny_recipe(tmp_path / "ck", checkpoint={"save_interval": 2})
+    result, _ = run_worker(tmp_path, recipe, "killed", kill_during_save_at=4)
+    assert result.returncode == -9, result.stderr[-2000:]
+    root = tmp_path / "ck"
+    assert (root / "latest").read_text().strip() == "2"
+    assert (root / ".tmp_iter_0000004").is_dir() and not (root / "iter_0000004").exists()
+    assert ckpt.find_checkpoint(root).name == "iter_0000002"
+    resumed = train(dfmkit.build(recipe))
+    assert resumed["step"] == 6 and len(resumed["losses"]) == 4
+    assert not (root / ".tmp_iter_0000004").exists()  # cleared by the next save
+    assert ckpt.complete_iterations(root) == [2, 4, 6]
+
+
+@pytest.mark.parametrize("layout", [{"tensor": 2}, {"tensor": 2, "sequence": True}, {"context": 2}])
+def test_parallel_layouts_train_like_one_process(tmp_path, layout):
+    single = train(dfmkit.build(tiny_recipe(tmp_path / "one", train={"train_iters": 3},
+                                            optim={"warmup_iters": 1})))
+    recipe = tiny_recipe(tmp_path / "two", parallel=layout, train={"train_iters": 3}, optim={"warmup_iters": 1})
+    result, parallel = run_worker(tmp_path, recipe, "layout", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert parallel["step"] == 3
+    torch.testing.assert_close(torch.tensor(parallel["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=0)
+
+
+def test_data_parallel_splits_the_global_batch(tmp_path):
+    recipe = tiny_recipe(tmp_path / "dp", train={"train_iters": 2, "global_batch_size": 4}, optim={"warmup_iters": 1})
+    result, out = run_worker(tmp_path, recipe, "dp", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out["step"] == 2 and all(torch.isfinite(torch.tensor(out["losses"])))
+
+
+class NonFinite:
+    """Mock packs whose latents are NaN from the third batch on."""
+
+    def __init__(self, recipe):
+        from dfmkit.data.mock import MockLoader
+
+        self.inner = MockLoader(recipe)
+
+    def __next__(self):
+        batch = next(self.inner)
+        if self.inner.batches > 4:
+            batch.latents[:] = float("nan")
+        return batch
+
+
+def test_non_finite_losses_skip_steps_then_stop_with_a_save(tmp_path):
+    job = dfmkit.build(tiny_recipe(tmp_path / "nan", train={"max_nonfinite_steps": 2, "train_iters": 10}))
+    trainer = Trainer(job, data=NonFinite(job.recipe))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite loss"):
+        trainer.train()
+    assert trainer.step == 4 and trainer.nonfinite_total == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # skipped steps changed nothing
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert ckpt.find_checkpoint(tmp_path / "nan").name == "iter_0000004"
+
+
+def test_validation_writes_loss_and_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = tiny_recipe(tmp_path / "val", train={"train_iters": 2}, optim={"warmup_iters": 1},
+                         validation={"interval": 2, "prompts": ["a handwritten digit 3", "a handwritten digit 7"],
+                                     "height": 8, "width": 8, "loss_batches": 1, "loss_sigmas": [0.5, 2.0],
+                                     "guidance": 2.0})
+    train(dfmkit.build(recipe))
+    step_dir = tmp_path / "val" / "validation_generation" / "step_2"
+    assert sorted(p.name for p in step_dir.iterdir()) == ["000.json", "000.png", "001.json", "001.png"]
+    assert json.loads((step_dir / "001.json").read_text())["prompt"] == "a handwritten digit 7"
+    events = EventAccumulator(str(tmp_path / "val" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"val/loss_sigma_0.5", "val/loss_sigma_2", "val/loss_mean", "train/loss", "train/lr"} <= set(scalars)
+    assert len(events.Tags()["images"]) == 2
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    with pytest.raises(RecipeError, match="data.path: dataset folder '.*nowhere' does not exist"):
+        Trainer(dfmkit.build(tiny_recipe(tmp_path / "x", data={"mock": False, "path": str(tmp_path / "nowhere")})))
+    with pytest.raises(RecipeError, match="warmup_iters \\(2000\\) must be smaller than train.train_iters"):
+        Trainer(dfmkit.build(tiny_recipe(tmp_path / "x", optim={"warmup_iters": 2000})))
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    train(dfmkit.build(tiny_recipe(tmp_path / "ck", train={"train_iters": 3})))
+    other = tiny_recipe(tmp_path / "ck", model={"num_layers": 3}, train={"train_iters": 4})
+    with pytest.raises(ckpt.CheckpointError, match="does not fit the model"):
+        Trainer(dfmkit.build(other))
