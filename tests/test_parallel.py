@@ -28,6 +28,7 @@ LAYOUTS = {
     "dp2": (2, dict(tensor=1, sequence=False, context=1), 2, {}),
     "tp2_sp_sincos_full_adaln": (2, dict(tensor=2, sequence=True, context=1), 1,
                                  dict(position_embedding="sincos3d", adaln_lora_rank=0)),
+    "cp2_recompute": (2, dict(tensor=1, sequence=False, context=2), 1, dict(recompute="full")),
     "tp2_cp2": (4, dict(tensor=2, sequence=False, context=2), 1, {}),
     "tp2_sp_cp2_ddp": (4, dict(tensor=2, sequence=True, context=2, ddp=True), 1, {}),
 }

@@ -55,7 +55,7 @@ from dfmkit.batch import BatchError, PackedBatch
 from dfmkit.components.attention.base import VarlenParams
 from dfmkit.components.backbones.options import DiTOptions
 from dfmkit.errors import DfmkitError
-from dfmkit.parallel.context import ContextParallelBatch, required_pad_multiple, shard_index
+from dfmkit.parallel.context import ContextParallelBatch, shard_index
 
 # ============================================================================================
 # 1. Small pieces
@@ -650,4 +650,4 @@ def build(options: DiTOptions, *, recipe=None, parallel=None, device: str | torc
         return DiT(config, options)
 
 
-__all__ = ["DiT", "DiTLayer", "PackedLayout", "build", "dit_layer_spec", "required_pad_multiple", "transformer_config"]
+__all__ = ["DiT", "DiTLayer", "PackedLayout", "build", "dit_layer_spec", "transformer_config"]
