@@ -117,11 +117,58 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     generate = commands.add_parser("generate", help="sample images or videos from a checkpoint or export")
-    generate.add_argument("--checkpoint", required=True, help="checkpoint or export directory")
+    generate.add_argument("--checkpoint", required=True,
+                          help="a checkpoint.dir of `dfmkit run` (newest complete checkpoint), one iter_* folder, or a "
+                               "folder written by `dfmkit export`")
     generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    generate.add_argument("--prompt-file", help="a text file with one prompt per line")
-    generate.add_argument("--out", required=True, help="output directory")
-    generate.set_defaults(func=_not_available("generate", "inference lands with the inference issue"))
+    generate.add_argument("--prompt-file", help="a text file with one prompt per line, or a .jsonl file of "
+                                                '{"prompt": ..., "height": ..., "width": ..., "frames": ...}')
+    generate.add_argument("--height", type=int, nargs="+", help="pixels; one value, or one per prompt "
+                                                                "(default: the recipe's validation.height)")
+    generate.add_argument("--width", type=int, nargs="+", help="pixels; one value or one per prompt")
+    generate.add_argument("--frames", type=int, nargs="+",
+                          help="video frames (not latent frames); 1 makes images; one value or one per prompt")
+    generate.add_argument("--steps", type=int, help="sampler steps (sampler.num_steps)")
+    generate.add_argument("--guidance", type=float,
+                          help="classifier-free guidance w (1: none; the reference's g is w - 1)")
+    generate.add_argument("--sampler",
+                          help="a registered sampler (edm-heun, edm-euler, plugins); default: the recipe's")
+    generate.add_argument("--seed", type=int, help="output i uses seed + i (default: validation.seed)")
+    generate.add_argument("--weights", choices=("ema", "model"), default="ema",
+                          help="EMA (default) or raw trained weights")
+    generate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    generate.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                          help="model dtype (auto: the recipe's train.precision; bf16 on GPU, fp32 on CPU)")
+    generate.add_argument("--tensor", type=int, default=1, help="tensor parallelism (under torchrun)")
+    generate.add_argument("--context", type=int,
+                          help="context parallelism (under torchrun; default: all processes / --tensor)")
+    generate.add_argument("--max-tokens", type=int, default=0,
+                          help="latent tokens per packed sequence (0: every prompt in one pack)")
+    generate.add_argument("--fps", type=float, default=24.0, help="frame rate of written videos")
+    generate.add_argument("--out", required=True, help="output folder for NNN.png/NNN.mp4 + NNN.json")
+    generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="a dotted recipe override (repeatable), e.g. --set text_encoder.path=/models/t5-11b")
+
+    def run_generate(args: argparse.Namespace) -> int:
+        from dfmkit.generate import cmd_generate
+
+        return cmd_generate(args)
+
+    generate.set_defaults(func=run_generate)
+
+    export = commands.add_parser("export", help="write a checkpoint as safetensors (EMA and raw) + config.json")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint.dir of `dfmkit run` or one iter_* folder")
+    export.add_argument("--out", required=True, help="a new (or empty) output folder")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the checkpoint is loaded (the files are the same)")
+
+    def run_export(args: argparse.Namespace) -> int:
+        from dfmkit.export import cmd_export
+
+        return cmd_export(args)
+
+    export.set_defaults(func=run_export)
 
     prepare = commands.add_parser("prepare", help="encode a dataset into WebDataset shards for training")
     _add_recipe_arguments(prepare)

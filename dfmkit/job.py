@@ -41,6 +41,15 @@ class Job:
         parts = ", ".join(f"{k}={c.component.name}" for k, c in self.components.items())
         return f"Job({parts})"
 
+    def generate(self, prompts: Any, *, checkpoint: str | os.PathLike[str] | None = None, **options: Any) -> list:
+        """Images/videos for ``prompts`` from this recipe's trained weights (``checkpoint``, default: the recipe's
+        ``checkpoint.load``, else ``checkpoint.dir``; a checkpoint or an export). Options as
+        :func:`dfmkit.generate.generate` (height, width, frames, steps, guidance, sampler, seed, out, weights,
+        ...); returns :class:`dfmkit.generate.Output` objects."""
+        from dfmkit.generate import generate_for_job
+
+        return generate_for_job(self, prompts, checkpoint=checkpoint, **options)
+
 
 def build(
     recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
