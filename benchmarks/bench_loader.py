@@ -73,19 +73,36 @@ def _registries() -> Registries:
     return registries
 
 
-def throughput(path: Path, workers: int, seconds: float, seq_length: int = 8192) -> tuple[float, float, int]:
+def _cpu_seconds() -> float:
+    """CPU time of this process and its children (the loader's workers) so far."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def throughput(path: Path, workers: int, seconds: float, seq_length: int = 8192) -> tuple[float, float, float, int]:
+    """(samples/s, packed batches/s, samples per CPU-second, skipped) over ``seconds`` of steady reading."""
     loader = build_train_loader(recipe_for(path, seq_length, 64, workers), 0, 1, pad_multiple=1)
     for _ in range(3):  # start the workers, fill the shuffle and packing buffers
         next(loader)
     samples = batches = 0
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         batch = next(loader)
         samples += batch.num_samples
         batches += 1
     elapsed = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu
     loader.close()
-    return samples / elapsed, batches / elapsed, loader.skips.total
+    return samples / elapsed, batches / elapsed, samples / cpu, loader.skips.total
 
 
 def mixed_shapes(n: int, seed: int = 1) -> list[tuple[int, int, int, int]]:
@@ -141,10 +158,16 @@ def main() -> int:
         print(f"cores: {os.cpu_count()}, main-process torch threads: {torch.get_num_threads()}, "
               f"load average before: {os.getloadavg()[0]:.1f}")
         print("\nthroughput, latent 16x1x64x64 bf16 + ~10x1024 fp32 text, seq_length 8192 (8 samples per pack):")
+        print("  (samples per CPU-second: what one core delivers, whatever else the machine runs; "
+              "workers' CPU included)")
         for workers in (int(w) for w in args.workers.split(",")):
-            sps, bps, skipped = throughput(butterfly, workers, args.seconds)
-            print(f"  num_workers={workers}: {sps:7.0f} samples/s  {bps:6.1f} packed batches/s  (skipped {skipped})")
+            load = os.getloadavg()[0]
+            sps, bps, per_cpu, skipped = throughput(butterfly, workers, args.seconds)
+            print(f"  num_workers={workers}: {sps:7.0f} samples/s  {bps:6.1f} packed batches/s  "
+                  f"{per_cpu:6.0f} samples per CPU-second  (load average {load:.1f}, skipped {skipped})")
 
+        if args.mixed <= 0:
+            return 0
         write_dataset(mixed, mixed_shapes(args.mixed), 1024)
         print(f"\npacking efficiency, {args.mixed} mixed samples "
               "(images 32..64 latent px a side, ~25% videos of 2-5 latent frames):")
