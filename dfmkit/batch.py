@@ -76,6 +76,10 @@ class PackedBatch:
             moved[field.name] = value
         return PackedBatch(**moved)
 
+    def with_unconditional(self) -> PackedBatch:
+        """This pack followed by its null-text copy (see :func:`with_unconditional`)."""
+        return with_unconditional(self)
+
     def validate(self) -> PackedBatch:
         """Check that every length agrees with the tensors; raise :class:`BatchError` naming the values."""
         n = self.num_samples

@@ -476,31 +476,9 @@ class Generator:
         return name, component.build(options, recipe=self.recipe), options
 
     def _model_fn(self, x: torch.Tensor, c_noise: torch.Tensor, batch: Any) -> torch.Tensor:
-        batch = self._as_shard(batch)
         batch = batch if batch.text.dtype == self.model_dtype else batch.to(self.device, self.model_dtype)
         return self.model(x.to(self.model_dtype), c_noise, batch)
 
-    _shard: Any = None
-
-    def _as_shard(self, batch: Any) -> Any:
-        """Under context parallelism the guided denoiser doubles the pack with
-        ``dfmkit.batch.with_unconditional``, which returns a plain PackedBatch; the model needs the
-        ContextParallelBatch of that doubled pack (same tokens, doubled global boundaries)."""
-        from dfmkit.parallel import ContextParallelBatch
-
-        shard = self._shard
-        if shard is None or isinstance(batch, ContextParallelBatch):
-            return batch
-        if batch.num_samples == 2 * shard.num_samples:
-            cu = shard.global_cu_seqlens.to(batch.cu_seqlens.device)
-            global_cu = torch.cat([cu, cu[1:] + cu[-1]])
-        elif batch.num_samples == shard.num_samples:
-            global_cu = shard.global_cu_seqlens.to(batch.cu_seqlens.device)
-        else:
-            raise GenerateError(f"a pack of {batch.num_samples} samples does not belong to the shard of "
-                                f"{shard.num_samples} samples being sampled")
-        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(type(batch))}
-        return ContextParallelBatch(**fields, cp_size=shard.cp_size, cp_rank=shard.cp_rank, global_cu_seqlens=global_cu)
 
     def _packs(self, shapes: list[tuple[int, ...]], max_tokens: int, pad: int) -> list[list[int]]:
         """Indices of the outputs of each pack: in order, at most ``max_tokens`` latent tokens each (0: one pack)."""
@@ -563,26 +541,19 @@ class Generator:
         pad = parallel.required_pad_multiple(ParallelConfig(tensor=self.env.tp_size, context=self.env.cp_size))
 
         def shard(batch, noise):
-            local_batch, local_noise = parallel.shard_for_context_parallel(batch, noise, self.env)
-            self._shard = local_batch if self.env.cp_size > 1 else None
-            return local_batch, local_noise
-
-        def gather(x):
-            return parallel.gather_from_context_parallel(x, self._shard) if self._shard is not None else x
+            return parallel.shard_for_context_parallel(batch, noise, self.env)
 
         latents: list[torch.Tensor] = [None] * len(requests)  # type: ignore[list-item]
         self.model.eval()
-        try:
-            for pack in self._packs(shapes, max_tokens, pad):
-                pack_latents = sample_latents(
-                    self._model_fn, self.edm, sampler_obj, [texts[i] for i in pack], [shapes[i] for i in pack],
-                    guidance=guidance, seed=seed + pack[0], patch_spatial=p, patch_temporal=pt, pad_multiple=pad,
-                    device=self.device, model_dtype=self.model_dtype, shard=shard, gather=gather,
-                )
-                for i, latent in zip(pack, pack_latents):
-                    latents[i] = latent
-        finally:
-            self._shard = None
+        for pack in self._packs(shapes, max_tokens, pad):
+            pack_latents = sample_latents(
+                self._model_fn, self.edm, sampler_obj, [texts[i] for i in pack], [shapes[i] for i in pack],
+                guidance=guidance, seed=seed + pack[0], patch_spatial=p, patch_temporal=pt, pad_multiple=pad,
+                device=self.device, model_dtype=self.model_dtype, shard=shard,
+                gather=parallel.gather_from_context_parallel,
+            )
+            for i, latent in zip(pack, pack_latents):
+                latents[i] = latent
 
         sampler_record = {"name": sampler_name, **attrs.asdict(sampler_options)}
         common = {

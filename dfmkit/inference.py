@@ -20,7 +20,7 @@ from dfmkit.diffusion.edm import EDM, ModelFn
 from dfmkit.diffusion.guidance import guided_denoiser
 
 ShardFn = Callable[[PackedBatch, torch.Tensor], tuple[PackedBatch, torch.Tensor]]
-GatherFn = Callable[[torch.Tensor], torch.Tensor]
+GatherFn = Callable[[torch.Tensor, PackedBatch], torch.Tensor]
 
 
 def starting_noise(batch: PackedBatch, seed: int) -> torch.Tensor:
@@ -52,7 +52,8 @@ def sample_latents(
 ) -> list[torch.Tensor]:
     """Latents ``[C, T, H, W]`` for each (text states, latent shape), all sampled in one packed sequence.
 
-    ``shard``/``gather`` split the pack across context-parallel ranks and put the result back.
+    ``shard(batch, noise)`` splits the pack across context-parallel ranks and ``gather(x, shard)`` puts the
+    result back in the full pack's order.
     """
     samples = [Sample(torch.zeros(*(int(s) for s in shape)), text.float().cpu(), f"sample_{i}")
                for i, (text, shape) in enumerate(zip(texts, latent_shapes))]
@@ -63,7 +64,7 @@ def sample_latents(
     denoise = guided_denoiser(model_fn, edm, local_batch, guidance, model_dtype)
     generator = torch.Generator().manual_seed(seed)
     x0 = sampler.sample(denoise, local_noise.to(device), generator=generator)
-    x0 = gather(x0) if gather else x0
+    x0 = gather(x0, local_batch) if gather else x0
     return unpack(batch, x0.float().cpu(), patch_spatial, patch_temporal)
 
 

@@ -96,6 +96,8 @@ class DataConfig:
     """Where samples come from and how they are packed into sequences."""
 
     path: str = ""  # a folder written by `dfmkit prepare` (Energon-indexed WebDataset)
+    # If `path` does not exist yet, `dfmkit run` first prepares it from this source (as `dfmkit prepare --source`).
+    prepare_source: str = ""
     mock: bool = False  # random latents and text of the shapes below, for benchmarks
     seq_length: int = attrs.field(default=4096, validator=_positive)  # latent tokens per packed sequence (at most)
     packing_buffer_size: int = attrs.field(default=64, validator=_positive)  # samples considered per packing round
@@ -208,8 +210,7 @@ class ValidationConfig:
     height: int = attrs.field(default=256, validator=_positive)
     width: int = attrs.field(default=256, validator=_positive)
     frames: int = attrs.field(default=1, validator=_positive)
-    num_steps: int = attrs.field(default=35, validator=_positive)
-    guidance: float = 7.0
+    guidance: float = 7.0  # classifier-free guidance w (1: none); steps and sampler come from [sampler]
     seed: int = 0
     loss_sigmas: list[float] = attrs.Factory(lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
     loss_batches: int = attrs.field(default=2, validator=_non_negative)

@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 import torch
 
+from dfmkit.components.text_encoders.cache import EmbeddingCache
 from dfmkit.data.shards import DATASET_FORMAT, DATASET_INFO, FORMATS, ShardWriter, read_dataset_info
 from dfmkit.data.skips import SkipCounter, SkipError
 from dfmkit.data.sources import ResizeOptions, Source, open_source
@@ -349,7 +350,8 @@ def prepare(
             source, options, image_column=image_column, caption_column=caption_column
         )
         tokenizer = job.components["tokenizer"].build(recipe=job.recipe)
-        text_encoder = job.components["text_encoder"].build(recipe=job.recipe)
+        # Captions repeat (class labels, species names): each distinct caption is encoded once.
+        text_encoder = EmbeddingCache(job.components["text_encoder"].build(recipe=job.recipe))
         total = min(len(src), limit) if limit > 0 else len(src)
         mine = rank_slice(total, rank, world_size)
         log.info("prepare: rank %d/%d encodes items %d..%d of %s (%d in all)", rank, world_size,

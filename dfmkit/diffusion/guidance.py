@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from dfmkit.batch import PackedBatch, with_unconditional
+from dfmkit.batch import PackedBatch
 from dfmkit.diffusion.edm import EDM, ModelFn
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,7 +74,7 @@ def guided_denoiser(
 
         return denoise
 
-    doubled = with_unconditional(batch)
+    doubled = batch.with_unconditional()  # a context-parallel shard doubles into the doubled pack's shard
 
     def denoise_guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigmas = per_sample(sigma, x, 2 * n)

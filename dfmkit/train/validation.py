@@ -90,7 +90,7 @@ class Validator:
             patch_temporal=options.patch_temporal, pad_multiple=trainer.pad_multiple, device=trainer.device,
             model_dtype=trainer.model_dtype,
             shard=lambda batch, noise: parallel.shard_for_context_parallel(batch, noise, trainer.env),
-            gather=lambda x: parallel.gather_from_context_parallel(x, trainer.env),
+            gather=parallel.gather_from_context_parallel,
         )
         if trainer.env.rank != 0:
             return []
