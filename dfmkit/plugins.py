@@ -25,6 +25,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dfmkit.components.tokenizers",
     "dfmkit.components.backbones",
     "dfmkit.components.attention",
+    "dfmkit.components.samplers",
+    "dfmkit.components.text_encoders",
     "dfmkit.components.task_encoders",
 )
 
