@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from dfmkit.errors import DfmkitError
@@ -229,7 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Notices that megatron-core prints on every CPU start; they say nothing a dfmkit user can act on.
+_QUIET = ("Transformer Engine and Apex are not installed", "full scope is deprecated")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for text in _QUIET:
+        warnings.filterwarnings("ignore", message=f".*{text}.*")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

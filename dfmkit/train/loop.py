@@ -371,6 +371,11 @@ class Trainer:
                     }
                     values.update({f"data/skipped_{k}": float(v) for k, v in self._skips().items()})
                     self.logger.scalars(self.step, values)
+                    if not recipe.logging.progress:
+                        self.logger.message(
+                            f"step {self.step}/{cfg.train_iters}  loss {values['train/loss']:.4f}  "
+                            f"lr {values['train/lr']:.2e}  grad norm {values['train/grad_norm']:.3f}  "
+                            f"{values['train/samples_per_s']:.1f} samples/s")
                     window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
                 self.logger.advance(self.step, f"loss {metrics['loss']:.4f}")
                 if self.validator is not None and self.step % recipe.validation.interval == 0:
