@@ -10,7 +10,7 @@ import torch
 from megatron.energon import SkipSample
 from test_data_harness import TEXT_DIM, latent, members, recipe, text
 
-from dfmkit.batch import Sample, pack, unpack
+from dfmkit.batch import Sample, pack, patchify, unpack
 from dfmkit.components.task_encoders import PackedOptions
 from dfmkit.components.task_encoders.packed import PackedTaskEncoder, build, first_fit_decreasing
 from dfmkit.data.shards import encode_tensor
@@ -79,6 +79,12 @@ def test_temporal_patches_and_dtype_kept():
     cooked = te.cook(crude(1, latent_safetensors=encode_tensor(lat, "latent")))
     assert cooked.tokens.dtype == torch.bfloat16 and cooked.tokens.shape == (8, 2 * 2 * 2 * 3)
     assert cooked.latent_shape == (3, 4, 4, 4)
+    # one pack of bf16 latents, fp32 text and int32 positions (they travel in one byte buffer)
+    other = te.cook(crude(2, latent_safetensors=encode_tensor(latent((3, 2, 6, 2), 2, dtype=torch.bfloat16), "latent")))
+    batch = te.pack_selected_samples([cooked, other]).to_batch().validate()
+    assert (batch.latents.dtype, batch.text.dtype, batch.pos_ids.dtype) == (torch.bfloat16, torch.float32, torch.int32)
+    assert torch.equal(batch.latents[:8], patchify(lat, 2, 2)) and torch.equal(batch.text[:3], text(3, 1))
+    assert batch.cu_seqlens.tolist() == [0, 8, 11] and batch.pos_ids[8:].tolist() == [[0, 0, 0], [0, 1, 0], [0, 2, 0]]
 
 
 BAD = {

@@ -59,13 +59,14 @@ class EncodedSample(Sample):
 class PackSample(Sample):
     """One packed sequence (one micro-batch), as Energon passes it to the main process.
 
-    Only the three large tensors cross the process boundary as tensors (each costs a shared-memory
-    handle); the lengths travel as lists and :meth:`to_batch` builds the :class:`PackedBatch`.
+    Worker processes hand tensors over as shared memory, one file descriptor per tensor, which
+    costs more than the data: so the latents, text states and position ids travel in ONE byte
+    buffer (``layout`` says where each lies), the lengths as lists, and :meth:`to_batch` builds the
+    :class:`PackedBatch` from views of the buffer, without copying.
     """
 
-    latents: torch.Tensor  # [L, F]
-    text: torch.Tensor  # [Lkv, D]
-    pos_ids: torch.Tensor  # [L, 3] int32
+    buffer: torch.Tensor  # uint8: latents [L, F], text [Lkv, D], pos_ids [L, 3] int32, 16-byte aligned
+    layout: list[tuple[str, str, tuple[int, ...], int]]  # (name, dtype, shape, byte offset)
     seqlens: list[int]
     padded: list[int]
     text_lengths: list[int]
@@ -73,18 +74,42 @@ class PackSample(Sample):
     keys: list[str]
     meta: list[dict]  # each sample's json, in pack order
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, dtype_name, shape, offset in self.layout:
+            dtype = getattr(torch, dtype_name)
+            nbytes = math.prod(shape) * dtype.itemsize
+            out[name] = self.buffer[offset: offset + nbytes].view(dtype).view(shape)
+        return out
+
     def to_batch(self) -> PackedBatch:
+        tensors = self.tensors()
         return PackedBatch(
-            latents=self.latents,
+            latents=tensors["latents"],
             seqlens=torch.tensor(self.seqlens, dtype=torch.int32),
             cu_seqlens=torch.tensor([0, *_cumsum(self.padded)], dtype=torch.int32),
-            text=self.text,
+            text=tensors["text"],
             seqlens_kv=torch.tensor(self.text_lengths, dtype=torch.int32),
             cu_seqlens_kv=torch.tensor([0, *_cumsum(self.text_lengths)], dtype=torch.int32),
-            pos_ids=self.pos_ids,
+            pos_ids=tensors["pos_ids"],
             latent_shapes=torch.tensor(self.latent_shapes, dtype=torch.int32).reshape(-1, 4),
             keys=list(self.keys),
         )
+
+
+def _concat_into_buffer(parts: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, list]:
+    """Concatenate each list of tensors (along dim 0) into one shared uint8 buffer; returns it and its layout."""
+    layout, offset = [], 0
+    for name, tensors in parts.items():
+        shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+        layout.append((name, str(tensors[0].dtype).removeprefix("torch."), shape, offset))
+        offset += -(-math.prod(shape) * tensors[0].dtype.itemsize // 16) * 16
+    buffer = torch.empty(offset, dtype=torch.uint8)
+    for (name, dtype_name, shape, start), tensors in zip(layout, parts.values()):
+        nbytes = math.prod(shape) * tensors[0].dtype.itemsize
+        dtype = tensors[0].dtype  # a sample stored in another dtype is cast to the first one's
+        torch.cat([t.to(dtype) for t in tensors], out=buffer[start: start + nbytes].view(dtype).view(shape))
+    return buffer, layout
 
 
 @functools.lru_cache(maxsize=256)
@@ -243,11 +268,13 @@ class PackedTaskEncoder(TaskEncoder):
     @stateless
     def pack_selected_samples(self, samples: list[EncodedSample]) -> PackSample:
         keys = [s.__key__ for s in samples]
+        buffer, layout = _concat_into_buffer({
+            "latents": [s.tokens for s in samples],
+            "text": [s.text for s in samples],
+            "pos_ids": [s.pos_ids for s in samples],
+        })
         return PackSample.derive_from(
-            samples[0], __key__=",".join(keys),
-            latents=torch.cat([s.tokens for s in samples]),
-            text=torch.cat([s.text for s in samples]),
-            pos_ids=torch.cat([s.pos_ids for s in samples]),
+            samples[0], __key__=",".join(keys), buffer=buffer, layout=layout,
             seqlens=[s.seqlen for s in samples],
             padded=[s.tokens.shape[0] for s in samples],
             text_lengths=[s.text.shape[0] for s in samples],
