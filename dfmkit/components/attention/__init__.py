@@ -1,12 +1,13 @@
 """Built-in packed (thd) attention backends, registered through the ``dfmkit_register`` hook.
 
 A backend factory is called as ``build(options, num_heads=..., head_dim=..., kind="self"|"cross")``
-and returns a module ``attend(q, k, v, params)`` (see :mod:`dfmkit.components.attention.base`).
+(backends take no options) and returns a module ``attend(q, k, v, params)`` (see
+:mod:`dfmkit.components.attention.base`).
 """
 
 import importlib.util
 
-from dfmkit.components.attention.base import AttentionOptions, VarlenParams
+from dfmkit.components.attention.base import VarlenParams
 from dfmkit.hookspecs import hookimpl
 
 _TORCH = "dfmkit.components.attention.torch_backend"
@@ -25,17 +26,17 @@ def transformer_engine_importable() -> bool:
 @hookimpl
 def dfmkit_register(registries):
     reg = registries.attention
-    reg.register("torch", f"{_TORCH}:build_auto", options=AttentionOptions,
+    reg.register("torch", f"{_TORCH}:build_auto",
                  summary="flash varlen on CUDA bf16/fp16, per-sample SDPA elsewhere (default)")
-    reg.register("torch-varlen", f"{_TORCH}:build_varlen", options=AttentionOptions,
-                 summary="torch.nn.attention.varlen flash attention only (CUDA, bf16/fp16)")
-    reg.register("torch-sdpa", f"{_TORCH}:build_sdpa", options=AttentionOptions,
+    reg.register("torch-varlen", f"{_TORCH}:build_varlen",
+                 summary="flash-attention varlen kernel only (CUDA, bf16/fp16)")
+    reg.register("torch-sdpa", f"{_TORCH}:build_sdpa",
                  summary="one scaled_dot_product_attention per packed sample (any device and dtype)")
-    reg.register("torch-flex", f"{_TORCH}:build_flex", options=AttentionOptions,
+    reg.register("torch-flex", f"{_TORCH}:build_flex",
                  summary="flex_attention with a per-sample document mask")
     if transformer_engine_importable():
-        reg.register("te", "dfmkit.components.attention.te_backend:build", options=AttentionOptions,
+        reg.register("te", "dfmkit.components.attention.te_backend:build",
                      summary="TransformerEngine DotProductAttention, thd format")
 
 
-__all__ = ["AttentionOptions", "VarlenParams", "dfmkit_register", "transformer_engine_importable"]
+__all__ = ["VarlenParams", "dfmkit_register", "transformer_engine_importable"]

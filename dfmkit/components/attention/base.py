@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import attrs
 import torch
 
 
@@ -46,7 +45,3 @@ class VarlenParams:
     def num_segments(self) -> int:
         return len(self.host_cu_seqlens_q) - 1
 
-
-@attrs.define(kw_only=True)
-class AttentionOptions:
-    """Packed attention backends take no options; the model picks one by name (``model.attention``)."""
