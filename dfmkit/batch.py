@@ -67,14 +67,14 @@ class PackedBatch:
         return offsets < torch.repeat_interleave(self.seqlens.to(torch.int64), self.padded_seqlens().to(torch.int64))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
-        """On ``device``; ``dtype`` applies to the floating tensors (latents and text)."""
+        """On ``device``; ``dtype`` applies to the floating tensors (latents and text). Keeps the subclass."""
         moved = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, torch.Tensor):
                 value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None)
             moved[field.name] = value
-        return PackedBatch(**moved)
+        return type(self)(**moved)
 
     def with_unconditional(self) -> PackedBatch:
         """This pack followed by its null-text copy (see :func:`with_unconditional`)."""

@@ -99,15 +99,6 @@ class ContextParallelBatch(PackedBatch):
             0, ids, self.token_mask().to(torch.int64)
         )
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ContextParallelBatch:
-        moved = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, torch.Tensor):
-                value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None)
-            moved[field.name] = value
-        return ContextParallelBatch(**moved)
-
     def with_unconditional(self) -> ContextParallelBatch:
         """This shard of ``dfmkit.batch.with_unconditional(full pack)`` (the pack then its null-text copy).
 
