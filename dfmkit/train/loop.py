@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dfmkit.batch import PackedBatch
-from dfmkit.diffusion.edm import EDM, LossTerms
+from dfmkit.diffusion.edm import EDM, LossTerms, NoiseDraw
 from dfmkit.errors import DfmkitError, RecipeError
 from dfmkit.job import Job
 from dfmkit.recipe import dump_recipe
@@ -65,8 +66,6 @@ class Trainer:
         self.job = job
         recipe = self.recipe = job.recipe
         if mock and not recipe.data.mock:
-            import attrs
-
             self.recipe = recipe = attrs.evolve(recipe, data=attrs.evolve(recipe.data, mock=True))
         self.device = resolve_device(recipe.train.device)
         precision = recipe.train.precision
@@ -251,16 +250,17 @@ class Trainer:
         batch = batch if batch.text.dtype == self.model_dtype else batch.to(self.device, self.model_dtype)
         return self.ddp(x.to(self.model_dtype), c_noise, batch)
 
-    def _loss_terms(self, batch: PackedBatch, generator: torch.Generator) -> LossTerms:
+    def shard_draw(self, batch: PackedBatch, draw: NoiseDraw) -> tuple[PackedBatch, NoiseDraw]:
+        """This rank's context-parallel shard of ``batch`` and of its noise draw, on the training device."""
         from dfmkit import parallel
 
-        draw = self.edm.draw(batch, generator)
         local_batch, local_noise = parallel.shard_for_context_parallel(batch, draw.noise, self.env)
-        import attrs
+        local_draw = attrs.evolve(draw, noise=local_noise.to(self.device), sigma=draw.sigma.to(self.device),
+                                  keep_text=draw.keep_text.to(self.device))
+        return local_batch.to(self.device), local_draw
 
-        local_draw = attrs.evolve(draw, noise=local_noise.to(self.device))
-        local_batch = local_batch.to(self.device)
-        local_draw = attrs.evolve(local_draw, sigma=draw.sigma.to(self.device), keep_text=draw.keep_text.to(self.device))
+    def _loss_terms(self, batch: PackedBatch, generator: torch.Generator) -> LossTerms:
+        local_batch, local_draw = self.shard_draw(batch, self.edm.draw(batch, generator))
         return self.edm.loss_terms(self._model_fn, local_batch, local_draw, self.model_dtype)
 
     def train_step(self) -> dict[str, float]:

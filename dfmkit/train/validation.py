@@ -59,11 +59,8 @@ class Validator:
                 draw = trainer.edm.draw(batch, generator)
                 draw = attrs.evolve(draw, sigma=torch.full_like(draw.sigma, sigma),
                                     keep_text=torch.ones_like(draw.keep_text))
-                local_batch, local_noise = parallel.shard_for_context_parallel(batch, draw.noise, trainer.env)
-                local_draw = attrs.evolve(draw, noise=local_noise.to(trainer.device),
-                                          sigma=draw.sigma.to(trainer.device), keep_text=draw.keep_text.to(trainer.device))
-                terms = trainer.edm.loss_terms(trainer._model_fn, local_batch.to(trainer.device), local_draw,
-                                               trainer.model_dtype)
+                local_batch, local_draw = trainer.shard_draw(batch, draw)
+                terms = trainer.edm.loss_terms(trainer._model_fn, local_batch, local_draw, trainer.model_dtype)
                 counts = parallel.all_reduce_context_parallel(terms.token_count.clone(), trainer.env)
                 total[0] += (terms.sq_err_sum / counts.clamp(min=1)).sum().double()
                 if trainer.env.cp_rank == 0:
