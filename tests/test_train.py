@@ -167,6 +167,17 @@ def test_bad_input_fails_before_any_work(tmp_path):
         Trainer(dfmkit.build(tiny_recipe(tmp_path / "x", optim={"warmup_iters": 2000})))
 
 
+def test_a_missing_dataset_is_prepared_from_its_source(tmp_path):
+    path = tmp_path / "digits"
+    recipe = tiny_recipe(tmp_path / "ck", data={"mock": False, "path": str(path), "prepare_source": "digits",
+                                                "image_size": 16, "seq_length": 256, "num_workers": 0},
+                         model={"patch_spatial": 4}, train={"train_iters": 2}, optim={"warmup_iters": 1})
+    result = train(dfmkit.build(recipe))
+    assert (path / "dfmkit.json").is_file()
+    assert json.loads((path / "dfmkit.json").read_text())["samples"]["train"] > 1000
+    assert result["step"] == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     train(dfmkit.build(tiny_recipe(tmp_path / "ck", train={"train_iters": 3})))
     other = tiny_recipe(tmp_path / "ck", model={"num_layers": 3}, train={"train_iters": 4})

@@ -137,8 +137,15 @@ class Trainer:
             raise RecipeError(["data.path is empty: point it at a folder written by `dfmkit prepare`, "
                                "or train on mock data with --mock (data.mock=true)"])
         if not Path(data.path).exists():
-            raise RecipeError([f"data.path: dataset folder '{data.path}' does not exist; create it with "
-                               f"`dfmkit prepare RECIPE --source ... --out {data.path}`"])
+            if not data.prepare_source:
+                raise RecipeError([f"data.path: dataset folder '{data.path}' does not exist; create it with "
+                                   f"`dfmkit prepare RECIPE --source ... --out {data.path}`, or name a source "
+                                   "in data.prepare_source"])
+            from dfmkit.data.prepare import prepare
+
+            log.info("data.path '%s' does not exist: preparing it from data.prepare_source '%s' first",
+                     data.path, data.prepare_source)
+            prepare(self.recipe, data.prepare_source, data.path, plugins=self.job.plugins)
 
     def _build_data(self):
         from dfmkit.data.loader import build_train_loader
