@@ -19,13 +19,7 @@ from tests.conftest import TOY_SECTIONS
 TEXT_DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small tensor ops: one thread is fastest, and stays fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pack(sizes, channels=4, patch=2, pad_multiple=1, seed=0, text_lengths=None) -> PackedBatch:

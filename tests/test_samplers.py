@@ -23,13 +23,7 @@ GAUSSIAN = GaussianMixture.gaussian(0.3, 0.7)
 MIXTURE = GaussianMixture(means=(-1.0, 0.5, 2.0), stds=(0.3, 0.2, 0.5), weights=(0.3, 0.5, 0.2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small tensor ops: one thread is fastest, and stays fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quantile_noise(n: int = 4001) -> torch.Tensor:
