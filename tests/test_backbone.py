@@ -232,6 +232,21 @@ def test_backends_match_a_dense_masked_reference(backend):
     torch.testing.assert_close(out, _dense_reference(q, k, v, cu_q, cu_k), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cu_q, cu_k", [([0, 6, 12, 18], [0, 4, 8, 12]), ([0, 6, 12, 18], [0, 4, 8, 13])])
+def test_sdpa_batches_equal_segments_with_the_same_result_and_gradients(cu_q, cu_k):
+    """Equal-length segments go through one batched call; its values and gradients are the dense reference's."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, 2, 8, generator=g, requires_grad=True) for n in (cu_q[-1], cu_k[-1], cu_k[-1]))
+    out = SDPASegments()(q, k, v, VarlenParams.from_host(cu_q, cu_k, "cpu"))
+    weights = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    ref = _dense_reference(q, k, v, cu_q, cu_k)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @torch.no_grad()  # flex attention has no backward on CPU
 def test_model_backends_agree():
     outputs = {}

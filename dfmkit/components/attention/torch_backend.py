@@ -33,10 +33,29 @@ class AttentionBackendError(DfmkitError):
 # --------------------------------------------------------------------------------------------
 
 
+def _uniform_length(cu: list[int]) -> int | None:
+    """The common segment length when every segment of ``cu`` has the same, non-zero length, else None."""
+    if len(cu) < 2 or cu[0] != 0 or cu[1] <= 0:
+        return None
+    n = cu[1]
+    return n if cu[-1] == n * (len(cu) - 1) and all(b - a == n for a, b in zip(cu, cu[1:])) else None
+
+
 def sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: VarlenParams) -> torch.Tensor:
-    """One ``scaled_dot_product_attention`` per segment; ``[T, H, D]`` in and out."""
-    outputs = []
+    """One ``scaled_dot_product_attention`` per segment; ``[T, H, D]`` in and out.
+
+    When all query segments have one length and all key segments another (images of one size packed
+    together, captions of one length), the segments are a batch: one SDPA call instead of one per
+    segment, which on CPU is most of the attention time of a pack of many small images.
+    """
     cu_q, cu_k = params.host_cu_seqlens_q, params.host_cu_seqlens_k
+    len_q, len_k = _uniform_length(cu_q), _uniform_length(cu_k)
+    if len_q is not None and len_k is not None and cu_q[-1] == q.shape[0] and cu_k[-1] == k.shape[0]:
+        n = params.num_segments
+        as_batch = lambda t, s: t.view(n, s, *t.shape[1:]).transpose(1, 2)  # noqa: E731  [N, H, S, D]
+        out = F.scaled_dot_product_attention(as_batch(q, len_q), as_batch(k, len_k), as_batch(v, len_k))
+        return out.transpose(1, 2).reshape(q.shape)
+    outputs = []
     for i in range(params.num_segments):
         qi = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)  # [H, Sq, D]
         ki = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1)
