@@ -2,8 +2,9 @@
 
     python benchmarks/gpu_profile.py --out results/ [--preset XL] [--case a|b]
 
-Writes <out>/profile_<case>.txt (the kernels by GPU time for two steps) and prints step times for
-the eager model and for each DiT layer compiled with torch.compile.
+Prints step time and MFU of each variant (eager; model.compile's fused elementwise chains; those plus
+torch.compile of each whole layer) and writes <out>/profile_<case>_<variant>.txt, the kernels by GPU time
+over two steps of the last model built, and <out>/profile_<case>.json.
 """
 
 from __future__ import annotations
@@ -36,40 +37,54 @@ def measure(trainer, label: str, steps: int) -> dict:
     return row
 
 
+def profile_steps(trainer, out: Path, name: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            trainer.train_step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
+    (out / f"profile_{name}.txt").write_text(table)
+    print(table[:5000], flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="profile_results")
     parser.add_argument("--preset", default="XL")
     parser.add_argument("--case", default="a", choices=sorted(CASES))
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--variants", default="eager,profile,compile")
+    parser.add_argument("--variants", default="eager,chains,profile",
+                        help="eager: model.compile off; chains: model.compile on; layers: torch.compile of each "
+                             "whole layer of the chains model; profile: a kernel table of the last model built")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     variants = args.variants.split(",")
+    trainer = None
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = make_trainer(args.preset, Layout(), text_dim=1024, attention="torch", workdir=workdir,
-                               steps=1000, **CASES[args.case])
-        if "eager" in variants:
-            rows.append(measure(trainer, "eager", args.steps))
-        if "profile" in variants:
-            from torch.profiler import ProfilerActivity, profile
+        def build(compile: bool):
+            return make_trainer(args.preset, Layout(), text_dim=1024, attention="torch", workdir=workdir,
+                                steps=1000, compile=compile, **CASES[args.case])
 
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(2):
-                    trainer.train_step()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
-            (out / f"profile_{args.case}.txt").write_text(table)
-            print(table[:6000], flush=True)
-        if "compile" in variants:
-            for layer in trainer.model.decoder.layers:
-                layer.forward = torch.compile(layer.forward)
+        for variant in variants:
             try:
-                rows.append(measure(trainer, "compile(layers)", args.steps))
+                if variant in ("eager", "chains"):
+                    trainer = None
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    trainer = build(variant == "chains")
+                    rows.append(measure(trainer, variant, args.steps))
+                elif variant == "layers":
+                    for layer in trainer.model.decoder.layers:
+                        layer.forward = torch.compile(layer.forward)
+                    rows.append(measure(trainer, "chains+layers", args.steps))
+                elif variant == "profile":
+                    profile_steps(trainer, out, f"{args.case}_{rows[-1]['variant'] if rows else 'model'}")
             except Exception as exc:  # report and keep the other numbers
-                print(f"compile failed: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+                print(f"{variant} failed: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
     (out / f"profile_{args.case}.json").write_text(json.dumps(rows, indent=2))
     return 0
 

@@ -2,7 +2,8 @@
 
 Runs, in one process: DiT-XL training steps on (a) 128 packed 256-token images with 77 text tokens each
 and (b) butterfly-shaped packs (15 x 1024-token images, 10 text tokens); the S/B/L presets on (a);
-35-step Heun sampling with guidance for 1 and 16 images of 1024 tokens. A case that runs out of memory
+35-step Heun sampling with guidance for 1 and 16 images of 1024 tokens. Each training case runs eager and
+with ``model.compile`` (``--compile both``, the default). A case that runs out of memory
 is retried with activation recomputation ("selective", then "full"). Results: <out>/gpu_throughput.json
 and a markdown table on stdout.
 
@@ -26,11 +27,12 @@ CASE_A = dict(seq_length=32768, latent_shape=(16, 1, 32, 32), text_tokens=77, sa
 CASE_B = dict(seq_length=15360, latent_shape=(16, 1, 64, 64), text_tokens=10, samples_per_pack=15)
 
 
-def train_case(preset: str, case: dict, attention: str, steps: int, recompute_order=("none", "selective", "full")):
+def train_case(preset: str, case: dict, attention: str, steps: int, compile: bool,
+               recompute_order=("none", "selective", "full")):
     for recompute in recompute_order:
         try:
             row = run_case(preset, Layout(), text_dim=1024, attention=attention, warmup=3, steps=steps,
-                           peak_tflops=989.0, recompute=recompute, **case)
+                           peak_tflops=989.0, recompute=recompute, compile=compile, **case)
             row["case"] = "a: 128 x 256 tokens" if case is CASE_A else "b: 15 x 1024 tokens"
             return row
         except torch.OutOfMemoryError:
@@ -45,6 +47,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--presets", default="XL,L,B,S")
     parser.add_argument("--attention", default="torch")
+    parser.add_argument("--compile", default="both", choices=["off", "on", "both"],
+                        help="model.compile (fused elementwise chains): off, on, or both variants of each case")
     parser.add_argument("--skip-sampling", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -57,12 +61,13 @@ def main() -> int:
     for preset in args.presets.split(","):
         cases = [CASE_A, CASE_B] if preset == "XL" else [CASE_A]
         for case in cases:
-            start = time.perf_counter()
-            row = train_case(preset, case, args.attention, args.steps)
-            row["wall_s"] = time.perf_counter() - start
-            results["train"].append(row)
-            print(json.dumps(row), flush=True)
-            dump()
+            for compile in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+                start = time.perf_counter()
+                row = train_case(preset, case, args.attention, args.steps, compile)
+                row["wall_s"] = time.perf_counter() - start
+                results["train"].append(row)
+                print(json.dumps(row), flush=True)
+                dump()
     if not args.skip_sampling:
         for images in (1, 16):
             row = sampling_latency("XL", images=images, latent_shape=(16, 1, 64, 64), steps=35, guidance=8.0,

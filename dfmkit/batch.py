@@ -41,6 +41,20 @@ class PackedBatch:
     pos_ids: torch.Tensor  # [L, 3] int32 (t, h, w) patch coordinates; padding rows are 0
     latent_shapes: torch.Tensor  # [N, 4] int32 (C, T, H, W) of each sample's latent
     keys: list[str] = dataclasses.field(default_factory=list)
+    # Host copies of the small index tensors, so a model on the GPU reads lengths without a device sync.
+    _host: dict[str, tuple[torch.Tensor, int, list[int]]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    HOST_FIELDS = ("seqlens", "cu_seqlens", "seqlens_kv", "cu_seqlens_kv")
+
+    def host(self, name: str) -> list[int]:
+        """``getattr(self, name).tolist()``, computed once (while the tensor is still on the CPU when the
+        batch was made there: :meth:`to` carries the lists over to the moved batch)."""
+        tensor = getattr(self, name)
+        cached = self._host.get(name)
+        if cached is None or cached[0] is not tensor or cached[1] != tensor._version:
+            cached = self._host[name] = (tensor, tensor._version, tensor.tolist())
+        return cached[2]
 
     @property
     def num_samples(self) -> int:
@@ -68,13 +82,33 @@ class PackedBatch:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
         """On ``device``; ``dtype`` applies to the floating tensors (latents and text). Keeps the subclass."""
-        moved = {}
+        moved, host = {}, {}
         for field in dataclasses.fields(self):
+            if not field.init:
+                continue
             value = getattr(self, field.name)
             if isinstance(value, torch.Tensor):
-                value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None)
+                if field.name in self.HOST_FIELDS and value.device.type == "cpu":
+                    host[field.name] = self.host(field.name)
+                # Pinned memory (the loaders pin their batches) copies without blocking the host.
+                value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None,
+                                 non_blocking=value.is_pinned())
             moved[field.name] = value
-        return type(self)(**moved)
+        result = type(self)(**moved)
+        for name, values in host.items():
+            tensor = getattr(result, name)
+            result._host[name] = (tensor, tensor._version, values)
+        return result
+
+    def pin_memory(self) -> PackedBatch:
+        """A copy whose CPU tensors are in page-locked memory (their copies to a GPU then do not block)."""
+        pinned = self.to("cpu")
+        for field in dataclasses.fields(pinned):
+            value = getattr(pinned, field.name)
+            if field.init and isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                setattr(pinned, field.name, value.pin_memory())
+        pinned._host.clear()
+        return pinned
 
     def with_unconditional(self) -> PackedBatch:
         """This pack followed by its null-text copy (see :func:`with_unconditional`)."""
@@ -99,17 +133,17 @@ class PackedBatch:
             problems.append(f"latent_shapes must be [{n}, 4], got {tuple(self.latent_shapes.shape)}")
         if problems:
             raise BatchError("inconsistent packed batch: " + "; ".join(problems))
-        cu, cu_kv = self.cu_seqlens.tolist(), self.cu_seqlens_kv.tolist()
+        cu, cu_kv = self.host("cu_seqlens"), self.host("cu_seqlens_kv")
         if cu[0] != 0 or cu[-1] != self.num_tokens or any(b < a for a, b in zip(cu, cu[1:])):
             problems.append(f"cu_seqlens {cu} must rise from 0 to the {self.num_tokens} latent tokens")
         if cu_kv[0] != 0 or cu_kv[-1] != self.text.shape[0] or any(b < a for a, b in zip(cu_kv, cu_kv[1:])):
             problems.append(f"cu_seqlens_kv {cu_kv} must rise from 0 to the {self.text.shape[0]} text tokens")
         padded = [b - a for a, b in zip(cu, cu[1:])]
-        real = self.seqlens.tolist()
+        real = self.host("seqlens")
         if any(r < 1 or r > p for r, p in zip(real, padded)):
             problems.append(f"seqlens {real} must each be >= 1 and <= the padded lengths {padded}")
-        if self.seqlens_kv.tolist() != [b - a for a, b in zip(cu_kv, cu_kv[1:])]:
-            problems.append(f"seqlens_kv {self.seqlens_kv.tolist()} disagree with cu_seqlens_kv {cu_kv}")
+        if self.host("seqlens_kv") != [b - a for a, b in zip(cu_kv, cu_kv[1:])]:
+            problems.append(f"seqlens_kv {self.host('seqlens_kv')} disagree with cu_seqlens_kv {cu_kv}")
         if self.pos_ids.shape != (self.num_tokens, 3):
             problems.append(f"pos_ids must be [{self.num_tokens}, 3], got {tuple(self.pos_ids.shape)}")
         if len(self.keys) not in (0, n):

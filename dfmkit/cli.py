@@ -85,7 +85,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         [m.strip() for m in args.models.split(",") if m.strip()], parse_layouts(args.layouts),
         seq_length=args.seq_length, latent_shape=latent, text_tokens=args.text_tokens, text_dim=args.text_dim,
         samples_per_pack=args.samples_per_pack, attention=args.attention, warmup=args.warmup, steps=args.steps,
-        peak_tflops=args.peak_tflops, recompute=args.recompute,
+        peak_tflops=args.peak_tflops, recompute=args.recompute, compile=args.compile,
     )
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_results(rows, Path(args.out))
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--attention", default="torch", help="attention backend")
     bench.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
                        help="activation recomputation of the model")
+    bench.add_argument("--compile", action="store_true",
+                       help="fuse each layer's elementwise chains with torch.compile (model.compile)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200: 989)")

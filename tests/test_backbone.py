@@ -119,6 +119,56 @@ def test_sample_in_a_pack_equals_the_sample_alone(position_embedding):
         torch.testing.assert_close(out[start : start + n], out_alone, rtol=1e-5, atol=1e-5)
 
 
+def _forward_backward(model, batch, seed=0):
+    x, c_noise, target = H.pack_inputs(batch, seed)
+    model.zero_grad(set_to_none=True)
+    out = model(x, c_noise, batch)
+    (out * target).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _equal_size_pack():
+    return pack(H.make_samples(5, [(1, 4, 4)] * 3 + [(2, 2, 4)], [5, 9, 1, 3]), 2, 1)  # four samples of 4 tokens
+
+
+def test_equal_length_samples_broadcast_like_the_gather_path(monkeypatch):
+    """Packs of equal-length samples take the reshape path; it must equal the general (gather) path."""
+    torch.manual_seed(0)
+    model = dit.build(H.tiny_options())
+    H.randomize_(model)
+    batch = _equal_size_pack()
+    assert model.layout(batch).samples.length == 4
+    out, grads = _forward_backward(model, batch)
+    general = dit.build_layout
+    monkeypatch.setattr(dit, "build_layout", lambda *a, **k: dataclasses.replace(
+        layout := general(*a, **k), samples=(seg := dit.Segments(layout.samples.ids, layout.samples.num_samples)),
+        sp_samples=seg))
+    assert model.layout(batch).samples.length is None
+    out_general, grads_general = _forward_backward(model, batch)
+    torch.testing.assert_close(out, out_general, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_general[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_chains_give_the_eager_outputs_and_gradients():
+    """model.compile fuses the elementwise chains with torch.compile (inductor on CPU here): same numbers."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch.manual_seed(0)
+    eager = dit.build(H.tiny_options())
+    compiled = dit.build(H.tiny_options(compile=True))
+    H.randomize_(eager)
+    compiled.load_state_dict(eager.state_dict())
+    for batch in (_equal_size_pack(), H.make_packs()[0]):  # equal lengths (compiled) and mixed (eager fallback)
+        out, grads = _forward_backward(eager, batch)
+        out_c, grads_c = _forward_backward(compiled, batch)
+        torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert counters["stats"]["unique_graphs"] >= 3 and not counters["graph_break"]  # the chains really compiled
+
+
 def test_padding_content_does_not_leak(model):
     batch = H.make_packs()[0]
     out, x, c_noise = run(model, batch)

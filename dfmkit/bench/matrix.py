@@ -72,6 +72,8 @@ class CyclingBatches:
 
         loader = MockLoader(recipe, dp_rank=0, dp_size=1, pad_multiple=pad_multiple, seed=seed)
         self.batches = [next(loader) for _ in range(count)]
+        if torch.cuda.is_available():  # as the training loader delivers them: page-locked
+            self.batches = [batch.pin_memory() for batch in self.batches]
         self.index = 0
 
     def __iter__(self):
@@ -85,10 +87,11 @@ class CyclingBatches:
 
 def _recipe(preset: str, layout: Layout, seq_length: int, latent_shape: Sequence[int], text_tokens: int,
             text_dim: int, samples_per_pack: int, attention: str, workdir: str, steps: int,
-            recompute: str = "none") -> dict[str, Any]:
+            recompute: str = "none", compile: bool = False) -> dict[str, Any]:
     return {
         "model": {"name": "dit", "preset": preset, "in_channels": int(latent_shape[0]), "text_dim": text_dim,
-                  "attention": attention, "use_cpu_initialization": True, "recompute": recompute},
+                  "attention": attention, "use_cpu_initialization": True, "recompute": recompute,
+                  "compile": compile},
         "sampler": {"name": "edm-euler"},
         "tokenizer": {"name": "identity"},
         "text_encoder": {"name": "t5-tiny"},
@@ -106,7 +109,7 @@ def _recipe(preset: str, layout: Layout, seq_length: int, latent_shape: Sequence
 
 def make_trainer(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequence[int], text_tokens: int,
                  text_dim: int, samples_per_pack: int, attention: str, workdir: str, steps: int,
-                 recompute: str = "none"):
+                 recompute: str = "none", compile: bool = False):
     """A Trainer of ``preset`` in ``layout`` on cycling mock packs (every rank the same packs)."""
     import dfmkit
     from dfmkit import parallel
@@ -114,7 +117,7 @@ def make_trainer(preset: str, layout: Layout, *, seq_length: int, latent_shape: 
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
     data = _recipe(preset, layout, seq_length, latent_shape, text_tokens, text_dim, samples_per_pack, attention,
-                   workdir, steps, recompute)
+                   workdir, steps, recompute, compile)
     data["train"]["global_batch_size"] = world // (layout.tensor * layout.context)
     job = dfmkit.build(data)
     return Trainer(job, data=CyclingBatches(job.recipe, parallel.required_pad_multiple(job.recipe.parallel)))
@@ -136,7 +139,7 @@ def time_steps(trainer, warmup: int, steps: int) -> tuple[list[float], float]:
 
 def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequence[int], text_tokens: int,
              text_dim: int, samples_per_pack: int, attention: str, warmup: int, steps: int,
-             peak_tflops: float, recompute: str = "none") -> dict[str, Any]:
+             peak_tflops: float, recompute: str = "none", compile: bool = False) -> dict[str, Any]:
     """One (model, layout) row of the table. Call on every rank.
 
     The loss compared across layouts is that of the SECOND step: at initialisation the adaLN-Zero
@@ -146,7 +149,8 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(preset, layout, seq_length=seq_length, latent_shape=latent_shape,
                                text_tokens=text_tokens, text_dim=text_dim, samples_per_pack=samples_per_pack,
-                               attention=attention, workdir=workdir, steps=warmup + steps, recompute=recompute)
+                               attention=attention, workdir=workdir, steps=warmup + steps, recompute=recompute,
+                               compile=compile)
         cuda = trainer.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -159,7 +163,7 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
         params = sum(p.numel() for p in trainer.model.parameters()) * layout.tensor  # TP shards summed back
         row = {
             "model": preset, "params_M": round(params / 1e6, 1), "layout": layout.name, "dp": dp,
-            "attention": attention, "recompute": recompute,
+            "attention": attention, "recompute": recompute, "compile": compile,
             "seq_length": int(batch.num_tokens), "samples_per_pack": batch.num_samples,
             "tokens_per_s_per_gpu": tokens / seconds / world,
             "tflops_per_gpu": step_flops / seconds / world / 1e12,
@@ -200,7 +204,8 @@ def run_matrix(models: Sequence[str], layouts: Sequence[Layout], **case: Any) ->
 
 COLUMNS = [("model", "model"), ("params_M", "params (M)"), ("layout", "layout"), ("dp", "DP"),
            ("seq_length", "seq len"), ("tokens_per_s_per_gpu", "tokens/s/GPU"), ("tflops_per_gpu", "TFLOP/s/GPU"),
-           ("mfu", "MFU"), ("peak_memory_GiB", "peak mem (GiB)"), ("loss_parity", "loss parity")]
+           ("mfu", "MFU"), ("peak_memory_GiB", "peak mem (GiB)"), ("compile", "compile"), ("recompute", "recompute"),
+           ("loss_parity", "loss parity")]
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:

@@ -82,9 +82,11 @@ class ContextParallelBatch(PackedBatch):
     cp_rank: int = 0
     global_cu_seqlens: torch.Tensor | None = None  # [N+1] int32, boundaries in the full pack
 
+    HOST_FIELDS = PackedBatch.HOST_FIELDS + ("global_cu_seqlens",)
+
     def global_index(self) -> torch.Tensor:
         """[L_local] int64: each local token's position in the full pack."""
-        return shard_index(self.global_cu_seqlens.tolist(), self.cp_size, self.cp_rank, device=self.latents.device)
+        return shard_index(self.host("global_cu_seqlens"), self.cp_size, self.cp_rank, device=self.latents.device)
 
     def token_mask(self) -> torch.Tensor:
         offsets = self.global_index() - torch.repeat_interleave(
@@ -106,17 +108,18 @@ class ContextParallelBatch(PackedBatch):
         """
         from dfmkit.batch import with_unconditional
 
-        doubled = with_unconditional(PackedBatch(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PackedBatch)}))
+        names = [f.name for f in dataclasses.fields(PackedBatch) if f.init]
+        doubled = with_unconditional(PackedBatch(**{name: getattr(self, name) for name in names}))
         cu = self.global_cu_seqlens
         return ContextParallelBatch(
-            **{f.name: getattr(doubled, f.name) for f in dataclasses.fields(PackedBatch)},
+            **{name: getattr(doubled, name) for name in names},
             cp_size=self.cp_size, cp_rank=self.cp_rank, global_cu_seqlens=torch.cat([cu, cu[1:] + cu[-1]]),
         )
 
     def validate(self) -> ContextParallelBatch:
         n = self.num_samples
-        cu = self.cu_seqlens.tolist()
-        global_cu = self.global_cu_seqlens.tolist()
+        cu = self.host("cu_seqlens")
+        global_cu = self.host("global_cu_seqlens")
         local = [(b - a) * self.cp_size for a, b in zip(cu, cu[1:])]
         padded = [b - a for a, b in zip(global_cu, global_cu[1:])]
         problems = []
@@ -151,7 +154,7 @@ def split_for_context_parallel(
     if isinstance(batch, ContextParallelBatch):
         raise BatchError("the batch is already a context-parallel shard; split the full pack")
     batch.validate()
-    cu = batch.cu_seqlens.tolist()
+    cu = batch.host("cu_seqlens")
     check_divisible(cu, 2 * cp_size, f"context parallelism {cp_size}")
     index = shard_index(cu, cp_size, cp_rank, device=batch.latents.device)
     return ContextParallelBatch(
@@ -180,7 +183,7 @@ def shard_for_context_parallel(
     shard = split_for_context_parallel(batch, cp_size, cp_rank)
     if not isinstance(shard, ContextParallelBatch):
         return shard, tokens
-    index = shard_index(batch.cu_seqlens.tolist(), shard.cp_size, shard.cp_rank, device=tokens.device)
+    index = shard_index(batch.host("cu_seqlens"), shard.cp_size, shard.cp_rank, device=tokens.device)
     return shard, tokens[index]
 
 
@@ -212,7 +215,7 @@ def gather_from_context_parallel(
         group = parallel_state.get_context_parallel_group()
     pieces = [torch.empty_like(local) for _ in range(shard.cp_size)]
     dist.all_gather(pieces, local.contiguous(), group=group)
-    global_cu = shard.global_cu_seqlens.tolist()
+    global_cu = shard.host("global_cu_seqlens")
     index = torch.cat([shard_index(global_cu, shard.cp_size, r, device=local.device) for r in range(shard.cp_size)])
     full = torch.empty((global_cu[-1], *local.shape[1:]), dtype=local.dtype, device=local.device)
     full[index] = torch.cat(pieces)

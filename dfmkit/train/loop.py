@@ -243,7 +243,7 @@ class Trainer:
         saved = tomllib.loads(marker.get("recipe", "")).get("model", {})
         current = tomllib.loads(dump_recipe(self.recipe, registries=self.job.plugins.registries))["model"]
         # How the model is computed may change between runs; what it is may not.
-        free = {"attention", "recompute", "use_cpu_initialization"}
+        free = {"attention", "recompute", "use_cpu_initialization", "compile"}
         differences = [f"model.{key}: checkpoint {saved.get(key)!r}, recipe {current.get(key)!r}"
                        for key in sorted(set(saved) | set(current)) if key not in free and saved.get(key) != current.get(key)]
         if differences:

@@ -16,6 +16,27 @@ def check_schedule(optim: OptimConfig, train_iters: int) -> None:
         ])
 
 
+def use_fused_adamw(optimizer) -> int:
+    """Switch megatron's torch AdamW (its fallback without Apex or TransformerEngine) to the fused CUDA kernel.
+
+    torch picks the multi-tensor ``foreach`` AdamW by default; the fused one reads and writes each fp32
+    master weight and its moments once per step. Only when every parameter of the optimizer is an fp32
+    CUDA tensor (CPU training keeps foreach). Returns how many optimizers changed.
+    """
+    changed = 0
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(megatron_optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.AdamW) or inner.state:
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if params and all(p.is_cuda and p.dtype == torch.float32 for p in params):
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = True, False
+            inner.defaults["fused"], inner.defaults["foreach"] = True, False
+            changed += 1
+    return changed
+
+
 def build_optimizer(optim: OptimConfig, train_iters: int, model_chunks: list, bf16: bool, distributed: bool):
     """megatron's AdamW (no weight decay on biases and 1-D parameters such as norms) and its scheduler.
 
@@ -39,6 +60,7 @@ def build_optimizer(optim: OptimConfig, train_iters: int, model_chunks: list, bf
         use_distributed_optimizer=distributed,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
+    use_fused_adamw(optimizer)
     decay_style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[optim.decay_style]
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -82,9 +82,12 @@ class Segments:
     -> [N, D]`` adds each sample's tokens up (a one-hot matmul: no atomics, fp32 accumulation).
     """
 
-    def __init__(self, ids: torch.Tensor, num_samples: int):
+    def __init__(self, ids: torch.Tensor, num_samples: int, length: int | None = None):
         self.ids = ids  # [L] int64
         self.num_samples = num_samples
+        # Set when the tokens are num_samples whole samples of this one length (images of one size): the
+        # per-sample vectors then broadcast over a [N, length, D] view, with no gather and no one-hot sums.
+        self.length = length
         self._onehot: dict[torch.dtype, torch.Tensor] = {}  # [N, L] per dtype, made on first use
 
     def expand(self, v: torch.Tensor) -> torch.Tensor:
@@ -130,12 +133,38 @@ class _GatedResidual(torch.autograd.Function):
         return grad, grad * seg.expand(gate), seg.sum(grad * y), None
 
 
+def _by_sample(t: torch.Tensor, num_samples: int) -> torch.Tensor:
+    return t.view(num_samples, -1, t.shape[-1])  # [L, 1, D] -> [N, length, D]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: Segments) -> torch.Tensor:
+    if seg.length is not None:
+        n = seg.num_samples
+        return torch.addcmul(shift[:, None], _by_sample(x, n), 1 + scale[:, None]).view(x.shape)
     return _Modulate.apply(x, shift, scale, seg)
 
 
 def gated_residual(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, seg: Segments) -> torch.Tensor:
+    if seg.length is not None:
+        n = seg.num_samples
+        return torch.addcmul(_by_sample(residual, n), gate[:, None], _by_sample(y, n)).view(residual.shape)
     return _GatedResidual.apply(residual, y, gate, seg)
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: Segments, eps: float) -> torch.Tensor:
+    """Parameter-free LayerNorm, then the sample's shift and scale (adaLN)."""
+    return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale, seg)
+
+
+# The same for equal-length samples, from tensors alone (what torch.compile sees; N comes from the shapes).
+def _norm_modulate_equal(x, shift, scale, eps: float):
+    h = F.layer_norm(_by_sample(x, shift.shape[0]), (x.shape[-1],), eps=eps)
+    return torch.addcmul(shift[:, None], h, 1 + scale[:, None]).view(x.shape)
+
+
+def _gated_residual_equal(residual, y, gate):
+    n = gate.shape[0]
+    return torch.addcmul(_by_sample(residual, n), gate[:, None], _by_sample(y, n)).view(residual.shape)
 
 
 def rope3d_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -164,6 +193,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x [L, H, head_dim]``: ``x * cos + rotate_half(x) * sin``."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.addcmul(x * cos, torch.cat([-x2, x1], dim=-1), sin)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of queries and keys, then the rotary embedding when there is one."""
+    dim = (q.shape[-1],)
+    q, k = F.rms_norm(q, dim, q_weight.to(q.dtype), eps), F.rms_norm(k, dim, k_weight.to(k.dtype), eps)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return q, k
+
+
+class ElementwiseChains:
+    """The elementwise work between a layer's matmuls: eager, or (``compile``) each chain fused by torch.compile.
+
+    Compiled chains take packs of equal-length samples (``Segments.length`` set: one image size per pack,
+    as in the benchmarks and most training data); mixed lengths run the eager chains. Compiling whole
+    chains, not the layer, keeps megatron's parallel linears and the attention kernel out of the graph.
+    """
+
+    def __init__(self, compile: bool = False):
+        self.compiled = compile
+        if compile:
+            # dynamic: the token and sample counts change from pack to pack; one graph serves them all.
+            self._norm_modulate = torch.compile(_norm_modulate_equal, dynamic=True)
+            self._gated_residual = torch.compile(_gated_residual_equal, dynamic=True)
+            self._qk_norm_rope = torch.compile(qk_norm_rope, dynamic=True)
+
+    def norm_modulate(self, x, shift, scale, seg: Segments, eps: float):
+        if self.compiled and seg.length is not None:
+            return self._norm_modulate(x, shift, scale, eps)
+        return norm_modulate(x, shift, scale, seg, eps)
+
+    def gated_residual(self, residual, y, gate, seg: Segments):
+        if self.compiled and seg.length is not None:
+            return self._gated_residual(residual, y, gate)
+        return gated_residual(residual, y, gate, seg)
+
+    def qk_norm_rope(self, q, k, q_norm: RMSNorm, k_norm: RMSNorm, rope):
+        # Weights, not modules, go in: a compiled graph then serves every layer (no per-module guards).
+        fn = self._qk_norm_rope if self.compiled else qk_norm_rope
+        return fn(q, k, q_norm.weight, k_norm.weight, q_norm.eps, rope)
 
 
 def _sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -246,9 +317,11 @@ def build_layout(
 ) -> PackedLayout:
     device = batch.latents.device
     n = batch.num_samples
-    cu = batch.cu_seqlens.tolist()
-    seqlens = batch.seqlens.tolist()
-    samples = Segments(batch.token_sample_ids(), n)
+    cu = batch.host("cu_seqlens")
+    seqlens = batch.host("seqlens")
+    padded = [b - a for a, b in zip(cu, cu[1:])]
+    equal = n > 0 and all(length == padded[0] for length in padded)
+    samples = Segments(batch.token_sample_ids(), n, length=padded[0] if equal else None)
     sp_samples = samples
     if sequence_parallel and tp_size > 1:
         chunk = batch.num_tokens // tp_size
@@ -258,7 +331,7 @@ def build_layout(
     for length in seqlens:
         cu_k.append(cu_k[-1] + length)
     if isinstance(batch, ContextParallelBatch):
-        global_cu = batch.global_cu_seqlens.tolist()
+        global_cu = batch.host("global_cu_seqlens")
         gathered = torch.cat([shard_index(global_cu, batch.cp_size, r, device=device) for r in range(batch.cp_size)])
         row_of = torch.empty_like(gathered)
         row_of[gathered] = torch.arange(gathered.numel(), device=device)
@@ -277,7 +350,7 @@ def build_layout(
         sp_samples=sp_samples,
         self_attn=VarlenParams.from_host(cu, cu_k, device),
         kv_index=kv_index,
-        cross_attn=VarlenParams.from_host(cu, batch.cu_seqlens_kv.tolist(), device),
+        cross_attn=VarlenParams.from_host(cu, batch.host("cu_seqlens_kv"), device),
         rope=rope_cs,
         cp_group=cp_group,
     )
@@ -305,9 +378,11 @@ def make_attention_backend(name: str, num_heads: int, head_dim: int, kind: str) 
 
 class _Attention(MegatronModule):
     def __init__(self, config: TransformerConfig, submodules: AttentionSubmodules, *, attention_backend: str,
-                 kind: str, text_dim: int = 0, layer_number: int = 1, tp_group=None, **_unused):
+                 kind: str, text_dim: int = 0, layer_number: int = 1, tp_group=None, compile_chains: bool = False,
+                 **_unused):
         super().__init__(config)
         self.layer_number = layer_number
+        self.chains = ElementwiseChains(compile_chains)
         tp = config.tensor_model_parallel_size
         self.head_dim = config.kv_channels
         self.heads = config.num_attention_heads // tp  # heads on this TP rank
@@ -361,9 +436,7 @@ class SelfAttention(_Attention):
     def forward(self, hidden: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         qkv, _ = self.linear_qkv(hidden)  # [L, 1, 3 * heads * head_dim] (tokens gathered under SP)
         q, k, v = qkv.view(qkv.shape[0], self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
-        q, k = self.q_layernorm(q), self.k_layernorm(k)
-        if layout.rope is not None:
-            q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
+        q, k = self.chains.qk_norm_rope(q, k, self.q_layernorm, self.k_layernorm, layout.rope)
         if layout.cp_group is not None:  # every CP rank needs all keys of its samples (backward: reduce-scatter)
             kv = tensor_parallel.gather_from_sequence_parallel_region(torch.cat([k, v], -1), True, group=layout.cp_group)
             k, v = kv.split(self.head_dim, dim=-1)
@@ -408,9 +481,11 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
     """
 
     def __init__(self, config: TransformerConfig, submodules: DiTLayerSubmodules, layer_number: int = 1,
-                 pg_collection=None, vp_stage=None, adaln_lora_rank: int = 256, **_unused):
+                 pg_collection=None, vp_stage=None, adaln_lora_rank: int = 256, compile_chains: bool = False,
+                 **_unused):
         super().__init__(config)
         self.layer_number = layer_number
+        self.chains = ElementwiseChains(compile_chains)
         tp_group = pg_collection.tp if pg_collection is not None else None
         self.eps = config.layernorm_epsilon
         self.adaln = AdaLN(config.hidden_size, 9, adaln_lora_rank)
@@ -419,34 +494,33 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp_group)
         self.sequence_parallel = config.sequence_parallel and config.tensor_model_parallel_size > 1
 
-    def norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), eps=self.eps)
-
     def forward(self, hidden_states, attention_mask=None, context=None, packed_seq_params=None, **_unused):
         c, layout = attention_mask, packed_seq_params
         mod = self.adaln(c)  # [N, 9D]
         if self.sequence_parallel:  # each TP rank holds part of every sample's tokens: sum their gradients
             mod = tensor_parallel.copy_to_tensor_model_parallel_region(mod)
         shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca, shift_mlp, scale_mlp, gate_mlp = mod.chunk(9, dim=-1)
-        seg, x = layout.sp_samples, hidden_states
+        seg, x, chains, eps = layout.sp_samples, hidden_states, self.chains, self.eps
 
-        h = self.self_attention(modulate(self.norm(x), shift_sa, scale_sa, seg), layout)
-        x = gated_residual(x, h, gate_sa, seg)
-        h = self.cross_attention(modulate(self.norm(x), shift_ca, scale_ca, seg), context, layout)
-        x = gated_residual(x, h, gate_ca, seg)
-        h, _ = self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp, seg))
-        x = gated_residual(x, h, gate_mlp, seg)
+        h = self.self_attention(chains.norm_modulate(x, shift_sa, scale_sa, seg, eps), layout)
+        x = chains.gated_residual(x, h, gate_sa, seg)
+        h = self.cross_attention(chains.norm_modulate(x, shift_ca, scale_ca, seg, eps), context, layout)
+        x = chains.gated_residual(x, h, gate_ca, seg)
+        h, _ = self.mlp(chains.norm_modulate(x, shift_mlp, scale_mlp, seg, eps))
+        x = chains.gated_residual(x, h, gate_mlp, seg)
         return x, context
 
 
-def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_dim: int = 1024) -> ModuleSpec:
-    """The DiT block on megatron-core's local (non-TE) parallel linears; ``attention`` names the kernel backend."""
+def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_dim: int = 1024,
+                   compile_chains: bool = False) -> ModuleSpec:
+    """The DiT block on megatron-core's local (non-TE) parallel linears; ``attention`` names the kernel backend,
+    ``compile_chains`` fuses the elementwise work between the matmuls (:class:`ElementwiseChains`)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     def attention_spec(module, **params):
         return ModuleSpec(
             module=module,
-            params={"attention_backend": attention, **params},
+            params={"attention_backend": attention, "compile_chains": compile_chains, **params},
             submodules=AttentionSubmodules(
                 linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear,
                 q_layernorm=RMSNorm, k_layernorm=RMSNorm, linear_proj=RowParallelLinear,
@@ -455,7 +529,7 @@ def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_di
 
     return ModuleSpec(
         module=DiTLayer,
-        params={"adaln_lora_rank": adaln_lora_rank},
+        params={"adaln_lora_rank": adaln_lora_rank, "compile_chains": compile_chains},
         submodules=DiTLayerSubmodules(
             self_attention=attention_spec(SelfAttention),
             cross_attention=attention_spec(CrossAttention, text_dim=text_dim),
@@ -500,7 +574,7 @@ class DiT(MegatronModule):
 
         self.x_embedder = nn.Linear(self.in_features, hidden)
         self.t_embedder = TimestepEmbedding(options.timestep_channels, hidden)
-        spec = dit_layer_spec(options.attention, options.adaln_lora_rank, options.text_dim)
+        spec = dit_layer_spec(options.attention, options.adaln_lora_rank, options.text_dim, options.compile)
         self.decoder = TransformerBlock(
             config, TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=None),
             post_layer_norm=False,
@@ -541,9 +615,9 @@ class DiT(MegatronModule):
             raise DiTInputError(f"c_noise has {c_noise.numel()} values for {batch.num_samples} samples (one per sample)")
         if batch.text.shape[-1] != self.text_dim:
             raise DiTInputError(f"text states have width {batch.text.shape[-1]}, the model was built with text_dim {self.text_dim}")
-        if int(batch.seqlens_kv.min()) < 1:
+        if min(batch.host("seqlens_kv"), default=1) < 1:
             raise DiTInputError(
-                f"every sample needs at least one text token (seqlens_kv {batch.seqlens_kv.tolist()}); "
+                f"every sample needs at least one text token (seqlens_kv {batch.host('seqlens_kv')}); "
                 "null text is one token of zeros"
             )
         if self.sequence_parallel and batch.num_tokens % self.tp_size:
