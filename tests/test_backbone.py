@@ -133,6 +133,7 @@ def _equal_size_pack():
 
 def test_equal_length_samples_broadcast_like_the_gather_path(monkeypatch):
     """Packs of equal-length samples take the reshape path; it must equal the general (gather) path."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 one-hot sums on a GPU
     torch.manual_seed(0)
     model = dit.build(H.tiny_options())
     H.randomize_(model)
@@ -150,8 +151,8 @@ def test_equal_length_samples_broadcast_like_the_gather_path(monkeypatch):
         torch.testing.assert_close(grads[name], grads_general[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_compiled_chains_give_the_eager_outputs_and_gradients():
-    """model.compile fuses the elementwise chains with torch.compile (inductor on CPU here): same numbers."""
+def test_compiled_layers_give_the_eager_outputs_and_gradients():
+    """model.compile compiles each layer with torch.compile (inductor; C++ on CPU here): the same numbers."""
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -160,13 +161,13 @@ def test_compiled_chains_give_the_eager_outputs_and_gradients():
     compiled = dit.build(H.tiny_options(compile=True))
     H.randomize_(eager)
     compiled.load_state_dict(eager.state_dict())
-    for batch in (_equal_size_pack(), H.make_packs()[0]):  # equal lengths (compiled) and mixed (eager fallback)
+    for batch in (_equal_size_pack(), H.make_packs()[0]):  # equal lengths and mixed
         out, grads = _forward_backward(eager, batch)
         out_c, grads_c = _forward_backward(compiled, batch)
         torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-5)
         for name in grads:
             torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert counters["stats"]["unique_graphs"] >= 3 and not counters["graph_break"]  # the chains really compiled
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_padding_content_does_not_leak(model):

@@ -88,15 +88,12 @@ class Segments:
         # Set when the tokens are num_samples whole samples of this one length (images of one size): the
         # per-sample vectors then broadcast over a [N, length, D] view, with no gather and no one-hot sums.
         self.length = length
-        self._onehot: dict[torch.dtype, torch.Tensor] = {}  # [N, L] per dtype, made on first use
 
     def expand(self, v: torch.Tensor) -> torch.Tensor:
         return v[self.ids].unsqueeze(1)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        onehot = self._onehot.get(t.dtype)
-        if onehot is None:
-            onehot = self._onehot[t.dtype] = F.one_hot(self.ids, self.num_samples).T.to(t.dtype)
+        onehot = F.one_hot(self.ids, self.num_samples).T.to(t.dtype)  # [N, L]; no cache: no state to mutate
         return onehot @ t.reshape(t.shape[0], -1)
 
 
@@ -156,17 +153,6 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg
     return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale, seg)
 
 
-# The same for equal-length samples, from tensors alone (what torch.compile sees; N comes from the shapes).
-def _norm_modulate_equal(x, shift, scale, eps: float):
-    h = F.layer_norm(_by_sample(x, shift.shape[0]), (x.shape[-1],), eps=eps)
-    return torch.addcmul(shift[:, None], h, 1 + scale[:, None]).view(x.shape)
-
-
-def _gated_residual_equal(residual, y, gate):
-    n = gate.shape[0]
-    return torch.addcmul(_by_sample(residual, n), gate[:, None], _by_sample(y, n)).view(residual.shape)
-
-
 def rope3d_axis_dims(head_dim: int) -> tuple[int, int, int]:
     """Channels of a head rotated by t, h and w: h and w get 2*(head_dim//6) each, t the rest (all even)."""
     spatial = 2 * (head_dim // 6)
@@ -195,46 +181,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, torch.cat([-x2, x1], dim=-1), sin)
 
 
-def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
                  rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of queries and keys, then the rotary embedding when there is one."""
-    dim = (q.shape[-1],)
-    q, k = F.rms_norm(q, dim, q_weight.to(q.dtype), eps), F.rms_norm(k, dim, k_weight.to(k.dtype), eps)
+    q, k = q_norm(q), k_norm(k)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q, k
-
-
-class ElementwiseChains:
-    """The elementwise work between a layer's matmuls: eager, or (``compile``) each chain fused by torch.compile.
-
-    Compiled chains take packs of equal-length samples (``Segments.length`` set: one image size per pack,
-    as in the benchmarks and most training data); mixed lengths run the eager chains. Compiling whole
-    chains, not the layer, keeps megatron's parallel linears and the attention kernel out of the graph.
-    """
-
-    def __init__(self, compile: bool = False):
-        self.compiled = compile
-        if compile:
-            # dynamic: the token and sample counts change from pack to pack; one graph serves them all.
-            self._norm_modulate = torch.compile(_norm_modulate_equal, dynamic=True)
-            self._gated_residual = torch.compile(_gated_residual_equal, dynamic=True)
-            self._qk_norm_rope = torch.compile(qk_norm_rope, dynamic=True)
-
-    def norm_modulate(self, x, shift, scale, seg: Segments, eps: float):
-        if self.compiled and seg.length is not None:
-            return self._norm_modulate(x, shift, scale, eps)
-        return norm_modulate(x, shift, scale, seg, eps)
-
-    def gated_residual(self, residual, y, gate, seg: Segments):
-        if self.compiled and seg.length is not None:
-            return self._gated_residual(residual, y, gate)
-        return gated_residual(residual, y, gate, seg)
-
-    def qk_norm_rope(self, q, k, q_norm: RMSNorm, k_norm: RMSNorm, rope):
-        # Weights, not modules, go in: a compiled graph then serves every layer (no per-module guards).
-        fn = self._qk_norm_rope if self.compiled else qk_norm_rope
-        return fn(q, k, q_norm.weight, k_norm.weight, q_norm.eps, rope)
 
 
 def _sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -378,11 +331,9 @@ def make_attention_backend(name: str, num_heads: int, head_dim: int, kind: str) 
 
 class _Attention(MegatronModule):
     def __init__(self, config: TransformerConfig, submodules: AttentionSubmodules, *, attention_backend: str,
-                 kind: str, text_dim: int = 0, layer_number: int = 1, tp_group=None, compile_chains: bool = False,
-                 **_unused):
+                 kind: str, text_dim: int = 0, layer_number: int = 1, tp_group=None, **_unused):
         super().__init__(config)
         self.layer_number = layer_number
-        self.chains = ElementwiseChains(compile_chains)
         tp = config.tensor_model_parallel_size
         self.head_dim = config.kv_channels
         self.heads = config.num_attention_heads // tp  # heads on this TP rank
@@ -436,7 +387,7 @@ class SelfAttention(_Attention):
     def forward(self, hidden: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         qkv, _ = self.linear_qkv(hidden)  # [L, 1, 3 * heads * head_dim] (tokens gathered under SP)
         q, k, v = qkv.view(qkv.shape[0], self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
-        q, k = self.chains.qk_norm_rope(q, k, self.q_layernorm, self.k_layernorm, layout.rope)
+        q, k = qk_norm_rope(q, k, self.q_layernorm, self.k_layernorm, layout.rope)
         if layout.cp_group is not None:  # every CP rank needs all keys of its samples (backward: reduce-scatter)
             kv = tensor_parallel.gather_from_sequence_parallel_region(torch.cat([k, v], -1), True, group=layout.cp_group)
             k, v = kv.split(self.head_dim, dim=-1)
@@ -481,11 +432,9 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
     """
 
     def __init__(self, config: TransformerConfig, submodules: DiTLayerSubmodules, layer_number: int = 1,
-                 pg_collection=None, vp_stage=None, adaln_lora_rank: int = 256, compile_chains: bool = False,
-                 **_unused):
+                 pg_collection=None, vp_stage=None, adaln_lora_rank: int = 256, **_unused):
         super().__init__(config)
         self.layer_number = layer_number
-        self.chains = ElementwiseChains(compile_chains)
         tp_group = pg_collection.tp if pg_collection is not None else None
         self.eps = config.layernorm_epsilon
         self.adaln = AdaLN(config.hidden_size, 9, adaln_lora_rank)
@@ -500,27 +449,34 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         if self.sequence_parallel:  # each TP rank holds part of every sample's tokens: sum their gradients
             mod = tensor_parallel.copy_to_tensor_model_parallel_region(mod)
         shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca, shift_mlp, scale_mlp, gate_mlp = mod.chunk(9, dim=-1)
-        seg, x, chains, eps = layout.sp_samples, hidden_states, self.chains, self.eps
+        seg, x, eps = layout.sp_samples, hidden_states, self.eps
 
-        h = self.self_attention(chains.norm_modulate(x, shift_sa, scale_sa, seg, eps), layout)
-        x = chains.gated_residual(x, h, gate_sa, seg)
-        h = self.cross_attention(chains.norm_modulate(x, shift_ca, scale_ca, seg, eps), context, layout)
-        x = chains.gated_residual(x, h, gate_ca, seg)
-        h, _ = self.mlp(chains.norm_modulate(x, shift_mlp, scale_mlp, seg, eps))
-        x = chains.gated_residual(x, h, gate_mlp, seg)
+        h = self.self_attention(norm_modulate(x, shift_sa, scale_sa, seg, eps), layout)
+        x = gated_residual(x, h, gate_sa, seg)
+        h = self.cross_attention(norm_modulate(x, shift_ca, scale_ca, seg, eps), context, layout)
+        x = gated_residual(x, h, gate_ca, seg)
+        h, _ = self.mlp(norm_modulate(x, shift_mlp, scale_mlp, seg, eps))
+        x = gated_residual(x, h, gate_mlp, seg)
         return x, context
 
 
-def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_dim: int = 1024,
-                   compile_chains: bool = False) -> ModuleSpec:
-    """The DiT block on megatron-core's local (non-TE) parallel linears; ``attention`` names the kernel backend,
-    ``compile_chains`` fuses the elementwise work between the matmuls (:class:`ElementwiseChains`)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron's RowParallelLinear, handing its own TP group to the matmul: megatron-core 0.16 passes
+    ``tp_group=None`` there, which warns on every call and breaks a torch.compile graph in two."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
+def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_dim: int = 1024) -> ModuleSpec:
+    """The DiT block on megatron-core's local (non-TE) parallel linears; ``attention`` names the kernel backend."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
 
     def attention_spec(module, **params):
         return ModuleSpec(
             module=module,
-            params={"attention_backend": attention, "compile_chains": compile_chains, **params},
+            params={"attention_backend": attention, **params},
             submodules=AttentionSubmodules(
                 linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear,
                 q_layernorm=RMSNorm, k_layernorm=RMSNorm, linear_proj=RowParallelLinear,
@@ -529,7 +485,7 @@ def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_di
 
     return ModuleSpec(
         module=DiTLayer,
-        params={"adaln_lora_rank": adaln_lora_rank, "compile_chains": compile_chains},
+        params={"adaln_lora_rank": adaln_lora_rank},
         submodules=DiTLayerSubmodules(
             self_attention=attention_spec(SelfAttention),
             cross_attention=attention_spec(CrossAttention, text_dim=text_dim),
@@ -574,13 +530,19 @@ class DiT(MegatronModule):
 
         self.x_embedder = nn.Linear(self.in_features, hidden)
         self.t_embedder = TimestepEmbedding(options.timestep_channels, hidden)
-        spec = dit_layer_spec(options.attention, options.adaln_lora_rank, options.text_dim, options.compile)
+        spec = dit_layer_spec(options.attention, options.adaln_lora_rank, options.text_dim)
         self.decoder = TransformerBlock(
             config, TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=None),
             post_layer_norm=False,
         )
         self.final_layer = FinalLayer(hidden, self.in_features, config.layernorm_epsilon)
         self._init_weights(config.init_method_std)
+        if options.compile:
+            # One graph per layer call, shared by all layers: inductor fuses the norms, modulation, RoPE and
+            # gated residuals around the matmuls and the attention kernel. Packs whose sizes differ recompile
+            # once, then run a shape-generic graph.
+            for layer in self.decoder.layers:
+                layer.compile()
 
     @torch.no_grad()
     def _init_weights(self, std: float) -> None:

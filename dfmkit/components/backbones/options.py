@@ -65,8 +65,8 @@ class DiTOptions:
     layernorm_epsilon: float = attrs.field(default=1e-6, validator=v.gt(0))
     init_std: float = attrs.field(default=0.02, validator=v.gt(0))
     recompute: str = attrs.field(default="none", validator=v.in_(RECOMPUTE))
-    # Fuse each layer's elementwise chains (LayerNorm + adaLN modulation, q/k RMSNorm + RoPE, gated
-    # residuals) into single kernels with torch.compile: faster on GPU, a one-off compile at the start.
+    # torch.compile each DiT layer: inductor fuses the elementwise work around the matmuls and attention
+    # (norms, adaLN modulation, RoPE, gated residuals). Faster on GPU; compiling costs about a minute.
     compile: bool = False
     use_cpu_initialization: bool = False  # always on without a GPU; identical weights for every TP size
 
