@@ -69,16 +69,18 @@ class PackedBatch:
 
     def token_sample_ids(self) -> torch.Tensor:
         """[L] int64: the sample each token (real or padding) belongs to."""
-        return torch.repeat_interleave(
-            torch.arange(self.num_samples, device=self.latents.device), self.padded_seqlens().to(torch.int64)
+        return torch.repeat_interleave(  # output_size: no device sync to learn the length
+            torch.arange(self.num_samples, device=self.latents.device), self.padded_seqlens().to(torch.int64),
+            output_size=self.num_tokens,
         )
 
     def token_mask(self) -> torch.Tensor:
         """[L] bool: True for real tokens, False for padding."""
-        offsets = torch.arange(self.num_tokens, device=self.latents.device) - torch.repeat_interleave(
-            self.cu_seqlens[:-1].to(torch.int64), self.padded_seqlens().to(torch.int64)
+        padded, n = self.padded_seqlens().to(torch.int64), self.num_tokens
+        offsets = torch.arange(n, device=self.latents.device) - torch.repeat_interleave(
+            self.cu_seqlens[:-1].to(torch.int64), padded, output_size=n
         )
-        return offsets < torch.repeat_interleave(self.seqlens.to(torch.int64), self.padded_seqlens().to(torch.int64))
+        return offsets < torch.repeat_interleave(self.seqlens.to(torch.int64), padded, output_size=n)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
         """On ``device``; ``dtype`` applies to the floating tensors (latents and text). Keeps the subclass."""
@@ -88,7 +90,7 @@ class PackedBatch:
                 continue
             value = getattr(self, field.name)
             if isinstance(value, torch.Tensor):
-                if field.name in self.HOST_FIELDS and value.device.type == "cpu":
+                if field.name in self.HOST_FIELDS and (value.device.type == "cpu" or field.name in self._host):
                     host[field.name] = self.host(field.name)
                 # Pinned memory (the loaders pin their batches) copies without blocking the host.
                 value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None,

@@ -89,10 +89,11 @@ class ContextParallelBatch(PackedBatch):
         return shard_index(self.host("global_cu_seqlens"), self.cp_size, self.cp_rank, device=self.latents.device)
 
     def token_mask(self) -> torch.Tensor:
+        padded, n = self.padded_seqlens().to(torch.int64), self.num_tokens
         offsets = self.global_index() - torch.repeat_interleave(
-            self.global_cu_seqlens[:-1].to(self.latents.device, torch.int64), self.padded_seqlens().to(torch.int64)
+            self.global_cu_seqlens[:-1].to(self.latents.device, torch.int64), padded, output_size=n
         )
-        return offsets < torch.repeat_interleave(self.seqlens.to(torch.int64), self.padded_seqlens().to(torch.int64))
+        return offsets < torch.repeat_interleave(self.seqlens.to(torch.int64), padded, output_size=n)
 
     def local_seqlens(self) -> torch.Tensor:
         """[N] int64: real tokens of each sample on this rank."""
