@@ -380,11 +380,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @pytest.mark.parametrize("head_dim", [64, 72])
-def test_cuda_backends_match_sdpa_forward_and_backward(head_dim):
+@pytest.mark.parametrize("cu_q, cu_k", [
+    ([0, 130, 1154, 1160, 1700], [0, 100, 1024, 1030, 1600]),  # mixed lengths: flash varlen
+    ([0, 256, 512, 768], [0, 77, 154, 231]),  # equal lengths: cuDNN, batched
+])
+def test_cuda_backends_match_sdpa_forward_and_backward(head_dim, cu_q, cu_k):
     from dfmkit.components.attention.torch_backend import AutoTorchAttention, FlashVarlen, varlen_available
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    cu_q, cu_k = [0, 130, 1154, 1160, 1700], [0, 100, 1024, 1030, 1600]
     params = VarlenParams.from_host(cu_q, cu_k, "cuda")
     shape_q, shape_k = (cu_q[-1], 4, head_dim), (cu_k[-1], 4, head_dim)
     q = torch.randn(shape_q, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -407,14 +410,16 @@ def test_cuda_backends_match_sdpa_forward_and_backward(head_dim):
 
 
 @cuda
-def test_cuda_model_in_bf16_with_each_backend():
+@pytest.mark.parametrize("equal_sizes", [False, True])
+def test_cuda_model_in_bf16_with_each_backend(equal_sizes):
     outputs, grads = {}, {}
-    batch = H.make_packs()[0].to("cuda", torch.bfloat16)
+    cpu_batch = _equal_size_pack() if equal_sizes else H.make_packs()[0]
+    batch = cpu_batch.to("cuda", torch.bfloat16)
     for name in ("torch", "torch-sdpa", "torch-flex"):
         model = dit.build(H.tiny_options(attention=name, use_cpu_initialization=True))
         H.randomize_(model)
         model.to(torch.bfloat16)
-        x, c_noise, _ = (t.cuda() for t in H.pack_inputs(H.make_packs()[0], 0))
+        x, c_noise, _ = (t.cuda() for t in H.pack_inputs(cpu_batch, 0))
         out = model(x, c_noise, batch)
         out.float().square().mean().backward()
         outputs[name] = out.float()
