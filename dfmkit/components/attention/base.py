@@ -26,12 +26,17 @@ class VarlenParams:
     max_seqlen_k: int
     host_cu_seqlens_q: list[int]
     host_cu_seqlens_k: list[int]
+    # (query length, key length) when all segments share them (a pack of equal-size images): a backend
+    # may then run the segments as one batch. Two ints, so a compiled graph guards on them, not on the lists.
+    equal_lengths: tuple[int, int] | None = None
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-forward state a backend may keep
 
     @classmethod
     def from_host(cls, cu_q: list[int], cu_k: list[int], device: torch.device | str) -> VarlenParams:
         lengths_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
         lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        equal = (bool(lengths_q) and cu_q[0] == 0 and cu_k[0] == 0 and min(lengths_q) > 0 and min(lengths_k) > 0
+                 and len(set(lengths_q)) == 1 and len(set(lengths_k)) == 1)
         return cls(
             cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
             cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
@@ -39,6 +44,7 @@ class VarlenParams:
             max_seqlen_k=max(lengths_k, default=0),
             host_cu_seqlens_q=list(cu_q),
             host_cu_seqlens_k=list(cu_k),
+            equal_lengths=(lengths_q[0], lengths_k[0]) if equal else None,
         )
 
     @property

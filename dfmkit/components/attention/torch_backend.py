@@ -35,14 +35,6 @@ class AttentionBackendError(DfmkitError):
 # --------------------------------------------------------------------------------------------
 
 
-def _uniform_length(cu: list[int]) -> int | None:
-    """The common segment length when every segment of ``cu`` has the same, non-zero length, else None."""
-    if len(cu) < 2 or cu[0] != 0 or cu[1] <= 0:
-        return None
-    n = cu[1]
-    return n if cu[-1] == n * (len(cu) - 1) and all(b - a == n for a, b in zip(cu, cu[1:])) else None
-
-
 def sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: VarlenParams) -> torch.Tensor:
     """One ``scaled_dot_product_attention`` per segment; ``[T, H, D]`` in and out.
 
@@ -53,7 +45,7 @@ def sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: Var
     cu_q, cu_k = params.host_cu_seqlens_q, params.host_cu_seqlens_k
     if (lengths := equal_segments(q, k, params)) is not None:
         len_q, len_k = lengths
-        n = params.num_segments
+        n = q.shape[0] // len_q
         as_batch = lambda t, s: t.view(n, s, *t.shape[1:]).transpose(1, 2)  # noqa: E731  [N, H, S, D]
         out = F.scaled_dot_product_attention(as_batch(q, len_q), as_batch(k, len_k), as_batch(v, len_k))
         return out.transpose(1, 2).reshape(q.shape)
@@ -120,10 +112,11 @@ class FlashVarlen(torch.nn.Module):
 
 def equal_segments(q: torch.Tensor, k: torch.Tensor, params: VarlenParams) -> tuple[int, int] | None:
     """(query length, key length) when every segment has the same of each and they fill the tensors."""
-    len_q, len_k = _uniform_length(params.host_cu_seqlens_q), _uniform_length(params.host_cu_seqlens_k)
-    if len_q is None or len_k is None or params.host_cu_seqlens_q[-1] != q.shape[0] or params.host_cu_seqlens_k[-1] != k.shape[0]:
+    if params.equal_lengths is None:
         return None
-    return len_q, len_k
+    len_q, len_k = params.equal_lengths
+    n = q.shape[0] // len_q
+    return (len_q, len_k) if len_q * n == q.shape[0] and len_k * n == k.shape[0] else None
 
 
 @functools.cache
