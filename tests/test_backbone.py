@@ -49,7 +49,7 @@ def run(model, batch, seed=0):
 def test_registered_through_the_hook():
     plugins = PluginManager(entry_points=False)
     assert "dit" in plugins.registries.backbone
-    assert {"torch", "torch-sdpa", "torch-varlen", "torch-flex"} <= set(plugins.registries.attention.names())
+    assert {"torch", "torch-sdpa", "torch-varlen", "torch-cudnn", "torch-flex"} <= set(plugins.registries.attention.names())
     assert ("te" in plugins.registries.attention) == _te_importable()
 
 
@@ -385,7 +385,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
     ([0, 256, 512, 768], [0, 77, 154, 231]),  # equal lengths: cuDNN, batched
 ])
 def test_cuda_backends_match_sdpa_forward_and_backward(head_dim, cu_q, cu_k):
-    from dfmkit.components.attention.torch_backend import AutoTorchAttention, FlashVarlen, varlen_available
+    from dfmkit.components.attention.torch_backend import (
+        AutoTorchAttention,
+        CudnnEqualSegments,
+        FlashVarlen,
+        varlen_available,
+    )
 
     g = torch.Generator(device="cuda").manual_seed(0)
     params = VarlenParams.from_host(cu_q, cu_k, "cuda")
@@ -404,7 +409,7 @@ def test_cuda_backends_match_sdpa_forward_and_backward(head_dim, cu_q, cu_k):
         return [out.float(), q.grad.float(), k.grad.float(), v.grad.float()]
 
     expected = run_backend(SDPASegments())
-    for backend in (FlashVarlen(), AutoTorchAttention(), FlexDocumentAttention()):
+    for backend in (FlashVarlen(), AutoTorchAttention(), CudnnEqualSegments(), FlexDocumentAttention()):
         for got, want in zip(run_backend(backend), expected):
             assert (got - want).abs().max() <= 2e-2 * want.abs().max(), type(backend).__name__
 

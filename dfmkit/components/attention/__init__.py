@@ -32,6 +32,8 @@ def dfmkit_register(registries):
                  summary="flash-attention varlen kernel only (CUDA, bf16/fp16)")
     reg.register("torch-sdpa", f"{_TORCH}:build_sdpa",
                  summary="one scaled_dot_product_attention per packed sample (any device and dtype)")
+    reg.register("torch-cudnn", f"{_TORCH}:build_cudnn",
+                 summary="cuDNN fused attention for equal-length segments, flash varlen otherwise (CUDA, bf16/fp16)")
     reg.register("torch-flex", f"{_TORCH}:build_flex",
                  summary="flex_attention with a per-sample document mask")
     if transformer_engine_importable():

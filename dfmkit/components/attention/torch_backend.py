@@ -2,12 +2,15 @@
 
 Registered names (pick with ``model.attention``):
 
-- ``torch``: the default. On CUDA with bf16/fp16 inputs: cuDNN's fused attention when every segment has
-  the same length (a pack of equal-size images: one batched call), otherwise flash-attention varlen
+- ``torch``: the default. On CUDA with bf16/fp16 inputs, flash-attention varlen
   (``aten._flash_attention_forward``, the kernel behind ``torch.nn.attention.varlen.varlen_attn``, called
   directly: its autograd is C++, the custom op's is Python and costs about 0.5 ms of CPU per call);
   everywhere else (CPU, fp32) one ``scaled_dot_product_attention`` call per segment (one batched call
   for equal-length segments).
+- ``torch-cudnn``: cuDNN's fused attention as one batched call when every segment has the same length (a
+  pack of equal-size images), flash varlen otherwise (CUDA, bf16/fp16). Alone it is about 1.5x faster than
+  flash varlen for DiT-XL's shapes on an H100 (benchmarks/attention_kernels.py), but inside the DiT it made
+  the training step slower (XL, 128 x 256 tokens, compiled: 29.3% MFU against 31.2%), so it is not the default.
 - ``torch-varlen``: flash varlen only (CUDA, bf16/fp16; a clear error otherwise).
 - ``torch-sdpa``: the per-segment SDPA loop only (correct on every device and dtype; the reference
   the others are tested against).
@@ -132,8 +135,7 @@ def cudnn_available(q: torch.Tensor) -> bool:
 
 def cudnn_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, len_q: int, len_k: int) -> torch.Tensor:
     """Equal-length segments as one batch ``[N, H, S, D]`` through cuDNN's fused attention (the aten op,
-    whose backward is registered in C++). On an H100 it ran DiT-XL's self- and cross-attention about 1.5x
-    faster, forward + backward, than flash varlen (benchmarks/attention_kernels.py)."""
+    whose backward is registered in C++)."""
     n = q.shape[0] // len_q
     as_batch = lambda t, s: t.view(n, s, *t.shape[1:]).transpose(1, 2)  # noqa: E731
     out = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -141,13 +143,22 @@ def cudnn_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, len_q: int,
     return out.transpose(1, 2).reshape(q.shape)
 
 
-class AutoTorchAttention(torch.nn.Module):
-    """On CUDA in bf16/fp16: cuDNN attention for equal-length segments, else flash varlen; per-segment SDPA
-    elsewhere (CPU, fp32)."""
+class CudnnEqualSegments(torch.nn.Module):
+    """cuDNN attention where the segments have equal lengths (CUDA, bf16/fp16), flash varlen otherwise."""
 
     def forward(self, q, k, v, params: VarlenParams):
-        if q.is_cuda and cudnn_available(q) and (lengths := equal_segments(q, k, params)) is not None:
+        if not varlen_available(q):
+            raise AttentionBackendError(
+                f"attention backend 'torch-cudnn' needs CUDA tensors in bf16/fp16 (got {q.device.type} {q.dtype})")
+        if cudnn_available(q) and (lengths := equal_segments(q, k, params)) is not None:
             return cudnn_batched(q, k, v, *lengths)
+        return _varlen_fn()(q, k, v, params)
+
+
+class AutoTorchAttention(torch.nn.Module):
+    """Flash varlen where it runs (CUDA, bf16/fp16), per-segment SDPA elsewhere."""
+
+    def forward(self, q, k, v, params: VarlenParams):
         if varlen_available(q):
             return _varlen_fn()(q, k, v, params)
         return sdpa_segments(q, k, v, params)
@@ -198,6 +209,10 @@ def build_varlen(options, **_context) -> torch.nn.Module:
 
 def build_sdpa(options, **_context) -> torch.nn.Module:
     return SDPASegments()
+
+
+def build_cudnn(options, **_context) -> torch.nn.Module:
+    return CudnnEqualSegments()
 
 
 def build_flex(options, **_context) -> torch.nn.Module:
