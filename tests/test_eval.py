@@ -115,6 +115,25 @@ def test_digits_cli_text_and_json(tmp_path, capsys):
     assert data["classifier"]["heldout_accuracy"] > 0.97
 
 
+def test_digits_grid_puts_each_digit_in_its_column_and_frames_misreadings(tmp_path, capsys):
+    from PIL import Image
+
+    images, labels = heldout_digits()
+    order = np.argsort(labels, kind="stable")
+    pick = np.concatenate([order[labels[order] == d][:2] for d in range(10)])  # two of each digit
+    prompts = digit_prompts(labels[pick])
+    prompts[0] = "a handwritten digit 7"  # a real 0 asked for as a 7: misread, framed red in column 7
+    samples = tmp_path / "samples"
+    write_samples(samples, render_digits(images[pick], 16), prompts)
+    code, _, _ = run_eval(["digits", "--samples", str(samples), "--grid", str(tmp_path / "grid.png")], capsys)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).astype(int)
+    assert code == 0 and grid.shape == (3 * 52 + 4, 10 * 52 + 4, 3)  # column 7 holds three samples
+    red = (grid[..., 0] > 150) & (grid[..., 1] < 80)
+    frame_of = lambda col, row: red[row * 52 + 2 : row * 52 + 54, col * 52 + 2 : col * 52 + 54].any()  # noqa: E731
+    assert frame_of(7, 0) and not frame_of(0, 0) and not frame_of(7, 1)
+    assert not red[:, : 7 * 52].any()  # no other sample is framed
+
+
 def test_other_prompts_fail_or_are_skipped(tmp_path, capsys):
     images, labels = heldout_digits()
     prompts = digit_prompts(labels[:6])

@@ -20,6 +20,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     digits.add_argument("--skip-other-prompts", action="store_true",
                         help="skip (and list) samples whose prompt is not 'a handwritten digit K' instead of failing")
     digits.add_argument("--json", action="store_true", help="print the report as JSON")
+    digits.add_argument("--grid", metavar="PNG",
+                        help="also write a picture of the samples: a column per digit, misread ones framed red")
 
     fid = actions.add_parser(
         "fid", help="FID between a folder of generated images and a reference folder",
@@ -46,6 +48,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from dfmkit.eval.digits import evaluate_digits
 
         report = evaluate_digits(args.samples, skip_other_prompts=args.skip_other_prompts)
+        if args.grid:
+            from dfmkit.eval.digits import write_digit_grid
+
+            write_digit_grid(report, args.grid)
     else:
         from dfmkit.eval.fid import compute_fid
 

@@ -191,6 +191,7 @@ class DigitsReport:
     classifier: dict[str, Any]
     skipped: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    readings: list[dict[str, Any]] = field(default_factory=list)  # per sample: file, requested, read_as
     method: str = (f"grey = mean of RGB; downsampled to 8x8 by area averaging; 0..255 -> 0..16; "
                    f"prompts must be exactly '{PROMPT_FORM}'")
 
@@ -227,6 +228,7 @@ def evaluate_digits(samples: str | Path, *, skip_other_prompts: bool = False) ->
     files = list_images(samples, role="samples")
     requested: list[int] = []
     grids: list[np.ndarray] = []
+    scored: list[Path] = []
     sizes: set[str] = set()
     skipped: list[dict[str, str]] = []
     for path in files:
@@ -244,6 +246,7 @@ def evaluate_digits(samples: str | Path, *, skip_other_prompts: bool = False) ->
         sizes.add(f"{image.shape[0]}x{image.shape[1]}")
         requested.append(digit)
         grids.append(to_digit_grid(image))
+        scored.append(path)
     if not grids:
         raise EvalError(f"samples folder {str(samples)!r}: none of its {len(files)} images has a digit prompt "
                         f"('{PROMPT_FORM}')")
@@ -268,4 +271,32 @@ def evaluate_digits(samples: str | Path, *, skip_other_prompts: bool = False) ->
         samples=str(samples), count=len(requested), correct=correct, accuracy=correct / len(requested),
         per_digit=per_digit, confusion=confusion.tolist(), image_sizes=sorted(sizes),
         classifier=classifier.summary(), skipped=skipped, warnings=warnings,
+        readings=[{"file": str(path), "requested": int(want), "read_as": int(got)}
+                  for path, want, got in zip(scored, wanted, predicted)],
     )
+
+
+def write_digit_grid(report: DigitsReport, out: str | Path, cell: int = 48, gap: int = 4) -> Path:
+    """A PNG of the scored samples: one column per requested digit 0..9, one row per sample of it, each
+    image scaled to ``cell`` pixels (nearest); a sample the classifier read as another digit is framed red."""
+    from PIL import Image
+
+    columns: dict[int, list[dict[str, Any]]] = {d: [] for d in range(10)}
+    for reading in report.readings:
+        columns[reading["requested"]].append(reading)
+    rows = max((len(c) for c in columns.values()), default=0)
+    if rows == 0:
+        raise EvalError("no scored samples to draw")
+    step = cell + gap
+    grid = Image.new("RGB", (10 * step + gap, rows * step + gap), (40, 40, 40))
+    for digit, readings in columns.items():
+        for row, reading in enumerate(readings):
+            x, y = gap + digit * step, gap + row * step
+            if reading["read_as"] != digit:
+                grid.paste((200, 30, 30), (x - gap // 2, y - gap // 2, x + cell + gap // 2, y + cell + gap // 2))
+            image = Image.fromarray(read_image(reading["file"])).convert("RGB")
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (x, y))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
