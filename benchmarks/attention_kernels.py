@@ -80,7 +80,17 @@ def main() -> int:
             out.backward(grad.transpose(1, 2).reshape(-1, h, d))
             return out.view(n, sq, h, d).transpose(1, 2)
 
-        for kernel, step in [("flash-varlen", run_varlen)] + [(b, run_batched(e)) for b, e in BACKENDS.items()]:
+        # The layout the DiT hands over: [N, S, H, D] memory viewed as [N, H, S, D] (q, k, v split from one projection).
+        strided = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+
+        def run_cudnn_strided():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = F.scaled_dot_product_attention(*strided)
+            out.backward(grad.transpose(1, 2).contiguous().transpose(1, 2))
+            return out
+
+        kernels = [("flash-varlen", run_varlen)] + [(b, run_batched(e)) for b, e in BACKENDS.items()]
+        for kernel, step in kernels + [("sdpa-cudnn-bshd", run_cudnn_strided)]:
             row = {"shape": name, "kernel": kernel}
             try:
                 error = (step().float() - reference).abs().max().item()

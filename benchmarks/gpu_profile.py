@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--preset", default="XL")
     parser.add_argument("--case", default="a", choices=sorted(CASES))
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--attention", default="torch", help="attention backend (model.attention)")
     parser.add_argument("--variants", default="eager,compile,profile",
                         help="eager: model.compile off; compile: model.compile on; profile: operator tables of "
                              "the last model built")
@@ -68,7 +69,7 @@ def main() -> int:
     trainer = None
     with tempfile.TemporaryDirectory() as workdir:
         def build(compile: bool):
-            return make_trainer(args.preset, Layout(), text_dim=1024, attention="torch", workdir=workdir,
+            return make_trainer(args.preset, Layout(), text_dim=1024, attention=args.attention, workdir=workdir,
                                 steps=1000, compile=compile, **CASES[args.case])
 
         for variant in variants:
