@@ -9,8 +9,10 @@ Registered names (pick with ``model.attention``):
   for equal-length segments).
 - ``torch-cudnn``: cuDNN's fused attention as one batched call when every segment has the same length (a
   pack of equal-size images), flash varlen otherwise (CUDA, bf16/fp16). Alone it is about 1.5x faster than
-  flash varlen for DiT-XL's shapes on an H100 (benchmarks/attention_kernels.py), but inside the DiT it made
-  the training step slower (XL, 128 x 256 tokens, compiled: 29.3% MFU against 31.2%), so it is not the default.
+  flash varlen for DiT-XL's shapes on an H100 (benchmarks/attention_kernels.py), also in the strided layout the
+  DiT hands over, but inside the DiT it made the training step slower (XL compiled, 128 x 256 tokens: 29.3%
+  MFU against 30.6%; 15 x 1024 tokens: 17.7% against 24.9%, with the GPU idle 43% of that step: host-bound,
+  cause not found), so it is not the default.
 - ``torch-varlen``: flash varlen only (CUDA, bf16/fp16; a clear error otherwise).
 - ``torch-sdpa``: the per-segment SDPA loop only (correct on every device and dtype; the reference
   the others are tested against).
