@@ -194,7 +194,12 @@ def run_matrix(models: Sequence[str], layouts: Sequence[Layout], **case: Any) ->
             if reason:
                 rows.append({"model": preset, "layout": layout.name, "skipped": reason})
                 continue
-            row = run_case(preset, layout, **case)
+            try:
+                row = run_case(preset, layout, **case)
+            except torch.OutOfMemoryError:  # every rank holds the same share, so every rank lands here
+                torch.cuda.empty_cache()
+                rows.append({"model": preset, "layout": layout.name, "skipped": "out of GPU memory"})
+                continue
             if layout.tensor == 1 and layout.context == 1:
                 baseline = row["loss_step2"]
             row["loss_parity"] = abs(row["loss_step2"] - baseline) / abs(baseline) if baseline else float("nan")
