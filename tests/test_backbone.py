@@ -440,3 +440,26 @@ def test_cuda_gpu_initialisation_builds_on_the_device():
     assert all(p.is_cuda for p in model.parameters())
     first = model.decoder.layers[0].self_attention.linear_qkv.weight
     assert 0.015 < float(first.detach().float().std()) < 0.025  # N(0, 0.02) from megatron's GPU init path
+
+
+@cuda
+def test_cuda_compiled_model_serves_packs_of_varied_sizes_without_recompiling_each():
+    """model.compile on a GPU: after the first shape change the layer graph is shape-generic, so packs of
+    other sizes and sample counts reuse it (a recompile per pack would soon exhaust dynamo's cache)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = dit.build(H.tiny_options(compile=True, use_cpu_initialization=True))
+    H.randomize_(model)
+    model.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    for i in range(6):
+        count = 2 + i
+        shapes = [(1, 2 * int(torch.randint(1, 5, (1,), generator=g)), 2 * int(torch.randint(1, 5, (1,), generator=g)))
+                  for _ in range(count)]
+        texts = [int(torch.randint(1, 12, (1,), generator=g)) for _ in range(count)]
+        cpu_batch = pack(H.make_samples(20 + i, shapes, texts), 2, 1, pad_multiple=8)
+        x, c_noise, _ = (t.cuda() for t in H.pack_inputs(cpu_batch, i))
+        out = model(x, c_noise, cpu_batch.to("cuda", torch.bfloat16))
+        out.float().square().mean().backward()
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
