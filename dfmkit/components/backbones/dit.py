@@ -82,12 +82,13 @@ class Segments:
     -> [N, D]`` adds each sample's tokens up (a one-hot matmul: no atomics, fp32 accumulation).
     """
 
-    def __init__(self, ids: torch.Tensor, num_samples: int, length: int | None = None):
+    def __init__(self, ids: torch.Tensor, num_samples: int, equal: bool = False):
         self.ids = ids  # [L] int64
         self.num_samples = num_samples
-        # Set when the tokens are num_samples whole samples of this one length (images of one size): the
+        # True when the tokens are num_samples whole samples of one length (images of one size): the
         # per-sample vectors then broadcast over a [N, length, D] view, with no gather and no one-hot sums.
-        self.length = length
+        # A bool, not the length: a compiled layer then keeps one graph for every such pack.
+        self.equal = equal
 
     def expand(self, v: torch.Tensor) -> torch.Tensor:
         return v[self.ids].unsqueeze(1)
@@ -134,16 +135,16 @@ def _by_sample(t: torch.Tensor, num_samples: int) -> torch.Tensor:
     return t.view(num_samples, -1, t.shape[-1])  # [L, 1, D] -> [N, length, D]
 
 
+# N comes from the per-sample tensors' shapes, not from Python ints: symbolic under torch.compile.
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: Segments) -> torch.Tensor:
-    if seg.length is not None:
-        n = seg.num_samples
-        return torch.addcmul(shift[:, None], _by_sample(x, n), 1 + scale[:, None]).view(x.shape)
+    if seg.equal:
+        return torch.addcmul(shift[:, None], _by_sample(x, shift.shape[0]), 1 + scale[:, None]).view(x.shape)
     return _Modulate.apply(x, shift, scale, seg)
 
 
 def gated_residual(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, seg: Segments) -> torch.Tensor:
-    if seg.length is not None:
-        n = seg.num_samples
+    if seg.equal:
+        n = gate.shape[0]
         return torch.addcmul(_by_sample(residual, n), gate[:, None], _by_sample(y, n)).view(residual.shape)
     return _GatedResidual.apply(residual, y, gate, seg)
 
@@ -274,7 +275,7 @@ def build_layout(
     seqlens = batch.host("seqlens")
     padded = [b - a for a, b in zip(cu, cu[1:])]
     equal = n > 0 and all(length == padded[0] for length in padded)
-    samples = Segments(batch.token_sample_ids(), n, length=padded[0] if equal else None)
+    samples = Segments(batch.token_sample_ids(), n, equal=equal)
     sp_samples = samples
     if sequence_parallel and tp_size > 1:
         chunk = batch.num_tokens // tp_size
@@ -611,6 +612,8 @@ class DiT(MegatronModule):
         if self.sequence_parallel:
             h = tensor_parallel.scatter_to_sequence_parallel_region(h)
         context = batch.text.to(dtype).unsqueeze(1)
+        if self.options.compile:
+            mark_pack_sizes_dynamic(h, c, context, layout)
         h = self.decoder(hidden_states=h, attention_mask=c, context=context, packed_seq_params=layout)
         if self.sequence_parallel:
             h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
@@ -620,6 +623,19 @@ class DiT(MegatronModule):
 # ============================================================================================
 # Building
 # ============================================================================================
+
+
+def mark_pack_sizes_dynamic(h: torch.Tensor, c: torch.Tensor, context: torch.Tensor, layout: PackedLayout) -> None:
+    """Tell torch.compile up front that token, sample and text counts change from pack to pack, so the
+    compiled layers start shape-generic instead of recompiling on the first packs of other sizes."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    tensors = [h, c, context, layout.samples.ids, layout.sp_samples.ids, layout.kv_index, *(layout.rope or ())]
+    for params in (layout.self_attn, layout.cross_attn):
+        tensors += [params.cu_seqlens_q, params.cu_seqlens_k]
+    for tensor in tensors:
+        if tensor is not None:
+            maybe_mark_dynamic(tensor, 0)
 
 
 class DiTConfigError(DfmkitError):
