@@ -135,10 +135,14 @@ def _by_sample(t: torch.Tensor, num_samples: int) -> torch.Tensor:
     return t.view(num_samples, -1, t.shape[-1])  # [L, 1, D] -> [N, length, D]
 
 
-# N comes from the per-sample tensors' shapes, not from Python ints: symbolic under torch.compile.
+# N comes from the per-sample tensors' shapes, never from a Python int, so it stays symbolic under
+# torch.compile; compiled code also gathers with plain indexing (inductor fuses the gather and writes the
+# per-sample sums of the backward itself) where eager code uses the memory-lean autograd functions above.
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: Segments) -> torch.Tensor:
     if seg.equal:
         return torch.addcmul(shift[:, None], _by_sample(x, shift.shape[0]), 1 + scale[:, None]).view(x.shape)
+    if torch.compiler.is_compiling():
+        return torch.addcmul(seg.expand(shift), x, seg.expand(1 + scale))
     return _Modulate.apply(x, shift, scale, seg)
 
 
@@ -146,6 +150,8 @@ def gated_residual(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, 
     if seg.equal:
         n = gate.shape[0]
         return torch.addcmul(_by_sample(residual, n), gate[:, None], _by_sample(y, n)).view(residual.shape)
+    if torch.compiler.is_compiling():
+        return torch.addcmul(residual, seg.expand(gate), y)
     return _GatedResidual.apply(residual, y, gate, seg)
 
 
@@ -604,11 +610,13 @@ class DiT(MegatronModule):
         self.check_inputs(x, c_noise, batch)
         layout = self.layout(batch)
         dtype = self.x_embedder.weight.dtype
-        h = self.x_embedder(x.to(dtype))
+        # [sequence, batch=1, hidden] as megatron wants it, made by the linear itself: not a view, so
+        # megatron's TransformerBlock passes this very tensor on (it copies views) and a torch.compile mark
+        # on it survives.
+        h = self.x_embedder(x.to(dtype).unsqueeze(1))
         if self.rope is None:
-            h = h + sincos3d(batch.pos_ids, h.shape[-1]).to(h.dtype)
+            h = h + sincos3d(batch.pos_ids, h.shape[-1]).to(h.dtype).unsqueeze(1)
         c = self.t_embedder(c_noise)  # [N, D]
-        h = h.unsqueeze(1)  # megatron's [sequence, batch=1, hidden]
         if self.sequence_parallel:
             h = tensor_parallel.scatter_to_sequence_parallel_region(h)
         context = batch.text.to(dtype).unsqueeze(1)
@@ -634,7 +642,7 @@ def mark_pack_sizes_dynamic(h: torch.Tensor, c: torch.Tensor, context: torch.Ten
     for params in (layout.self_attn, layout.cross_attn):
         tensors += [params.cu_seqlens_q, params.cu_seqlens_k]
     for tensor in tensors:
-        if tensor is not None:
+        if tensor is not None and tensor.shape[0] > 1:  # sizes 0 and 1 are always specialised
             maybe_mark_dynamic(tensor, 0)
 
 
