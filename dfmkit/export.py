@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from dfmkit.devices import resolve_device
 from dfmkit.errors import DfmkitError
 
 EXPORT_FORMAT = "dfmkit-export"
@@ -129,7 +130,6 @@ def export(
     from dfmkit import __version__, parallel
     from dfmkit.generate import (
         GenerateError,
-        _resolve_device,
         checkpoint_recipe_data,
         read_checkpoint_states,
         resolve_source,
@@ -150,7 +150,7 @@ def export(
     stored = load_recipe(data, registries=plugins.registries)
     layout = ParallelConfig(tensor=1, context=1)
     recipe = attrs.evolve(stored, parallel=layout)
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device, "--device", "use --device cpu")
     env = parallel.initialize(layout, torch_device, seed=recipe.train.seed)
     job = Job(recipe, plugins)
     model = job.components["model"].build(recipe=recipe).to(torch_device)

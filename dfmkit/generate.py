@@ -40,6 +40,7 @@ from typing import Any
 import attrs
 import torch
 
+from dfmkit.devices import resolve_device
 from dfmkit.errors import DfmkitError
 from dfmkit.job import Job
 from dfmkit.recipe import ParallelConfig, Recipe, load_recipe
@@ -364,20 +365,6 @@ def assign_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
 # ============================================================================================
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise GenerateError("device 'cuda' was asked for but no GPU is visible; use --device cpu")
-        return torch.device("cuda", torch.cuda.current_device())
-    if device != "cpu":
-        raise GenerateError(f"device must be auto, cpu or cuda, got {device!r}")
-    return torch.device("cpu")
-
-
 def generation_parallel(tensor: int = 1, context: int | None = None) -> ParallelConfig:
     """The layout generation runs with: ``tensor`` x ``context`` (default: the processes left over)."""
     import torch.distributed as dist
@@ -652,7 +639,7 @@ def load(
         recipe = load_recipe(recipe, overrides, registries=plugins.registries)
         if recipe.model.name != model_name:
             raise GenerateError(f"{where} holds a '{model_name}' model, the recipe builds '{recipe.model.name}'")
-    device = _resolve_device(device)
+    device = resolve_device(device, "--device", "use --device cpu")
     layout = generation_parallel(tensor, context)
     recipe = attrs.evolve(recipe, parallel=layout)
     env = parallel.initialize(layout, device, seed=recipe.train.seed)

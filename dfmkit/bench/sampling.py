@@ -18,7 +18,7 @@ def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 6
     from dfmkit import parallel
     from dfmkit.diffusion.edm import EDM
     from dfmkit.inference import sample_latents
-    from dfmkit.train.loop import resolve_device
+    from dfmkit.devices import resolve_device
 
     job = dfmkit.build({
         "model": {"name": "dit", "preset": preset, "in_channels": latent_shape[0], "text_dim": text_dim,

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dfmkit.batch import PackedBatch
+from dfmkit.devices import resolve_device
 from dfmkit.diffusion.edm import EDM, LossTerms, NoiseDraw
 from dfmkit.errors import DfmkitError, RecipeError
 from dfmkit.job import Job
@@ -50,14 +51,6 @@ def step_generator(seed: int, step: int, micro: int, dp_rank: int, device: torch
     return torch.Generator(device=device).manual_seed(hash((seed, step, micro, dp_rank)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RecipeError(["train.device: 'cuda' was asked for but no GPU is visible; use train.device=cpu"])
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 class Trainer:
     """Everything a run holds. ``Trainer(job).train()`` runs to ``train.train_iters`` or a stop signal."""
 
@@ -70,7 +63,7 @@ class Trainer:
         recipe = self.recipe = job.recipe
         if mock and not recipe.data.mock:
             self.recipe = recipe = attrs.evolve(recipe, data=attrs.evolve(recipe.data, mock=True))
-        self.device = resolve_device(recipe.train.device)
+        self.device = resolve_device(recipe.train.device, "train.device", "use train.device=cpu")
         precision = recipe.train.precision
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.model_dtype = torch.bfloat16 if self.bf16 else torch.float32

@@ -30,7 +30,8 @@ from typing import Any
 import attrs
 import torch
 
-from dfmkit.components.tokenizers.base import MissingArtifactError, resolve_device
+from dfmkit.components.tokenizers.base import MissingArtifactError
+from dfmkit.devices import resolve_device
 from dfmkit.errors import DfmkitError
 
 log = logging.getLogger("dfmkit")
@@ -106,7 +107,7 @@ class T5TextEncoder:
         self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         self.max_length = max_length
         self.batch_size = batch_size
-        self.device = resolve_device(device, "text_encoder")
+        self.device = resolve_device(device, "text_encoder.device")
         self.identity = identity or f"t5:{self.path}:{dtype}:max_length={max_length}"
         self._dim: int | None = None
         self._model: Any = None

@@ -20,15 +20,6 @@ class TokenizerInputError(DfmkitError, ValueError):
     """Pixels or latents a tokenizer cannot take: wrong rank, too small, or sides/frames that do not align."""
 
 
-def resolve_device(device: str, section: str) -> torch.device:
-    """The torch device of a component's ``device`` option: "auto" (CUDA when present), "cpu" or "cuda"."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DfmkitError(f"{section}.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(device)
-
-
 @runtime_checkable
 class Tokenizer(Protocol):
     """Encodes videos ``[B, 3, T, H, W]`` in [-1, 1] to latents ``[B, C, T', H', W']`` and back.

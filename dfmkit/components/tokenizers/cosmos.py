@@ -81,7 +81,8 @@ from typing import Any
 import attrs
 import torch
 
-from dfmkit.components.tokenizers.base import MissingArtifactError, TokenizerInputError, resolve_device
+from dfmkit.components.tokenizers.base import MissingArtifactError, TokenizerInputError
+from dfmkit.devices import resolve_device
 from dfmkit.errors import DfmkitError
 
 DEFAULT_VARIANT = "Cosmos-0.1-Tokenizer-CV4x8x8"
@@ -204,7 +205,7 @@ class CosmosTokenizer:
         self.spatial_factor = self.variant.spatial_factor
         self.temporal_factor = self.variant.temporal_factor
         self.scale = options.scale
-        self.device = resolve_device(options.device, "tokenizer")
+        self.device = resolve_device(options.device, "tokenizer.device")
         if options.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
