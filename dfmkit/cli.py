@@ -19,14 +19,7 @@ EPILOG = "Overrides are dotted recipe keys: train.train_iters=20000 parallel.ten
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a recipe .toml file, or the name of a packaged recipe (quickstart_digits)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
-
-
-def _not_available(command: str, issue: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"dfmkit {command}: not available in this version yet ({issue}).", file=sys.stderr)
-        return 2
-
-    return run
+    parser.set_defaults(overrides_anywhere=True)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -236,11 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
 _QUIET = ("Transformer Engine and Apex are not installed", "full scope is deprecated")
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with recipe overrides also accepted after options (`dfmkit run RECIPE --mock
+    train.train_iters=10`), which plain argparse refuses once an option has ended the positional list."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "overrides_anywhere", False) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for text in _QUIET:
         warnings.filterwarnings("ignore", message=f".*{text}.*")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:

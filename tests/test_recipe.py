@@ -138,3 +138,14 @@ def test_cli_prints_errors_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "train.train_iter: unknown key; did you mean train.train_iters?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_takes_overrides_before_and_after_options(capsys):
+    from dfmkit.cli import parse_args
+
+    args = parse_args(["run", "quickstart_digits", "train.seed=3", "--mock", "train.train_iters=7"])
+    assert args.mock and args.overrides == ["train.seed=3", "train.train_iters=7"]
+    for wrong in (["run", "quickstart_digits", "--mock", "--bogus"], ["generate", "--checkpoint", "c", "--out", "o", "a=b"]):
+        with pytest.raises(SystemExit):  # unknown options, and overrides where a command takes none, are refused
+            parse_args(wrong)
+        assert "unrecognized arguments" in capsys.readouterr().err
