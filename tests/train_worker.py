@@ -1,7 +1,7 @@
 """A training run in its own process, for the tests: ``python tests/train_worker.py CONFIG.json``.
 
 CONFIG holds {"recipe": {...}, "until_step": n or null, "out": path, "kill_during_save_at": step or null}.
-Writes {"losses": [...], "step": n} to ``out`` (rank 0). Under torchrun every rank runs it.
+Writes {"losses": [...], "grad_norms": [...], "step": n} to ``out`` (rank 0). Under torchrun every rank runs it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     result = train(dfmkit.build(config["recipe"]), until_step=config.get("until_step"))
     if int(os.environ.get("RANK", 0)) == 0:
         with open(config["out"], "w") as f:
-            json.dump({"losses": result["losses"], "step": result["step"]}, f)
+            json.dump({"losses": result["losses"], "grad_norms": result["grad_norms"], "step": result["step"]}, f)
 
 
 if __name__ == "__main__":

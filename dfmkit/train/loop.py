@@ -347,6 +347,7 @@ class Trainer:
         cfg = recipe.train
         previous_handlers = self._install_signal_handlers()
         history: list[float] = []
+        grad_norms: list[float] = []
         window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
         save_interval = recipe.checkpoint.save_interval
         stopped_by = None
@@ -355,6 +356,7 @@ class Trainer:
             while self.step < last:
                 metrics = self.train_step()
                 history.append(metrics["loss"])
+                grad_norms.append(metrics.get("grad_norm", float("nan")))
                 window_samples += metrics.get("samples", 0.0) * self.env.dp_size
                 window_tokens += metrics.get("tokens", 0.0) * self.env.dp_size
                 if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
@@ -398,7 +400,7 @@ class Trainer:
         if stopped_by is not None and self.env.rank == 0:
             log.info("stopped by signal %s at step %d; saved to %s", stopped_by, self.step, self.checkpoint_dir)
         parallel.barrier()
-        return {"step": self.step, "losses": history, "checkpoint_dir": str(self.checkpoint_dir),
+        return {"step": self.step, "losses": history, "grad_norms": grad_norms, "checkpoint_dir": str(self.checkpoint_dir),
                 "stopped_by_signal": stopped_by is not None}
 
 

@@ -674,6 +674,10 @@ def transformer_config(options: DiTOptions, *, tensor: int = 1, context: int = 1
         layernorm_epsilon=options.layernorm_epsilon,
         init_method_std=options.init_std,
         qk_layernorm=True,
+        # The training loss of a rank is a SUM over its tokens (or samples), normalised once by the global
+        # count in finalize_model_grads: gradients must be summed over data and context parallel ranks, not
+        # averaged (averaging scaled every gradient, and the logged gradient norm, by 1 / (DP x CP)).
+        calculate_per_token_loss=True,
         tensor_model_parallel_size=tensor,
         context_parallel_size=context,
         sequence_parallel=sequence and tensor > 1,
