@@ -131,9 +131,9 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
                ddp: bool = False) -> None:
     """One layout's forward and backward on this rank's pack shard; rank 0 saves loss and full gradients.
 
-    ``ddp``: reduce gradients the way the training loop may, with megatron's DistributedDataParallel and
-    finalize_model_grads (averages over data x context, so each CP rank's loss is scaled by CP), instead of
-    :func:`dfmkit.parallel.reduce_gradients`.
+    ``ddp``: reduce gradients the way the training loop does, with megatron's DistributedDataParallel and
+    finalize_model_grads, which SUM over data x context (the DiT's config sets calculate_per_token_loss), so
+    each rank's loss is divided by DP to average the packs, instead of :func:`dfmkit.parallel.reduce_gradients`.
     """
     from megatron.core import parallel_state as ps
 
@@ -170,7 +170,7 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
     if ddp:
         from megatron.core.distributed import finalize_model_grads
 
-        (loss * layout.cp_size).backward()
+        (loss / layout.dp_size).backward()
         finalize_model_grads([model])
         for param in module.parameters():
             param.grad = param.main_grad

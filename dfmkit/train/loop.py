@@ -160,11 +160,19 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------
 
+    def _optimizer_sharded_state_dict(self, model_sd: dict[str, Any], is_loading: bool) -> dict[str, Any]:
+        # megatron 0.16's default layout for the distributed optimizer (fully_sharded_model_space) saves
+        # flattened ranges, which its own torch_dist writer refuses ("ShardedTensor.flattened_range is not
+        # supported"): every GPU save failed. fully_reshardable stores each parameter's state whole, as the
+        # plain optimizer does, so a checkpoint also loads under another parallel layout.
+        return self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                 metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+
     def _sharded_state_dict(self) -> dict[str, Any]:
         model_sd = self.model.sharded_state_dict(prefix="model.")
         return {
             "model": model_sd,
-            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=False),
+            "optimizer": self._optimizer_sharded_state_dict(model_sd, is_loading=False),
             "ema": self.ema.sharded_state_dict(model_sd),
             "scheduler": self.scheduler.state_dict(),
             "trainer": {"step": self.step, "consumed_sequences": self.consumed_sequences,
@@ -200,7 +208,7 @@ class Trainer:
         model_sd = self.model.sharded_state_dict(prefix="model.")
         wanted = {
             "model": model_sd,
-            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=True),
+            "optimizer": self._optimizer_sharded_state_dict(model_sd, is_loading=True),
             "ema": self.ema.sharded_state_dict(model_sd),
             "scheduler": self.scheduler.state_dict(),
             "trainer": {},
