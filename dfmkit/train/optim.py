@@ -37,6 +37,31 @@ def use_fused_adamw(optimizer) -> int:
     return changed
 
 
+def _load_parameter_state_without_step(optimizer) -> None:
+    """Let megatron's distributed optimizer load a checkpoint into a torch Adam(W).
+
+    megatron-core 0.16 (without Apex or TransformerEngine, so with torch's AdamW) first gives every torch
+    Adam state its "step" and then copies the saved tensors into ALL state keys, "step" included, although
+    the saved parameter state has no "step" (it lives in the param groups): every GPU resume failed with
+    KeyError 'step'. This copies the keys the checkpoint has, for the plain (not precision-aware) layout.
+    """
+    setter = getattr(optimizer, "_set_main_param_and_optimizer_states", None)
+    inner = getattr(optimizer, "optimizer", None)
+    if setter is None or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    if getattr(optimizer.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+        return
+
+    def set_states(model_param, tensors):
+        group_index, group_order = optimizer.model_param_group_index_map[model_param]
+        main_param = inner.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **inner.state[main_param]}
+        for key, value in tensors.items():
+            destination[key].copy_(value)
+
+    optimizer._set_main_param_and_optimizer_states = set_states
+
+
 def build_optimizer(optim: OptimConfig, train_iters: int, model_chunks: list, bf16: bool, distributed: bool):
     """megatron's AdamW (no weight decay on biases and 1-D parameters such as norms) and its scheduler.
 
@@ -61,6 +86,8 @@ def build_optimizer(optim: OptimConfig, train_iters: int, model_chunks: list, bf
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
     use_fused_adamw(optimizer)
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        _load_parameter_state_without_step(megatron_optimizer)
     decay_style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[optim.decay_style]
     scheduler = OptimizerParamScheduler(
         optimizer,
