@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
                        help="activation recomputation of the model")
     bench.add_argument("--compile", action="store_true",
-                       help="fuse each layer's elementwise chains with torch.compile (model.compile)")
+                       help="torch.compile each DiT layer (model.compile)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200: 989)")

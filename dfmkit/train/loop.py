@@ -34,7 +34,7 @@ from dfmkit.recipe import dump_recipe
 from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.ema import EMA, ema_decay
 from dfmkit.train.logger import MetricsLogger
-from dfmkit.train.optim import build_optimizer, check_schedule
+from dfmkit.train.optim import build_optimizer, check_schedule, fill_empty_adam_state
 
 log = logging.getLogger("dfmkit")
 
@@ -166,29 +166,9 @@ class Trainer:
         # supported"): every GPU save failed. fully_reshardable stores each parameter's state whole, as the
         # plain optimizer does, so a checkpoint also loads under another parallel layout.
         if is_loading:
-            self._fill_empty_adam_state()
+            fill_empty_adam_state(self.optimizer)
         return self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                  metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-
-    def _fill_empty_adam_state(self) -> None:
-        """Give a fresh torch Adam(W) the state it would have after a step (step count and both moments,
-        zero), so a checkpoint can be loaded into it: megatron's distributed optimizer reads the step count
-        of the state it is about to replace, and a torch Adam creates its state only on its first step."""
-        for megatron_optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = getattr(megatron_optimizer, "optimizer", None)
-            if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-                continue
-            for group in inner.param_groups:
-                on_device = bool(group.get("fused") or group.get("capturable"))
-                for param in group["params"]:
-                    state = inner.state[param]
-                    if state:
-                        continue
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    if group.get("amsgrad"):
-                        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _sharded_state_dict(self) -> dict[str, Any]:
         model_sd = self.model.sharded_state_dict(prefix="model.")

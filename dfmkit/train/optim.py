@@ -16,6 +16,14 @@ def check_schedule(optim: OptimConfig, train_iters: int) -> None:
         ])
 
 
+def torch_adams(optimizer):
+    """(megatron optimizer, its torch Adam or AdamW) for each optimizer megatron chains together."""
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(megatron_optimizer, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield megatron_optimizer, inner
+
+
 def use_fused_adamw(optimizer) -> int:
     """Switch megatron's torch AdamW (its fallback without Apex or TransformerEngine) to the fused CUDA kernel.
 
@@ -24,8 +32,7 @@ def use_fused_adamw(optimizer) -> int:
     CUDA tensor (CPU training keeps foreach). Returns how many optimizers changed.
     """
     changed = 0
-    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(megatron_optimizer, "optimizer", None)
+    for _, inner in torch_adams(optimizer):
         if not isinstance(inner, torch.optim.AdamW) or inner.state:
             continue
         params = [p for group in inner.param_groups for p in group["params"]]
@@ -37,29 +44,49 @@ def use_fused_adamw(optimizer) -> int:
     return changed
 
 
-def _load_parameter_state_without_step(optimizer) -> None:
-    """Let megatron's distributed optimizer load a checkpoint into a torch Adam(W).
+# megatron-core 0.16's distributed optimizer cannot load a checkpoint into torch's Adam(W) (its fallback
+# without Apex or TransformerEngine) as it stands; the two functions below make it work.
 
-    megatron-core 0.16 (without Apex or TransformerEngine, so with torch's AdamW) first gives every torch
-    Adam state its "step" and then copies the saved tensors into ALL state keys, "step" included, although
-    the saved parameter state has no "step" (it lives in the param groups): every GPU resume failed with
-    KeyError 'step'. This copies the keys the checkpoint has, for the plain (not precision-aware) layout.
+
+def fill_empty_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam(W) the state it would have after a step (step count and both moments,
+    zero), so a checkpoint can be loaded into it: megatron's distributed optimizer reads the step count
+    of the state it is about to replace, and a torch Adam creates its state only on its first step."""
+    for _, inner in torch_adams(optimizer):
+        for group in inner.param_groups:
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            for param in group["params"]:
+                state = inner.state[param]
+                if state:
+                    continue
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def load_parameter_state_without_step(optimizer) -> None:
+    """Make megatron's distributed optimizer copy only the saved keys into a torch Adam(W)'s state.
+
+    megatron first gives every torch Adam state its "step" and then copies the saved tensors into ALL
+    state keys, "step" included, although the saved parameter state has no "step" (it lives in the param
+    groups): every GPU resume failed with KeyError 'step'. For the plain (not precision-aware) layout.
     """
-    setter = getattr(optimizer, "_set_main_param_and_optimizer_states", None)
-    inner = getattr(optimizer, "optimizer", None)
-    if setter is None or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-        return
-    if getattr(optimizer.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
-        return
+    for megatron_optimizer, inner in torch_adams(optimizer):
+        if not hasattr(megatron_optimizer, "_set_main_param_and_optimizer_states"):
+            continue
+        if getattr(megatron_optimizer.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            continue
 
-    def set_states(model_param, tensors):
-        group_index, group_order = optimizer.model_param_group_index_map[model_param]
-        main_param = inner.param_groups[group_index]["params"][group_order]
-        destination = {"param": main_param, **inner.state[main_param]}
-        for key, value in tensors.items():
-            destination[key].copy_(value)
+        def set_states(model_param, tensors, megatron_optimizer=megatron_optimizer, inner=inner):
+            group_index, group_order = megatron_optimizer.model_param_group_index_map[model_param]
+            main_param = inner.param_groups[group_index]["params"][group_order]
+            destination = {"param": main_param, **inner.state[main_param]}
+            for key, value in tensors.items():
+                destination[key].copy_(value)
 
-    optimizer._set_main_param_and_optimizer_states = set_states
+        megatron_optimizer._set_main_param_and_optimizer_states = set_states
 
 
 def build_optimizer(optim: OptimConfig, train_iters: int, model_chunks: list, bf16: bool, distributed: bool):
@@ -86,8 +113,7 @@ def build_optimizer(optim: OptimConfig, train_iters: int, model_chunks: list, bf
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
     use_fused_adamw(optimizer)
-    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
-        _load_parameter_state_without_step(megatron_optimizer)
+    load_parameter_state_without_step(optimizer)
     decay_style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[optim.decay_style]
     scheduler = OptimizerParamScheduler(
         optimizer,

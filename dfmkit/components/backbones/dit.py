@@ -89,12 +89,15 @@ class Segments:
         # per-sample vectors then broadcast over a [N, length, D] view, with no gather and no one-hot sums.
         # A bool, not the length: a compiled layer then keeps one graph for every such pack.
         self.equal = equal
+        self._onehot: dict[torch.dtype, torch.Tensor] = {}  # [N, L] per dtype, made on first use (eager only)
 
     def expand(self, v: torch.Tensor) -> torch.Tensor:
         return v[self.ids].unsqueeze(1)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        onehot = F.one_hot(self.ids, self.num_samples).T.to(t.dtype)  # [N, L]; no cache: no state to mutate
+        onehot = self._onehot.get(t.dtype)
+        if onehot is None:
+            onehot = self._onehot[t.dtype] = F.one_hot(self.ids, self.num_samples).T.to(t.dtype)
         return onehot @ t.reshape(t.shape[0], -1)
 
 
@@ -546,8 +549,8 @@ class DiT(MegatronModule):
         self._init_weights(config.init_method_std)
         if options.compile:
             # One graph per layer call, shared by all layers: inductor fuses the norms, modulation, RoPE and
-            # gated residuals around the matmuls and the attention kernel. Packs whose sizes differ recompile
-            # once, then run a shape-generic graph.
+            # gated residuals around the matmuls and the attention kernel. forward() marks the pack sizes
+            # dynamic, so packs of other sizes reuse the graph (equal-size and mixed packs get one each).
             for layer in self.decoder.layers:
                 layer.compile()
 
