@@ -102,6 +102,12 @@ class PackedBatch:
             result._host[name] = (tensor, tensor._version, values)
         return result
 
+    def with_text(self, text: torch.Tensor) -> PackedBatch:
+        """The same batch with other text states (same shape), keeping the host copies of the lengths."""
+        result = dataclasses.replace(self, text=text)
+        result._host.update(self._host)
+        return result
+
     def pin_memory(self) -> PackedBatch:
         """A copy whose CPU tensors are in page-locked memory (their copies to a GPU then do not block)."""
         pinned = self.to("cpu")

@@ -420,7 +420,7 @@ def test_cuda_model_in_bf16_with_each_backend(equal_sizes):
     outputs, grads = {}, {}
     cpu_batch = _equal_size_pack() if equal_sizes else H.make_packs()[0]
     batch = cpu_batch.to("cuda", torch.bfloat16)
-    for name in ("torch", "torch-sdpa", "torch-flex"):
+    for name in ("torch", "torch-sdpa", "torch-flex", "torch-cudnn"):
         model = dit.build(H.tiny_options(attention=name, use_cpu_initialization=True))
         H.randomize_(model)
         model.to(torch.bfloat16)
@@ -429,7 +429,7 @@ def test_cuda_model_in_bf16_with_each_backend(equal_sizes):
         out.float().square().mean().backward()
         outputs[name] = out.float()
         grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters()])
-    for name in ("torch", "torch-flex"):
+    for name in ("torch", "torch-flex", "torch-cudnn"):
         assert (outputs[name] - outputs["torch-sdpa"]).abs().max() <= 3e-2 * outputs["torch-sdpa"].abs().max(), name
         assert (grads[name] - grads["torch-sdpa"]).norm() <= 3e-2 * grads["torch-sdpa"].norm(), name
 
@@ -443,17 +443,21 @@ def test_cuda_gpu_initialisation_builds_on_the_device():
 
 
 @cuda
-def test_cuda_compiled_model_serves_packs_of_varied_sizes_without_recompiling_each():
+@pytest.mark.parametrize("attention, graphs", [("torch-varlen", 3), ("torch", 5)])
+def test_cuda_compiled_model_serves_packs_of_varied_sizes_without_recompiling_each(attention, graphs):
     """model.compile on a GPU: after the first shape change the layer graph is shape-generic, so packs of
-    other sizes and sample counts reuse it (a recompile per pack would soon exhaust dynamo's cache)."""
+    other sizes and sample counts reuse it (a recompile per pack would soon exhaust dynamo's cache), and
+    no backend breaks the layer graph. The default backend takes cuDNN where a pack's self- or
+    cross-attention segments happen to have equal lengths: one graph more for each such combination."""
     from torch._dynamo.utils import counters
 
     counters.clear()
-    model = dit.build(H.tiny_options(compile=True, use_cpu_initialization=True))
+    torch._dynamo.reset()
+    model = dit.build(H.tiny_options(compile=True, attention=attention, use_cpu_initialization=True))
     H.randomize_(model)
     model.to(torch.bfloat16)
     g = torch.Generator().manual_seed(3)
-    for i in range(6):
+    for i in range(10):
         count = 2 + i
         shapes = [(1, 2 * int(torch.randint(1, 5, (1,), generator=g)), 2 * int(torch.randint(1, 5, (1,), generator=g)))
                   for _ in range(count)]
@@ -462,4 +466,5 @@ def test_cuda_compiled_model_serves_packs_of_varied_sizes_without_recompiling_ea
         x, c_noise, _ = (t.cuda() for t in H.pack_inputs(cpu_batch, i))
         out = model(x, c_noise, cpu_batch.to("cuda", torch.bfloat16))
         out.float().square().mean().backward()
-    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] <= graphs, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -185,3 +185,33 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     other = tiny_recipe(tmp_path / "ck", model={"num_layers": 3}, train={"train_iters": 4})
     with pytest.raises(ckpt.CheckpointError, match="does not fit the model"):
         Trainer(dfmkit.build(other))
+
+
+def test_megatron_multi_tensor_fallbacks_give_the_same_norm_and_scaling():
+    """Without Apex/TransformerEngine megatron's grad norm syncs with the host once per parameter; dfmkit
+    swaps in torch's foreach kernels. They must compute what megatron's fallbacks compute: the fp32 norm
+    of all tensors together (mixed precisions), and ``destination = source * scale``, in place or not."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    from dfmkit.train import optim
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=g) for n in (3, 70, 1)] + [torch.randn(5, 4, generator=g).bfloat16()]
+    norm, _ = optim._foreach_l2_norm(0, None, [tensors], False)
+    assert norm.shape == (1,) and norm.dtype == torch.float32
+    expected = torch.linalg.vector_norm(torch.cat([t.float().flatten() for t in tensors]))
+    torch.testing.assert_close(norm[0], expected, rtol=1e-6, atol=0)
+
+    sources = [t.float() for t in tensors]
+    copies = [torch.empty_like(t) for t in tensors]
+    optim._foreach_scale(0, None, [sources, copies], 0.5)
+    in_place = [t.clone() for t in tensors]
+    optim._foreach_scale(0, None, [in_place, in_place], 0.5)
+    for source, tensor, copy, scaled in zip(sources, tensors, copies, in_place):
+        torch.testing.assert_close(copy, (source * 0.5).to(tensor.dtype), rtol=0, atol=0)
+        torch.testing.assert_close(scaled, tensor * 0.5, rtol=0, atol=0)
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:  # megatron without Apex/TE: replaced
+        assert optim.use_foreach_multi_tensor_ops()
+        assert clip_grads.l2_norm_impl is optim._foreach_l2_norm

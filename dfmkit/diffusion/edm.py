@@ -32,7 +32,6 @@ module does the preconditioning.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -232,8 +231,9 @@ class EDM:
 def drop_condition(batch: PackedBatch, keep_text: torch.Tensor) -> PackedBatch:
     """``batch`` with the text of every sample where ``keep_text`` is False set to zeros (the null condition)."""
     text_sample_ids = torch.repeat_interleave(
-        torch.arange(batch.num_samples, device=batch.text.device), batch.seqlens_kv.to(batch.text.device, torch.int64)
+        torch.arange(batch.num_samples, device=batch.text.device), batch.seqlens_kv.to(batch.text.device, torch.int64),
+        output_size=batch.text.shape[0],  # known: no device sync
     )
     keep = keep_text.to(batch.text.device)[text_sample_ids].unsqueeze(-1)
-    return dataclasses.replace(batch, text=torch.where(keep, batch.text, 0))
+    return batch.with_text(torch.where(keep, batch.text, 0))
 

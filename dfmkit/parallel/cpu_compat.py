@@ -4,7 +4,8 @@ megatron-core assumes CUDA in a few places that dfmkit reaches on CPU (gloo) run
 tracker, ``torch.cuda.current_device()`` as the device of communication buffers, and ``device="cuda"``
 literals in the optimizer and gradient-clipping code. :func:`apply` neutralises them, and only when
 ``torch.cuda.is_available()`` is False; on a GPU machine it does nothing. No other module of dfmkit
-patches megatron. (../shared/CPU_STACK_FINDINGS.md section 2 lists each failure and why.)
+patches megatron for the CPU (:mod:`dfmkit.train.optim` adapts megatron's optimizer fallbacks on every
+device). (../shared/CPU_STACK_FINDINGS.md section 2 lists each failure and why.)
 
 What is patched, and why:
 

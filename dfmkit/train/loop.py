@@ -302,7 +302,7 @@ class Trainer:
             loss_sum += micro_loss.detach()
             denominator += micro_count
         # Every rank must agree to skip a non-finite step, or the collectives below diverge.
-        nonfinite = torch.tensor(0.0 if torch.isfinite(loss_sum) else 1.0, device=self.device)
+        nonfinite = (~torch.isfinite(loss_sum)).float()
         dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
         global_loss = loss_sum.clone()
         global_count = denominator.clone()
@@ -315,7 +315,10 @@ class Trainer:
             self.consumed_sequences += self.recipe.train.global_batch_size
             return {"loss": float("nan"), "skipped_nonfinite": 1.0}
         self.nonfinite_in_a_row = 0
-        finalize_model_grads([self.ddp], num_tokens=denominator)
+        # Gradients are sums over this rank's loss terms: reduce them, then divide by the global count.
+        # (Passing num_tokens to finalize_model_grads would do the same, reading the count to the host.)
+        finalize_model_grads([self.ddp], num_tokens=None)
+        self.ddp.scale_gradients(1.0 / global_count.clamp(min=1))
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
         self.ema.update()

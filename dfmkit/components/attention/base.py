@@ -26,9 +26,10 @@ class VarlenParams:
     max_seqlen_k: int
     host_cu_seqlens_q: list[int]
     host_cu_seqlens_k: list[int]
-    # (query length, key length) when all segments share them (a pack of equal-size images): a backend
-    # may then run the segments as one batch. Two ints, so a compiled graph guards on them, not on the lists.
-    equal_lengths: tuple[int, int] | None = None
+    # True when all query segments share one length and all key segments another (a pack of equal-size
+    # images): a backend may then run the segments as one batch. A bool, not the lengths: compiled code
+    # reads the lengths off the tensor shapes and keeps one graph for all such packs.
+    equal: bool = False
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-forward state a backend may keep
 
     @classmethod
@@ -38,16 +39,25 @@ class VarlenParams:
         equal = (bool(lengths_q) and cu_q[0] == 0 and cu_k[0] == 0 and min(lengths_q) > 0 and min(lengths_k) > 0
                  and len(set(lengths_q)) == 1 and len(set(lengths_k)) == 1)
         return cls(
-            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
-            cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+            cu_seqlens_q=_on_device(cu_q, device),
+            cu_seqlens_k=_on_device(cu_k, device),
             max_seqlen_q=max(lengths_q, default=0),
             max_seqlen_k=max(lengths_k, default=0),
             host_cu_seqlens_q=list(cu_q),
             host_cu_seqlens_k=list(cu_k),
-            equal_lengths=(lengths_q[0], lengths_k[0]) if equal else None,
+            equal=equal,
         )
 
     @property
     def num_segments(self) -> int:
         return len(self.host_cu_seqlens_q) - 1
 
+
+
+def _on_device(values: list[int], device: torch.device | str) -> torch.Tensor:
+    """An int32 tensor of ``values`` on ``device``; to a GPU through page-locked memory, so the copy does not
+    make the host wait for the GPU's queue to drain."""
+    tensor = torch.tensor(values, dtype=torch.int32)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -2,17 +2,16 @@
 
 Registered names (pick with ``model.attention``):
 
-- ``torch``: the default. On CUDA with bf16/fp16 inputs, flash-attention varlen
-  (``aten._flash_attention_forward``, the kernel behind ``torch.nn.attention.varlen.varlen_attn``, called
-  directly: its autograd is C++, the custom op's is Python and costs about 0.5 ms of CPU per call);
-  everywhere else (CPU, fp32) one ``scaled_dot_product_attention`` call per segment (one batched call
-  for equal-length segments).
-- ``torch-cudnn``: cuDNN's fused attention as one batched call when every segment has the same length (a
-  pack of equal-size images), flash varlen otherwise (CUDA, bf16/fp16). Alone it is about 1.5x faster than
-  flash varlen for DiT-XL's shapes on an H100 (benchmarks/attention_kernels.py), also in the strided layout the
-  DiT hands over, but inside the DiT it made the training step slower (XL compiled, 128 x 256 tokens: 29.3%
-  MFU against 30.6%; 15 x 1024 tokens: 17.7% against 24.9%, with the GPU idle 43% of that step: host-bound,
-  cause not found), so it is not the default.
+- ``torch``: the default. On CUDA with bf16/fp16 inputs: cuDNN's fused attention as one batched call when
+  every segment has the same length (a pack of equal-size images, or captions of one length), else
+  flash-attention varlen (``aten._flash_attention_forward``, the kernel behind
+  ``torch.nn.attention.varlen.varlen_attn``, called directly: its autograd is C++, the custom op's is
+  Python and costs about 0.5 ms of CPU per call). Everywhere else (CPU, fp32) one
+  ``scaled_dot_product_attention`` call per segment (one batched call for equal-length segments).
+  cuDNN is about 1.5x faster than flash varlen on DiT-XL's shapes on an H100
+  (benchmarks/attention_kernels.py); inside the compiled DiT-XL training step it saves 10 ms of GPU time
+  at 128 x 256 tokens and 15 ms at 15 x 1024 tokens (torch 2.11, H100).
+- ``torch-cudnn``: the same on CUDA, but a clear error instead of the SDPA fallback elsewhere.
 - ``torch-varlen``: flash varlen only (CUDA, bf16/fp16; a clear error otherwise).
 - ``torch-sdpa``: the per-segment SDPA loop only (correct on every device and dtype; the reference
   the others are tested against).
@@ -117,15 +116,22 @@ class FlashVarlen(torch.nn.Module):
 
 def equal_segments(q: torch.Tensor, k: torch.Tensor, params: VarlenParams) -> tuple[int, int] | None:
     """(query length, key length) when every segment has the same of each and they fill the tensors."""
-    if params.equal_lengths is None:
+    if not params.equal:
         return None
-    len_q, len_k = params.equal_lengths
-    n = q.shape[0] // len_q
+    n = params.cu_seqlens_q.shape[0] - 1  # from shapes, not host ints: symbolic under torch.compile
+    len_q, len_k = q.shape[0] // n, k.shape[0] // n
     return (len_q, len_k) if len_q * n == q.shape[0] and len_k * n == k.shape[0] else None
 
 
-@functools.cache
+# Evaluated once while torch.compile traces and kept as a constant: the cuDNN and device queries inside
+# are not traceable, and each call broke the compiled DiT layer into pieces (9 graphs per layer).
+@torch.compiler.assume_constant_result
 def _cudnn_attention_supported(device_index: int) -> bool:
+    return _cudnn_attention_supported_on(device_index)
+
+
+@functools.cache
+def _cudnn_attention_supported_on(device_index: int) -> bool:
     return (hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") and torch.backends.cudnn.is_available()
             and (torch.backends.cudnn.version() or 0) >= 90000 and torch.cuda.get_device_capability(device_index) >= (8, 0))
 
@@ -158,10 +164,13 @@ class CudnnEqualSegments(torch.nn.Module):
 
 
 class AutoTorchAttention(torch.nn.Module):
-    """Flash varlen where it runs (CUDA, bf16/fp16), per-segment SDPA elsewhere."""
+    """cuDNN for equal-length segments and flash varlen otherwise where they run (CUDA, bf16/fp16),
+    per-segment SDPA elsewhere."""
 
     def forward(self, q, k, v, params: VarlenParams):
         if varlen_available(q):
+            if cudnn_available(q) and (lengths := equal_segments(q, k, params)) is not None:
+                return cudnn_batched(q, k, v, *lengths)
             return _varlen_fn()(q, k, v, params)
         return sdpa_segments(q, k, v, params)
 
