@@ -215,3 +215,24 @@ def test_megatron_multi_tensor_fallbacks_give_the_same_norm_and_scaling():
     if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:  # megatron without Apex/TE: replaced
         assert optim.use_foreach_multi_tensor_ops()
         assert clip_grads.l2_norm_impl is optim._foreach_l2_norm
+
+
+def test_ema_averages_bf16_weights_in_fp32():
+    """The EMA keeps fp32 shadows of (here bf16) weights: shadow <- d * shadow + (1 - d) * weight, with
+    the warm-up decay min(d, (1 + n) / (10 + n)) at update n."""
+    from dfmkit.train.ema import EMA
+
+    model = torch.nn.Linear(4, 3).bfloat16()
+    ema = EMA(model, decay=0.9)
+    expected = [p.detach().double() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    for n in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g).bfloat16())
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = [d * e + (1 - d) * p.detach().double() for e, p in zip(expected, model.parameters())]
+        ema.update()
+    for shadow, want in zip(ema.shadow, expected):
+        assert shadow.dtype == torch.float32
+        torch.testing.assert_close(shadow.double(), want, rtol=1e-6, atol=1e-6)

@@ -36,8 +36,10 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         d = self.current_decay()
-        weights = [p.detach().float() for p in self.params]
-        torch._foreach_lerp_(self.shadow, weights, 1.0 - d)
+        # shadow = d * shadow + (1 - d) * weight, reading the (bf16) weights as they are: no fp32 copy of
+        # each one, which cost a kernel launch and a host round trip per parameter every step.
+        torch._foreach_mul_(self.shadow, d)
+        torch._foreach_add_(self.shadow, self.params, alpha=1.0 - d)
         self.num_updates += 1
 
     @contextlib.contextmanager
