@@ -1,0 +1,70 @@
+"""Where a DiT training step makes the host wait for the GPU: every synchronizing CUDA call of one step.
+
+    python benchmarks/host_syncs.py [--preset S] [--case a|b]
+
+Runs two warm-up steps of the real training step (mock packs, as ``benchmarks/gpu_throughput.py``), then
+one step under CUDA's sync debug mode, and prints each call site (the innermost dfmkit and megatron
+frames) with how often it synchronized. A sync empties the host's lead over the GPU: the kernels
+launched after it start on an idle GPU. The model size does not change the list; S is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import traceback
+import warnings
+
+import torch
+
+from dfmkit.bench.matrix import Layout, make_trainer
+
+CASES = {
+    "a": dict(seq_length=32768, latent_shape=(16, 1, 32, 32), text_tokens=77, samples_per_pack=128),
+    "b": dict(seq_length=15360, latent_shape=(16, 1, 64, 64), text_tokens=10, samples_per_pack=15),
+}
+
+
+def call_site() -> str:
+    frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
+    ours = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames
+            if "dfmkit" in f.filename or "megatron" in f.filename]
+    return " <- ".join(reversed(ours[-3:])) or "(outside dfmkit and megatron)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="S")
+    parser.add_argument("--case", default="b", choices=sorted(CASES))
+    parser.add_argument("--attention", default="torch")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("host_syncs: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = make_trainer(args.preset, Layout(), text_dim=1024, attention=args.attention, workdir=workdir,
+                               steps=100, **CASES[args.case])
+        for _ in range(2):
+            trainer.train_step()
+        torch.cuda.synchronize()
+        sites: collections.Counter[str] = collections.Counter()
+        previous = warnings.showwarning
+        warnings.showwarning = lambda *_args, **_kwargs: sites.update([call_site()])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                trainer.train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = previous
+    print(f"{sum(sites.values())} host syncs in one training step ({args.preset}, case {args.case})")
+    for site, count in sites.most_common():
+        print(f"{count:4d}  {site}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
