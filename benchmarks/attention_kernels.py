@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dfmkit.bench.timing import cuda_milliseconds
 from dfmkit.components.attention.base import VarlenParams
 from dfmkit.components.attention.torch_backend import _varlen_fn
 
@@ -33,19 +34,6 @@ SHAPES = {  # name: (samples, heads, query tokens, key tokens, head dim)
 }
 BACKENDS = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
             "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def timed(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def main() -> int:
@@ -94,7 +82,7 @@ def main() -> int:
             row = {"shape": name, "kernel": kernel}
             try:
                 error = (step().float() - reference).abs().max().item()
-                ms = timed(step)
+                ms = cuda_milliseconds(step)
                 row.update(ms=ms, tflops=flops / ms / 1e9, max_error=error)
             except Exception as exc:  # a backend that does not support the shape: recorded, not fatal
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -15,18 +15,7 @@ import sys
 
 import torch
 
-
-def timed_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+from dfmkit.bench.timing import cuda_milliseconds
 
 
 def main() -> int:
@@ -39,10 +28,10 @@ def main() -> int:
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
-    tflops = 2 * n**3 / (timed_ms(lambda: a @ b, 20) / 1e3) / 1e12
+    tflops = 2 * n**3 / (cuda_milliseconds(lambda: a @ b, 20) / 1e3) / 1e12
     src = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    gbps = 2 * src.numel() / (timed_ms(lambda: dst.copy_(src), 10) / 1e3) / 1e9
+    gbps = 2 * src.numel() / (cuda_milliseconds(lambda: dst.copy_(src), 10) / 1e3) / 1e9
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: bf16 matmul {tflops:.0f} TFLOP/s, "
           f"copy {gbps:.0f} GB/s")
     return 3 if tflops < args.min_tflops else 0

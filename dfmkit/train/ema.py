@@ -37,7 +37,7 @@ class EMA:
     def update(self) -> None:
         d = self.current_decay()
         # shadow = d * shadow + (1 - d) * weight, reading the (bf16) weights as they are: no fp32 copy of
-        # each one, which cost a kernel launch and a host round trip per parameter every step.
+        # each one, which cost an allocation and a separately launched kernel per parameter every step.
         torch._foreach_mul_(self.shadow, d)
         torch._foreach_add_(self.shadow, self.params, alpha=1.0 - d)
         self.num_updates += 1

@@ -53,7 +53,6 @@ class VarlenParams:
         return len(self.host_cu_seqlens_q) - 1
 
 
-
 def _on_device(values: list[int], device: torch.device | str) -> torch.Tensor:
     """An int32 tensor of ``values`` on ``device``; to a GPU through page-locked memory, so the copy does not
     make the host wait for the GPU's queue to drain."""

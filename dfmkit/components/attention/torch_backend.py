@@ -48,11 +48,7 @@ def sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: Var
     """
     cu_q, cu_k = params.host_cu_seqlens_q, params.host_cu_seqlens_k
     if (lengths := equal_segments(q, k, params)) is not None:
-        len_q, len_k = lengths
-        n = q.shape[0] // len_q
-        as_batch = lambda t, s: t.view(n, s, *t.shape[1:]).transpose(1, 2)  # noqa: E731  [N, H, S, D]
-        out = F.scaled_dot_product_attention(as_batch(q, len_q), as_batch(k, len_k), as_batch(v, len_k))
-        return out.transpose(1, 2).reshape(q.shape)
+        return attend_as_batch(F.scaled_dot_product_attention, q, k, v, *lengths)
     outputs = []
     for i in range(params.num_segments):
         qi = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)  # [H, Sq, D]
@@ -123,6 +119,15 @@ def equal_segments(q: torch.Tensor, k: torch.Tensor, params: VarlenParams) -> tu
     return (len_q, len_k) if len_q * n == q.shape[0] and len_k * n == k.shape[0] else None
 
 
+def attend_as_batch(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, len_q: int, len_k: int) -> torch.Tensor:
+    """Equal-length segments of packed ``[T, H, D]`` tensors as one batch: ``attention`` gets ``[N, H, S, D]``
+    views (no copies) and its output comes back packed."""
+    n = q.shape[0] // len_q
+    as_batch = lambda t, length: t.view(n, length, *t.shape[1:]).transpose(1, 2)  # noqa: E731
+    out = attention(as_batch(q, len_q), as_batch(k, len_k), as_batch(v, len_k))
+    return out.transpose(1, 2).reshape(q.shape)
+
+
 # Evaluated once while torch.compile traces and kept as a constant: the cuDNN and device queries inside
 # are not traceable, and each call broke the compiled DiT layer into pieces (9 graphs per layer).
 @torch.compiler.assume_constant_result
@@ -141,14 +146,16 @@ def cudnn_available(q: torch.Tensor) -> bool:
             and _cudnn_attention_supported(q.device.index or 0))
 
 
-def cudnn_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, len_q: int, len_k: int) -> torch.Tensor:
-    """Equal-length segments as one batch ``[N, H, S, D]`` through cuDNN's fused attention (the aten op,
-    whose backward is registered in C++)."""
-    n = q.shape[0] // len_q
-    as_batch = lambda t, s: t.view(n, s, *t.shape[1:]).transpose(1, 2)  # noqa: E731
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        as_batch(q, len_q), as_batch(k, len_k), as_batch(v, len_k), None, True, 0.0, False, False)[0]
-    return out.transpose(1, 2).reshape(q.shape)
+def _cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """cuDNN's fused attention on ``[N, H, S, D]`` (the aten op, whose backward is registered in C++)."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[0]
+
+
+def cudnn_or_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: VarlenParams) -> torch.Tensor:
+    """cuDNN on equal-length segments run as one batch where cuDNN can, flash varlen otherwise (CUDA, bf16/fp16)."""
+    if cudnn_available(q) and (lengths := equal_segments(q, k, params)) is not None:
+        return attend_as_batch(_cudnn_attention, q, k, v, *lengths)
+    return _varlen_fn()(q, k, v, params)
 
 
 class CudnnEqualSegments(torch.nn.Module):
@@ -158,9 +165,7 @@ class CudnnEqualSegments(torch.nn.Module):
         if not varlen_available(q):
             raise AttentionBackendError(
                 f"attention backend 'torch-cudnn' needs CUDA tensors in bf16/fp16 (got {q.device.type} {q.dtype})")
-        if cudnn_available(q) and (lengths := equal_segments(q, k, params)) is not None:
-            return cudnn_batched(q, k, v, *lengths)
-        return _varlen_fn()(q, k, v, params)
+        return cudnn_or_varlen(q, k, v, params)
 
 
 class AutoTorchAttention(torch.nn.Module):
@@ -169,9 +174,7 @@ class AutoTorchAttention(torch.nn.Module):
 
     def forward(self, q, k, v, params: VarlenParams):
         if varlen_available(q):
-            if cudnn_available(q) and (lengths := equal_segments(q, k, params)) is not None:
-                return cudnn_batched(q, k, v, *lengths)
-            return _varlen_fn()(q, k, v, params)
+            return cudnn_or_varlen(q, k, v, params)
         return sdpa_segments(q, k, v, params)
 
 

@@ -520,7 +520,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, seg: Segments) -> torch.Tensor:
         shift, scale = self.adaln(c).chunk(2, dim=-1)
-        x = modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale, seg)
+        x = norm_modulate(x, shift, scale, seg, self.eps)
         return self.linear(x.squeeze(1))
 
 
