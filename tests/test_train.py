@@ -17,6 +17,7 @@ import dfmkit
 from dfmkit.errors import RecipeError
 from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.loop import TrainingStopped, Trainer, train
+from dfmkit.train.optim import torch_adams
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
@@ -144,6 +145,47 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_save(tmp_path):
     assert ckpt.find_checkpoint(tmp_path / "nan").name == "iter_0000004"
 
 
+def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path):
+    job = dfmkit.build(tiny_recipe(tmp_path / "nan_grad"))
+    trainer = Trainer(job)
+    trainer.train_step()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    steps_before = [dict(s)["step"].clone() for _, inner in torch_adams(trainer.optimizer) for s in inner.state.values()]
+    hook = next(trainer.model.parameters()).register_hook(lambda grad: grad * float("nan"))
+    metrics = trainer.train_step()
+    hook.remove()
+    assert metrics["skipped_nonfinite"] == 1.0 and trainer.nonfinite_total == 1 and trainer.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    steps_after = [s["step"] for _, inner in torch_adams(trainer.optimizer) for s in inner.state.values()]
+    assert all(torch.equal(a, b) for a, b in zip(steps_before, steps_after))  # Adam did not count it
+    assert trainer.ema.num_updates == 1
+    assert torch.isfinite(torch.tensor(trainer.train_step()["loss"])) and trainer.nonfinite_in_a_row == 0
+
+
+def test_clipping_on_the_device_matches_clipping_on_the_host(tmp_path):
+    """The fused AdamW divides by the inverse clipping factor on the device; the host path multiplies the
+    gradients by the factor first (as megatron does). Both must give the same weights."""
+    from dfmkit.train.optim import main_grad_norm, step_on_device
+
+    weights = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        trainer = Trainer(dfmkit.build(tiny_recipe(tmp_path / str(fused), optim={"clip_grad": 0.05})))
+        for _, inner in torch_adams(trainer.optimizer):
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = fused, not fused
+        for _ in range(3):
+            metrics = trainer.train_step()
+        assert metrics["grad_norm"] > 0.05  # clipping did something
+        optimizer = trainer.optimizer
+        optimizer.prepare_grads()
+        grad_norm = main_grad_norm(optimizer)
+        assert float(grad_norm) == pytest.approx(optimizer.get_grad_norm(), rel=1e-6)  # megatron's own count
+        weights.append([p.detach().clone() for p in trainer.model.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_validation_writes_loss_and_images(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -232,7 +274,14 @@ def test_ema_averages_bf16_weights_in_fp32():
                 p.add_(torch.randn(p.shape, generator=g).bfloat16())
         d = min(0.9, (1 + n) / (10 + n))
         expected = [d * e + (1 - d) * p.detach().double() for e, p in zip(expected, model.parameters())]
-        ema.update()
+        ema.update(torch.zeros(()) if n % 2 else None)  # a device flag of 0 updates like no flag
+        ema.num_updates += 1 if n % 2 else 0  # with a flag, the caller counts
     for shadow, want in zip(ema.shadow, expected):
         assert shadow.dtype == torch.float32
         torch.testing.assert_close(shadow.double(), want, rtol=1e-6, atol=1e-6)
+    before = [s.clone() for s in ema.shadow]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(torch.ones(()))  # a skipped step leaves the average as it is
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow)) and ema.num_updates == 5

@@ -34,13 +34,22 @@ class EMA:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, skip: torch.Tensor | None = None) -> None:
+        """``shadow = d * shadow + (1 - d) * weights``, or nothing where the 0/1 device tensor ``skip`` is 1.
+
+        With ``skip`` the choice is made on the device, so the host need not wait for the step's flag; the
+        caller then counts the update (``num_updates += 1``) once it has read the flag. Without, it counts.
+        """
         d = self.current_decay()
-        # shadow = d * shadow + (1 - d) * weight, reading the (bf16) weights as they are: no fp32 copy of
-        # each one, which cost an allocation and a separately launched kernel per parameter every step.
-        torch._foreach_mul_(self.shadow, d)
-        torch._foreach_add_(self.shadow, self.params, alpha=1.0 - d)
-        self.num_updates += 1
+        device = self.shadow[0].device if self.shadow else "cpu"
+        weight = torch.full((), 1.0 - d, device=device) if skip is None else (1.0 - d) * (1.0 - skip.float())
+        torch._foreach_mul_(self.shadow, 1.0 - weight)
+        # One kernel per parameter: torch's multi-tensor kernels take one dtype, and an fp32 copy of the
+        # (bf16) weights would cost an allocation and a copy per parameter on top.
+        for shadow, param in zip(self.shadow, self.params):
+            shadow.addcmul_(param, weight)
+        if skip is None:
+            self.num_updates += 1
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

@@ -34,7 +34,7 @@ from dfmkit.recipe import dump_recipe
 from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.ema import EMA, ema_decay
 from dfmkit.train.logger import MetricsLogger
-from dfmkit.train.optim import build_optimizer, check_schedule, fill_empty_adam_state
+from dfmkit.train.optim import build_optimizer, check_schedule, fill_empty_adam_state, main_grad_norm, step_on_device
 
 log = logging.getLogger("dfmkit")
 
@@ -49,6 +49,26 @@ def step_generator(seed: int, step: int, micro: int, dp_rank: int, device: torch
     On the training device, so the noise is drawn where it is used (drawing a 32k-token pack's noise on
     the CPU took 14 ms per step, with the GPU waiting); a GPU run therefore draws other numbers than a CPU run."""
     return torch.Generator(device=device).manual_seed(hash((seed, step, micro, dp_rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class DeviceFigures:
+    """A step's figures, copied from the device to the host behind an event: reading them waits for the
+    kernels that made them, not for everything queued after (``.item()`` would empty the whole queue)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.event = None
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = values
+
+    def read(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class Trainer:
@@ -112,6 +132,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.data = data if data is not None else self._build_data()
         self._stop_signal: int | None = None
+        self.stop_requested_everywhere = False  # a stop signal reached some rank before the last step
         self.checkpoint_dir = Path(recipe.checkpoint.dir)
         self._maybe_resume()
         self.logger = MetricsLogger(recipe.logging, str(self.checkpoint_dir), self._run_config(),
@@ -301,37 +322,48 @@ class Trainer:
             micro_loss.backward()
             loss_sum += micro_loss.detach()
             denominator += micro_count
-        # Every rank must agree to skip a non-finite step, or the collectives below diverge.
-        nonfinite = (~torch.isfinite(loss_sum)).float()
-        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-        global_loss = loss_sum.clone()
-        global_count = denominator.clone()
-        dist.all_reduce(global_loss, group=parallel.data_and_context_group(self.env))
-        dist.all_reduce(global_count, group=parallel.data_and_context_group(self.env))
-        if nonfinite.item() > 0:
-            self.nonfinite_total += 1
-            self.nonfinite_in_a_row += 1
-            self.step += 1
-            self.consumed_sequences += self.recipe.train.global_batch_size
-            return {"loss": float("nan"), "skipped_nonfinite": 1.0}
-        self.nonfinite_in_a_row = 0
         # Gradients are sums over this rank's loss terms: reduce them, then divide by the global count.
         # (Passing num_tokens to finalize_model_grads would do the same, reading the count to the host.)
+        global_loss, global_count = loss_sum.clone(), denominator.clone()
+        dist.all_reduce(global_loss, group=parallel.data_and_context_group(self.env))
+        dist.all_reduce(global_count, group=parallel.data_and_context_group(self.env))
         finalize_model_grads([self.ddp], num_tokens=None)
         self.ddp.scale_gradients(1.0 / global_count.clamp(min=1))
-        _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(1)
-        self.ema.update()
+        if self.optimizer.prepare_grads():
+            raise RuntimeError("megatron's optimizer found non-finite gradients through a loss scaler; dfmkit trains "
+                               "in bf16 or fp32, without one")
+        grad_norm = main_grad_norm(self.optimizer)
+        # Every rank must agree to skip a step (non-finite loss or gradients) and to stop, so both flags are
+        # reduced over all ranks; the stop request rides along to save a collective.
+        stop_requested = 1.0 if self._stop_signal is not None else 0.0
+        flags = torch.stack([(~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float(),
+                             torch.full((), stop_requested, device=self.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        skip = flags[:2].amax()
+        figures = DeviceFigures(torch.stack([global_loss / global_count.clamp(min=1), grad_norm, skip, flags[2]]))
+        # Launched before the host reads the figures: the GPU works through the optimizer and the EMA while
+        # the host prepares the next step. The skip decision is made on the device.
+        step_on_device(self.optimizer, self.recipe.optim.clip_grad, grad_norm, skip)
+        self.ema.update(skip)
+
+        loss, grad_norm_value, skipped, stop = figures.read()
         self.step += 1
         self.consumed_sequences += self.recipe.train.global_batch_size
-        tokens = sum(int(b.seqlens.sum()) for b in batches)
-        samples = sum(b.num_samples for b in batches)
+        self.stop_requested_everywhere = stop > 0
+        if skipped:
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            return {"loss": float("nan"), "skipped_nonfinite": 1.0}
+        self.nonfinite_in_a_row = 0
+        self.ema.num_updates += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(1)
         return {
-            "loss": float(global_loss / global_count.clamp(min=1)),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "samples": float(samples),
-            "tokens": float(tokens),
+            "loss": loss,
+            "grad_norm": grad_norm_value,
+            "lr": lr,
+            "samples": float(sum(b.num_samples for b in batches)),
+            "tokens": float(sum(int(b.seqlens.sum()) for b in batches)),
         }
 
     # -- the loop --------------------------------------------------------------------------
@@ -346,11 +378,6 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, request_stop)
         return previous
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor(1.0 if self._stop_signal is not None else 0.0, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def train(self, until_step: int | None = None) -> dict[str, Any]:
         """Train to ``train.train_iters``, or stop (and save) after ``until_step`` like a preempted run."""
@@ -401,7 +428,7 @@ class Trainer:
                     self.validator.run(self.step)
                 if save_interval and self.step % save_interval == 0:
                     self.save()
-                if self._stop_requested():
+                if self.stop_requested_everywhere:
                     stopped_by = self._stop_signal or "a stop signal on another rank"
                     break
             if not save_interval or self.step % save_interval != 0:

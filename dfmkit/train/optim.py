@@ -1,4 +1,4 @@
-"""AdamW through megatron-core's optimizer, and its warm-up + decay schedule."""
+"""AdamW through megatron-core's optimizer, its warm-up + decay schedule, and a step without host syncs."""
 
 from __future__ import annotations
 
@@ -25,23 +25,74 @@ def torch_adams(optimizer):
 
 
 def use_fused_adamw(optimizer) -> int:
-    """Switch megatron's torch AdamW (its fallback without Apex or TransformerEngine) to the fused CUDA kernel.
+    """Switch megatron's torch AdamW (its fallback without Apex or TransformerEngine) to the fused kernel.
 
     torch picks the multi-tensor ``foreach`` AdamW by default; the fused one reads and writes each fp32
-    master weight and its moments once per step. Only when every parameter of the optimizer is an fp32
-    CUDA tensor (CPU training keeps foreach). Returns how many optimizers changed.
+    master weight and its moments once per step, and it takes the clipping factor and the skip flag as
+    device tensors (:func:`step_on_device`). Only when every parameter of the optimizer is an fp32 tensor
+    on one device (CUDA or CPU, which both have the kernel). Returns how many optimizers changed.
     """
     changed = 0
     for _, inner in torch_adams(optimizer):
         if not isinstance(inner, torch.optim.AdamW) or inner.state:
             continue
         params = [p for group in inner.param_groups for p in group["params"]]
-        if params and all(p.is_cuda and p.dtype == torch.float32 for p in params):
+        if params and all(p.dtype == torch.float32 and p.device.type in ("cuda", "cpu") for p in params) \
+                and len({p.device for p in params}) == 1:
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = True, False
             inner.defaults["fused"], inner.defaults["foreach"] = True, False
             changed += 1
     return changed
+
+
+def main_grad_norm(optimizer) -> torch.Tensor:
+    """The global L2 norm of the main gradients as a device scalar (megatron's count: no shared and no
+    tensor-parallel duplicate gradients, squares summed over the optimizer's statistics group).
+
+    megatron's own ``get_grad_norm_fp32`` returns a Python float, which waits for the whole backward.
+    """
+    import torch.distributed as dist
+
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    grads = [g for o in optimizers for g in o.get_main_grads_for_grad_norm()]
+    params = [p for o in optimizers for p in o.get_parameters()]
+    device = grads[0].device if grads else params[0].device
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    if grads:
+        squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+    if dist.is_initialized():
+        dist.all_reduce(squares, group=optimizer.get_grad_stats_parallel_group())
+    return squares.sqrt()
+
+
+def step_on_device(optimizer, clip_grad: float, grad_norm: torch.Tensor, skip: torch.Tensor) -> None:
+    """megatron's ``optimizer.step()`` with ``prepare_grads()`` done: clip the gradients to ``clip_grad``
+    (0: no clipping) by their norm ``grad_norm``, and leave everything as it is where ``skip`` is 1.
+
+    With torch's fused AdamW (see :func:`use_fused_adamw`) both decisions stay on the device: the kernel
+    divides the gradients by ``grad_scale`` (the inverse clipping factor) and does nothing, not even count
+    the step, where ``found_inf`` is 1, so the host never waits for the GPU here. Other optimizers (Apex's
+    or TransformerEngine's Adam) read the norm and the flag on the host first, as megatron does.
+    """
+    adams = [inner for _, inner in torch_adams(optimizer)]
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    if adams and len(adams) == len(optimizers) and all(group.get("fused") for inner in adams for group in inner.param_groups):
+        inverse_clip = ((grad_norm + 1e-6) / clip_grad).clamp(min=1.0) if clip_grad > 0 else None
+        for inner in adams:
+            inner.grad_scale, inner.found_inf = inverse_clip, skip.float()
+        try:
+            optimizer.step_with_ready_grads()
+        finally:
+            for inner in adams:
+                del inner.grad_scale, inner.found_inf
+        return
+    if bool(skip):
+        return
+    factor = clip_grad / (float(grad_norm) + 1e-6) if clip_grad > 0 else 1.0
+    if factor < 1.0:
+        torch._foreach_mul_([p.grad for o in optimizers for p in o.get_parameters() if p.grad is not None], factor)
+    optimizer.step_with_ready_grads()
 
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
