@@ -259,13 +259,24 @@ def test_megatron_multi_tensor_fallbacks_give_the_same_norm_and_scaling():
         assert clip_grads.l2_norm_impl is optim._foreach_l2_norm
 
 
-def test_ema_averages_bf16_weights_in_fp32():
+@pytest.mark.parametrize("in_one_buffer", [False, True])
+def test_ema_averages_bf16_weights_in_fp32(in_one_buffer):
     """The EMA keeps fp32 shadows of (here bf16) weights: shadow <- d * shadow + (1 - d) * weight, with
-    the warm-up decay min(d, (1 + n) / (10 + n)) at update n."""
+    the warm-up decay min(d, (1 + n) / (10 + n)) at update n. Weights that are views of one buffer (as
+    megatron's DDP lays them out, with gaps) are averaged as one span."""
     from dfmkit.train.ema import EMA
 
-    model = torch.nn.Linear(4, 3).bfloat16()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).bfloat16()
+    if in_one_buffer:
+        buffer = torch.zeros(64, dtype=torch.bfloat16)
+        offset = 5
+        for param in model.parameters():
+            view = buffer[offset : offset + param.numel()].view(param.shape)
+            view.copy_(param.data)
+            param.data = view
+            offset += param.numel() + 3
     ema = EMA(model, decay=0.9)
+    assert len(ema._spans) == (1 if in_one_buffer else 4)
     expected = [p.detach().double() for p in model.parameters()]
     g = torch.Generator().manual_seed(0)
     for n in range(5):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 from collections.abc import Iterator
@@ -26,7 +27,27 @@ class EMA:
         self.warmup = warmup
         self.num_updates = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.shadow = [p.detach().to(torch.float32, copy=True) for p in self.params]
+        self.shadow: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
+        # (fp32 shadow, weights) pairs updated as wholes. Weights that lie in one buffer (megatron's DDP with
+        # the distributed optimizer keeps all of them in one) get one flat shadow over that buffer's span, so
+        # an update is two kernels instead of one per parameter; each parameter's shadow is a view of it.
+        self._spans: list[tuple[torch.Tensor, torch.Tensor]] = []
+        in_buffer: dict[tuple, list[int]] = collections.defaultdict(list)
+        for i, p in enumerate(self.params):
+            if p.is_contiguous():
+                in_buffer[(p.device, p.untyped_storage().data_ptr())].append(i)
+            else:
+                self.shadow[i] = p.detach().to(torch.float32, copy=True)
+                self._spans.append((self.shadow[i], p.detach()))
+        for indices in in_buffer.values():
+            start = min(self.params[i].storage_offset() for i in indices)
+            end = max(self.params[i].storage_offset() + self.params[i].numel() for i in indices)
+            weights = self.params[indices[0]].detach().as_strided((end - start,), (1,), start)
+            shadow = weights.to(torch.float32, copy=True)
+            for i in indices:
+                offset = self.params[i].storage_offset() - start
+                self.shadow[i] = shadow[offset : offset + self.params[i].numel()].view(self.params[i].shape)
+            self._spans.append((shadow, weights))
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -43,11 +64,9 @@ class EMA:
         d = self.current_decay()
         device = self.shadow[0].device if self.shadow else "cpu"
         weight = torch.full((), 1.0 - d, device=device) if skip is None else (1.0 - d) * (1.0 - skip.float())
-        torch._foreach_mul_(self.shadow, 1.0 - weight)
-        # One kernel per parameter: torch's multi-tensor kernels take one dtype, and an fp32 copy of the
-        # (bf16) weights would cost an allocation and a copy per parameter on top.
-        for shadow, param in zip(self.shadow, self.params):
-            shadow.addcmul_(param, weight)
+        keep = 1.0 - weight
+        for shadow, weights in self._spans:
+            shadow.mul_(keep).addcmul_(weights, weight)
         if skip is None:
             self.num_updates += 1
 

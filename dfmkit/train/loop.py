@@ -4,8 +4,14 @@ checkpoints with exact resume, logging and periodic validation.
 One optimizer step consumes ``train.global_batch_size`` packed sequences: each data-parallel rank
 runs ``global_batch_size / dp`` micro-batches (one packed sequence each) and accumulates gradients.
 The loss of a step is the mean over every sample of the global batch (or over every real token,
-with ``diffusion.loss_normalization = "token"``): each rank back-propagates its sum and megatron's
-``finalize_model_grads`` divides the reduced gradients by the global count.
+with ``diffusion.loss_normalization = "token"``): each rank back-propagates its sum, megatron's
+``finalize_model_grads`` sums the gradients over the ranks, and the optimizer divides them by the global
+count as it reads them.
+
+The host never waits for the GPU inside a step, but once after the backward: the gradient norm, the
+clipping and the skip of a non-finite step are decided on the device (see
+:func:`dfmkit.train.optim.step_on_device`), the optimizer and EMA kernels are queued, and only then does
+the host read the step's loss, norm and flags, while the GPU works through the queue.
 
 Randomness of a step (noise levels, noise, condition dropout) comes from a generator seeded with
 (seed, step, micro-batch, data-parallel rank), so a resumed run draws exactly what an
@@ -322,17 +328,18 @@ class Trainer:
             micro_loss.backward()
             loss_sum += micro_loss.detach()
             denominator += micro_count
-        # Gradients are sums over this rank's loss terms: reduce them, then divide by the global count.
-        # (Passing num_tokens to finalize_model_grads would do the same, reading the count to the host.)
+        # Gradients are sums over this rank's loss terms: reduce them; the optimizer divides them by the
+        # global count as it reads them. (Passing num_tokens to finalize_model_grads would divide them
+        # first, reading the count to the host, in a pass of its own.)
         global_loss, global_count = loss_sum.clone(), denominator.clone()
         dist.all_reduce(global_loss, group=parallel.data_and_context_group(self.env))
         dist.all_reduce(global_count, group=parallel.data_and_context_group(self.env))
+        global_count = global_count.clamp(min=1)
         finalize_model_grads([self.ddp], num_tokens=None)
-        self.ddp.scale_gradients(1.0 / global_count.clamp(min=1))
         if self.optimizer.prepare_grads():
             raise RuntimeError("megatron's optimizer found non-finite gradients through a loss scaler; dfmkit trains "
                                "in bf16 or fp32, without one")
-        grad_norm = main_grad_norm(self.optimizer)
+        grad_norm = main_grad_norm(self.optimizer) / global_count
         # Every rank must agree to skip a step (non-finite loss or gradients) and to stop, so both flags are
         # reduced over all ranks; the stop request rides along to save a collective.
         stop_requested = 1.0 if self._stop_signal is not None else 0.0
@@ -340,10 +347,10 @@ class Trainer:
                              torch.full((), stop_requested, device=self.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skip = flags[:2].amax()
-        figures = DeviceFigures(torch.stack([global_loss / global_count.clamp(min=1), grad_norm, skip, flags[2]]))
+        figures = DeviceFigures(torch.stack([global_loss / global_count, grad_norm, skip, flags[2]]))
         # Launched before the host reads the figures: the GPU works through the optimizer and the EMA while
         # the host prepares the next step. The skip decision is made on the device.
-        step_on_device(self.optimizer, self.recipe.optim.clip_grad, grad_norm, skip)
+        step_on_device(self.optimizer, self.recipe.optim.clip_grad, grad_norm, skip, grad_divisor=global_count)
         self.ema.update(skip)
 
         loss, grad_norm_value, skipped, stop = figures.read()

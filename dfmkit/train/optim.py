@@ -66,21 +66,26 @@ def main_grad_norm(optimizer) -> torch.Tensor:
     return squares.sqrt()
 
 
-def step_on_device(optimizer, clip_grad: float, grad_norm: torch.Tensor, skip: torch.Tensor) -> None:
-    """megatron's ``optimizer.step()`` with ``prepare_grads()`` done: clip the gradients to ``clip_grad``
-    (0: no clipping) by their norm ``grad_norm``, and leave everything as it is where ``skip`` is 1.
+def step_on_device(optimizer, clip_grad: float, grad_norm: torch.Tensor, skip: torch.Tensor,
+                   grad_divisor: torch.Tensor | float = 1.0) -> None:
+    """megatron's ``optimizer.step()`` with ``prepare_grads()`` done: divide the gradients by
+    ``grad_divisor``, clip them to ``clip_grad`` (0: no clipping) by their norm ``grad_norm`` (after the
+    division), and leave everything as it is where ``skip`` is 1.
 
-    With torch's fused AdamW (see :func:`use_fused_adamw`) both decisions stay on the device: the kernel
-    divides the gradients by ``grad_scale`` (the inverse clipping factor) and does nothing, not even count
-    the step, where ``found_inf`` is 1, so the host never waits for the GPU here. Other optimizers (Apex's
-    or TransformerEngine's Adam) read the norm and the flag on the host first, as megatron does.
+    With torch's fused AdamW (see :func:`use_fused_adamw`) all of it stays on the device and costs no pass
+    over the gradients of its own: the kernel divides each gradient by ``grad_scale`` as it reads it and
+    does nothing, not even count the step, where ``found_inf`` is 1, so the host never waits for the GPU
+    here. Other optimizers (Apex's or TransformerEngine's Adam) read the norm and the flag on the host
+    first, as megatron does, and scale the gradients before their step.
     """
     adams = [inner for _, inner in torch_adams(optimizer)]
     optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
     if adams and len(adams) == len(optimizers) and all(group.get("fused") for inner in adams for group in inner.param_groups):
-        inverse_clip = ((grad_norm + 1e-6) / clip_grad).clamp(min=1.0) if clip_grad > 0 else None
+        grad_scale = torch.as_tensor(grad_divisor, dtype=torch.float32, device=grad_norm.device)
+        if clip_grad > 0:
+            grad_scale = grad_scale * ((grad_norm + 1e-6) / clip_grad).clamp(min=1.0)
         for inner in adams:
-            inner.grad_scale, inner.found_inf = inverse_clip, skip.float()
+            inner.grad_scale, inner.found_inf = grad_scale, skip.float()
         try:
             optimizer.step_with_ready_grads()
         finally:
@@ -89,8 +94,9 @@ def step_on_device(optimizer, clip_grad: float, grad_norm: torch.Tensor, skip: t
         return
     if bool(skip):
         return
-    factor = clip_grad / (float(grad_norm) + 1e-6) if clip_grad > 0 else 1.0
-    if factor < 1.0:
+    factor = min(1.0, clip_grad / (float(grad_norm) + 1e-6)) if clip_grad > 0 else 1.0
+    factor /= float(grad_divisor)
+    if factor != 1.0:
         torch._foreach_mul_([p.grad for o in optimizers for p in o.get_parameters() if p.grad is not None], factor)
     optimizer.step_with_ready_grads()
 
