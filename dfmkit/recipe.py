@@ -143,6 +143,7 @@ class TrainConfig:
     log_interval: int = attrs.field(default=10, validator=_positive)
     ema_decay: float = attrs.field(default=0.9999, validator=_fraction)
     ema_halflife: float = attrs.field(default=0.0, validator=_non_negative)  # in steps; > 0 overrides ema_decay
+    # steps in a row skipped for a non-finite loss or gradient norm before training stops (and saves)
     max_nonfinite_steps: int = attrs.field(default=5, validator=_positive)
 
 

@@ -409,8 +409,8 @@ class Trainer:
                 if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                     self.save()
                     raise TrainingStopped(
-                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss (step {self.step}); the "
-                        f"state was saved to {self.checkpoint_dir}. Lower optim.lr, check the data, or raise "
+                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm (step "
+                        f"{self.step}); the state was saved to {self.checkpoint_dir}. Lower optim.lr, check the data, or raise "
                         "train.max_nonfinite_steps")
                 if self.step % cfg.log_interval == 0 or self.step == cfg.train_iters:
                     elapsed = time.perf_counter() - window_start

@@ -80,7 +80,8 @@ def step_on_device(optimizer, clip_grad: float, grad_norm: torch.Tensor, skip: t
     """
     adams = [inner for _, inner in torch_adams(optimizer)]
     optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
-    if adams and len(adams) == len(optimizers) and all(group.get("fused") for inner in adams for group in inner.param_groups):
+    fused = all(group.get("fused") for inner in adams for group in inner.param_groups)
+    if adams and len(adams) == len(optimizers) and fused:
         grad_scale = torch.as_tensor(grad_divisor, dtype=torch.float32, device=grad_norm.device)
         if clip_grad > 0:
             grad_scale = grad_scale * ((grad_norm + 1e-6) / clip_grad).clamp(min=1.0)
