@@ -145,6 +145,29 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_save(tmp_path):
     assert ckpt.find_checkpoint(tmp_path / "nan").name == "iter_0000004"
 
 
+class SignalAt:
+    """Mock packs that send this process SIGTERM while the batches of step ``step`` are drawn."""
+
+    def __init__(self, recipe, step: int):
+        from dfmkit.data.mock import MockLoader
+
+        self.inner, self.batch = MockLoader(recipe), step * recipe.train.global_batch_size
+
+    def __next__(self):
+        batch = next(self.inner)
+        if self.inner.batches == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+
+def test_a_stop_signal_finishes_the_step_saves_and_stops(tmp_path):
+    job = dfmkit.build(tiny_recipe(tmp_path / "sig", train={"train_iters": 10}))
+    result = Trainer(job, data=SignalAt(job.recipe, step=2)).train()
+    assert result["stopped_by_signal"] and result["step"] == 2 and len(result["losses"]) == 2
+    assert ckpt.find_checkpoint(tmp_path / "sig").name == "iter_0000002"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
 def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path):
     job = dfmkit.build(tiny_recipe(tmp_path / "nan_grad"))
     trainer = Trainer(job)

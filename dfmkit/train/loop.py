@@ -138,7 +138,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.data = data if data is not None else self._build_data()
         self._stop_signal: int | None = None
-        self.stop_requested_everywhere = False  # a stop signal reached some rank before the last step
+        self.stop_requested = False  # a stop signal reached some rank by the last step (all ranks know it)
         self.checkpoint_dir = Path(recipe.checkpoint.dir)
         self._maybe_resume()
         self.logger = MetricsLogger(recipe.logging, str(self.checkpoint_dir), self._run_config(),
@@ -342,9 +342,9 @@ class Trainer:
         grad_norm = main_grad_norm(self.optimizer) / global_count
         # Every rank must agree to skip a step (non-finite loss or gradients) and to stop, so both flags are
         # reduced over all ranks; the stop request rides along to save a collective.
-        stop_requested = 1.0 if self._stop_signal is not None else 0.0
+        signalled = 1.0 if self._stop_signal is not None else 0.0
         flags = torch.stack([(~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float(),
-                             torch.full((), stop_requested, device=self.device)])
+                             torch.full((), signalled, device=self.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skip = flags[:2].amax()
         figures = DeviceFigures(torch.stack([global_loss / global_count, grad_norm, skip, flags[2]]))
@@ -356,7 +356,7 @@ class Trainer:
         loss, grad_norm_value, skipped, stop = figures.read()
         self.step += 1
         self.consumed_sequences += self.recipe.train.global_batch_size
-        self.stop_requested_everywhere = stop > 0
+        self.stop_requested = stop > 0
         if skipped:
             self.nonfinite_total += 1
             self.nonfinite_in_a_row += 1
@@ -435,7 +435,7 @@ class Trainer:
                     self.validator.run(self.step)
                 if save_interval and self.step % save_interval == 0:
                     self.save()
-                if self.stop_requested_everywhere:
+                if self.stop_requested:
                     stopped_by = self._stop_signal or "a stop signal on another rank"
                     break
             if not save_interval or self.step % save_interval != 0:
