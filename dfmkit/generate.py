@@ -285,10 +285,15 @@ def read_checkpoint_states(
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from dfmkit.train.checkpoint import CheckpointError, restricted_metadata
+
     sharded = {k: v for k, v in _flatten(model.sharded_state_dict(prefix="model."), {}).items()
                if isinstance(v, ShardedTensor)}
     try:
-        saved = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+        with restricted_metadata():
+            saved = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    except CheckpointError:
+        raise
     except Exception as exc:  # megatron raises several kinds for unreadable folders
         raise GenerateError(f"{checkpoint} is not a readable megatron distributed checkpoint "
                             f"({type(exc).__name__}: {str(exc)[:300]})") from None
@@ -314,7 +319,8 @@ def read_checkpoint_states(
     if problems:
         shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
         raise GenerateError(f"{checkpoint} does not fit the model of its recipe: {shown}")
-    loaded = dist_checkpointing.load(request, str(checkpoint))
+    with restricted_metadata():
+        loaded = dist_checkpointing.load(request, str(checkpoint))
     return {entry: {name[len("model."):]: tensor for name, tensor in loaded[entry].items()} for entry in which}
 
 
