@@ -1,6 +1,6 @@
 """Where a DiT training step makes the host wait for the GPU: every synchronizing CUDA call of one step.
 
-    python benchmarks/host_syncs.py [--preset S] [--case a|b]
+    python benchmarks/host_syncs.py [--preset S] [--case a|b] [--compile]
 
 Runs two warm-up steps of the real training step (mock packs, as ``benchmarks/gpu_throughput.py``), then
 one step under CUDA's sync debug mode, and prints each call site (the innermost dfmkit and megatron
@@ -14,6 +14,7 @@ import argparse
 import collections
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 
@@ -28,10 +29,18 @@ CASES = {
 
 
 def call_site() -> str:
+    """The innermost three dfmkit or megatron frames of the sync; else the innermost three of any code
+    (torch's own, say), and where there is no Python frame at all, the thread: a backward op runs on
+    the autograd engine's thread without one."""
     frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
-    ours = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames
-            if "dfmkit" in f.filename or "megatron" in f.filename]
-    return " <- ".join(reversed(ours[-3:])) or "(outside dfmkit and megatron)"
+    named = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames]
+    ours = [name for name, f in zip(named, frames) if "dfmkit" in f.filename or "megatron" in f.filename]
+    if ours:
+        return " <- ".join(reversed(ours[-3:]))
+    inner = [name for name in named if "host_syncs.py" not in name]
+    if inner:
+        return "(outside dfmkit and megatron) " + " <- ".join(reversed(inner[-3:]))
+    return f"(no Python frame: thread {threading.current_thread().name}; a backward op if not the main thread)"
 
 
 def main() -> int:
@@ -39,13 +48,14 @@ def main() -> int:
     parser.add_argument("--preset", default="S")
     parser.add_argument("--case", default="b", choices=sorted(CASES))
     parser.add_argument("--attention", default="torch")
+    parser.add_argument("--compile", action="store_true", help="model.compile (torch.compile of each DiT layer)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("host_syncs: needs a CUDA GPU", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(args.preset, Layout(), text_dim=1024, attention=args.attention, workdir=workdir,
-                               steps=100, **CASES[args.case])
+                               steps=100, compile=args.compile, **CASES[args.case])
         for _ in range(2):
             trainer.train_step()
         torch.cuda.synchronize()

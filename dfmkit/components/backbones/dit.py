@@ -96,8 +96,9 @@ class Segments:
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         onehot = self._onehot.get(t.dtype)
-        if onehot is None:
-            onehot = self._onehot[t.dtype] = F.one_hot(self.ids, self.num_samples).T.to(t.dtype)
+        if onehot is None:  # not F.one_hot: on CUDA it reads the ids' range back to the host to check it
+            onehot = torch.zeros((self.num_samples, self.ids.numel()), dtype=t.dtype, device=t.device)
+            onehot = self._onehot[t.dtype] = onehot.scatter_(0, self.ids.unsqueeze(0), 1.0)
         return onehot @ t.reshape(t.shape[0], -1)
 
 
