@@ -56,11 +56,11 @@ def main_grad_norm(optimizer) -> torch.Tensor:
 
     optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
     grads = [g for o in optimizers for g in o.get_main_grads_for_grad_norm()]
-    params = [p for o in optimizers for p in o.get_parameters()]
-    device = grads[0].device if grads else params[0].device
-    squares = torch.zeros((), dtype=torch.float32, device=device)
     if grads:
-        squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+        squares = _sum_of_squares(grads)
+    else:  # this rank holds no gradient to count, but takes part in the reduction
+        device = next(p for o in optimizers for p in o.get_parameters()).device
+        squares = torch.zeros((), dtype=torch.float32, device=device)
     if dist.is_initialized():
         dist.all_reduce(squares, group=optimizer.get_grad_stats_parallel_group())
     return squares.sqrt()
@@ -102,10 +102,14 @@ def step_on_device(optimizer, clip_grad: float, grad_norm: torch.Tensor, skip: t
     optimizer.step_with_ready_grads()
 
 
+def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The fp32 sum of the squares of all elements of ``tensors`` (any precisions), on torch's multi-tensor kernels."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().sum()
+
+
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's ``multi_tensor_l2norm`` on torch's multi-tensor kernels: ``([total norm], None)``."""
-    norms = torch._foreach_norm(tensor_lists[0], 2, dtype=torch.float32)
-    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+    return _sum_of_squares(tensor_lists[0]).sqrt().reshape(1), None
 
 
 def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
@@ -120,11 +124,12 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
 def use_foreach_multi_tensor_ops() -> bool:
     """Give megatron-core torch's multi-tensor kernels where it would use its own fallbacks.
 
-    Without Apex or TransformerEngine, megatron computes the gradient norm (every step, for clipping and
-    the log) with one ``torch.norm`` per parameter and then builds a tensor from the list, which reads each
-    norm back to the host: about 380 host syncs per DiT-XL step, during which the GPU idles. Its scaling
-    fallback launches two kernels per tensor. Returns True if anything was replaced (the fallbacks were in
-    use); with Apex or TransformerEngine installed nothing changes.
+    Without Apex or TransformerEngine, megatron's gradient norm (``optimizer.get_grad_norm()``; dfmkit's
+    step uses :func:`main_grad_norm` instead) takes one ``torch.norm`` per parameter and then builds a
+    tensor from the list, which reads each norm back to the host: about 380 host syncs for DiT-XL. Its
+    scaling fallback, which its fp16/bf16 optimizer copies through, launches two kernels per tensor.
+    Returns True if anything was replaced (the fallbacks were in use); with Apex or TransformerEngine
+    installed nothing changes.
     """
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
