@@ -70,7 +70,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir:
         def build(compile: bool):
             return make_trainer(args.preset, Layout(), text_dim=1024, attention=args.attention, workdir=workdir,
-                                steps=1000, compile=compile, **CASES[args.case])
+                                steps=1000, model={"compile": compile}, **CASES[args.case])
 
         for variant in variants:
             try:

@@ -13,6 +13,7 @@ and a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -27,12 +28,13 @@ CASE_A = dict(seq_length=32768, latent_shape=(16, 1, 32, 32), text_tokens=77, sa
 CASE_B = dict(seq_length=15360, latent_shape=(16, 1, 64, 64), text_tokens=10, samples_per_pack=15)
 
 
-def train_case(preset: str, case: dict, attention: str, steps: int, compile: bool,
+def train_case(preset: str, case: dict, attention: str, steps: int, compile: bool, fused_kernels: bool,
                recompute_order=("none", "selective", "full")):
     for recompute in recompute_order:
         try:
+            model = {"recompute": recompute, "compile": compile, "fused_kernels": fused_kernels}
             row = run_case(preset, Layout(), text_dim=1024, attention=attention, warmup=3, steps=steps,
-                           peak_tflops=989.0, recompute=recompute, compile=compile, **case)
+                           peak_tflops=989.0, model=model, **case)
             row["case"] = "a: 128 x 256 tokens" if case is CASE_A else "b: 15 x 1024 tokens"
             return row
         except torch.OutOfMemoryError:
@@ -49,6 +51,8 @@ def main() -> int:
     parser.add_argument("--attention", default="torch")
     parser.add_argument("--compile", default="both", choices=["off", "on", "both"],
                         help="model.compile (fused elementwise chains): off, on, or both variants of each case")
+    parser.add_argument("--fused-kernels", default="on", choices=["off", "on", "both"],
+                        help="the DiT's Triton kernels for the adaLN chain and q/k norm + RoPE (model.fused_kernels)")
     parser.add_argument("--skip-sampling", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -61,9 +65,10 @@ def main() -> int:
     for preset in args.presets.split(","):
         cases = [CASE_A, CASE_B] if preset == "XL" else [CASE_A]
         for case in cases:
-            for compile in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+            variants = {"off": [False], "on": [True], "both": [False, True]}
+            for compile, fused in itertools.product(variants[args.compile], variants[args.fused_kernels]):
                 start = time.perf_counter()
-                row = train_case(preset, case, args.attention, args.steps, compile)
+                row = train_case(preset, case, args.attention, args.steps, compile, fused)
                 row["wall_s"] = time.perf_counter() - start
                 results["train"].append(row)
                 print(json.dumps(row), flush=True)

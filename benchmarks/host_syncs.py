@@ -55,7 +55,7 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(args.preset, Layout(), text_dim=1024, attention=args.attention, workdir=workdir,
-                               steps=100, compile=args.compile, **CASES[args.case])
+                               steps=100, model={"compile": args.compile}, **CASES[args.case])
         for _ in range(2):
             trainer.train_step()
         torch.cuda.synchronize()

@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +87,10 @@ class CyclingBatches:
 
 def _recipe(preset: str, layout: Layout, seq_length: int, latent_shape: Sequence[int], text_tokens: int,
             text_dim: int, samples_per_pack: int, attention: str, workdir: str, steps: int,
-            recompute: str = "none", compile: bool = False) -> dict[str, Any]:
+            model: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return {
         "model": {"name": "dit", "preset": preset, "in_channels": int(latent_shape[0]), "text_dim": text_dim,
-                  "attention": attention, "use_cpu_initialization": True, "recompute": recompute,
-                  "compile": compile},
+                  "attention": attention, "use_cpu_initialization": True, **(model or {})},
         "sampler": {"name": "edm-euler"},
         "tokenizer": {"name": "identity"},
         "text_encoder": {"name": "t5-tiny"},
@@ -109,15 +108,16 @@ def _recipe(preset: str, layout: Layout, seq_length: int, latent_shape: Sequence
 
 def make_trainer(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequence[int], text_tokens: int,
                  text_dim: int, samples_per_pack: int, attention: str, workdir: str, steps: int,
-                 recompute: str = "none", compile: bool = False):
-    """A Trainer of ``preset`` in ``layout`` on cycling mock packs (every rank the same packs)."""
+                 model: Mapping[str, Any] | None = None):
+    """A Trainer of ``preset`` in ``layout`` on cycling mock packs (every rank the same packs); ``model``
+    overrides further options of the recipe's [model] section (recompute, compile, fused_kernels, ...)."""
     import dfmkit
     from dfmkit import parallel
     from dfmkit.train.loop import Trainer
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
     data = _recipe(preset, layout, seq_length, latent_shape, text_tokens, text_dim, samples_per_pack, attention,
-                   workdir, steps, recompute, compile)
+                   workdir, steps, model)
     data["train"]["global_batch_size"] = world // (layout.tensor * layout.context)
     job = dfmkit.build(data)
     return Trainer(job, data=CyclingBatches(job.recipe, parallel.required_pad_multiple(job.recipe.parallel)))
@@ -139,7 +139,7 @@ def time_steps(trainer, warmup: int, steps: int) -> tuple[list[float], float]:
 
 def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequence[int], text_tokens: int,
              text_dim: int, samples_per_pack: int, attention: str, warmup: int, steps: int,
-             peak_tflops: float, recompute: str = "none", compile: bool = False) -> dict[str, Any]:
+             peak_tflops: float, model: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One (model, layout) row of the table. Call on every rank.
 
     The loss compared across layouts is that of the SECOND step: at initialisation the adaLN-Zero
@@ -149,21 +149,22 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(preset, layout, seq_length=seq_length, latent_shape=latent_shape,
                                text_tokens=text_tokens, text_dim=text_dim, samples_per_pack=samples_per_pack,
-                               attention=attention, workdir=workdir, steps=warmup + steps, recompute=recompute,
-                               compile=compile)
+                               attention=attention, workdir=workdir, steps=warmup + steps, model=model)
         cuda = trainer.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         losses, seconds = time_steps(trainer, max(2, warmup), steps)
         dp = trainer.env.dp_size
         batch = trainer.data.batches[0]
-        shape = DiTShape.from_options(trainer.recipe.model.options)
+        options = trainer.recipe.model.options
+        shape = DiTShape.from_options(options)
         step_flops = training_flops(shape, batch.seqlens.tolist(), batch.seqlens_kv.tolist()) * dp
         tokens = int(batch.seqlens.sum()) * dp
         params = sum(p.numel() for p in trainer.model.parameters()) * layout.tensor  # TP shards summed back
         row = {
             "model": preset, "params_M": round(params / 1e6, 1), "layout": layout.name, "dp": dp,
-            "attention": attention, "recompute": recompute, "compile": compile,
+            "attention": attention, "recompute": options.recompute, "compile": options.compile,
+            "fused_kernels": options.fused_kernels,
             "seq_length": int(batch.num_tokens), "samples_per_pack": batch.num_samples,
             "tokens_per_s_per_gpu": tokens / seconds / world,
             "tflops_per_gpu": step_flops / seconds / world / 1e12,

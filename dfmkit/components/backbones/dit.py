@@ -53,6 +53,7 @@ from torch import nn
 
 from dfmkit.batch import BatchError, PackedBatch
 from dfmkit.components.attention.base import VarlenParams
+from dfmkit.components.backbones import adaln_kernels, qkv_kernels
 from dfmkit.components.backbones.options import DiTOptions
 from dfmkit.errors import DfmkitError
 from dfmkit.parallel.context import ContextParallelBatch, shard_index
@@ -80,11 +81,15 @@ class Segments:
 
     ``expand(v [N, D]) -> [L, 1, D]`` repeats each sample's vector over its tokens; ``sum(t [L, 1, D])
     -> [N, D]`` adds each sample's tokens up (a one-hot matmul: no atomics, fp32 accumulation).
+    A sample's tokens are contiguous and samples come in order (``ids`` is non-decreasing), as in a pack
+    and in every sequence- or context-parallel share of one.
     """
 
     def __init__(self, ids: torch.Tensor, num_samples: int, equal: bool = False):
         self.ids = ids  # [L] int64
         self.num_samples = num_samples
+        # [N + 1]: sample s holds tokens bounds[s]:bounds[s + 1] (empty when none of its tokens are here)
+        self.bounds = torch.searchsorted(ids, torch.arange(num_samples + 1, device=ids.device))
         # True when the tokens are num_samples whole samples of one length (images of one size): the
         # per-sample vectors then broadcast over a [N, length, D] view, with no gather and no one-hot sums.
         # A bool, not the length: a compiled layer then keeps one graph for every such pack.
@@ -342,9 +347,11 @@ def make_attention_backend(name: str, num_heads: int, head_dim: int, kind: str) 
 
 class _Attention(MegatronModule):
     def __init__(self, config: TransformerConfig, submodules: AttentionSubmodules, *, attention_backend: str,
-                 kind: str, text_dim: int = 0, layer_number: int = 1, tp_group=None, **_unused):
+                 kind: str, text_dim: int = 0, fused_kernels: bool = True, layer_number: int = 1, tp_group=None,
+                 **_unused):
         super().__init__(config)
         self.layer_number = layer_number
+        self.fused_kernels = fused_kernels
         tp = config.tensor_model_parallel_size
         self.head_dim = config.kv_channels
         self.heads = config.num_attention_heads // tp  # heads on this TP rank
@@ -397,8 +404,12 @@ class SelfAttention(_Attention):
 
     def forward(self, hidden: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         qkv, _ = self.linear_qkv(hidden)  # [L, 1, 3 * heads * head_dim] (tokens gathered under SP)
-        q, k, v = qkv.view(qkv.shape[0], self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
-        q, k = qk_norm_rope(q, k, self.q_layernorm, self.k_layernorm, layout.rope)
+        if self.fused_kernels and qkv_kernels.available(qkv):
+            q, k, v = qkv_kernels.split_qkv(qkv, self.heads, self.q_layernorm.weight, self.k_layernorm.weight,
+                                            self.q_layernorm.eps, layout.rope)
+        else:
+            q, k, v = qkv.view(qkv.shape[0], self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
+            q, k = qk_norm_rope(q, k, self.q_layernorm, self.k_layernorm, layout.rope)
         if layout.cp_group is not None:  # every CP rank needs all keys of its samples (backward: reduce-scatter)
             kv = tensor_parallel.gather_from_sequence_parallel_region(torch.cat([k, v], -1), True, group=layout.cp_group)
             k, v = kv.split(self.head_dim, dim=-1)
@@ -443,9 +454,10 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
     """
 
     def __init__(self, config: TransformerConfig, submodules: DiTLayerSubmodules, layer_number: int = 1,
-                 pg_collection=None, vp_stage=None, adaln_lora_rank: int = 256, **_unused):
+                 pg_collection=None, vp_stage=None, adaln_lora_rank: int = 256, fused_kernels: bool = True, **_unused):
         super().__init__(config)
         self.layer_number = layer_number
+        self.fused_kernels = fused_kernels
         tp_group = pg_collection.tp if pg_collection is not None else None
         self.eps = config.layernorm_epsilon
         self.adaln = AdaLN(config.hidden_size, 9, adaln_lora_rank)
@@ -461,6 +473,14 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
             mod = tensor_parallel.copy_to_tensor_model_parallel_region(mod)
         shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca, shift_mlp, scale_mlp, gate_mlp = mod.chunk(9, dim=-1)
         seg, x, eps = layout.sp_samples, hidden_states, self.eps
+
+        if self.fused_kernels and adaln_kernels.available(x):  # the same, each residual + norm + modulation one kernel
+            h = self.self_attention(adaln_kernels.norm_modulate(x, shift_sa, scale_sa, seg, eps), layout)
+            x, m = adaln_kernels.residual_norm_modulate(x, h, gate_sa, shift_ca, scale_ca, seg, eps)
+            h = self.cross_attention(m, context, layout)
+            x, m = adaln_kernels.residual_norm_modulate(x, h, gate_ca, shift_mlp, scale_mlp, seg, eps)
+            h, _ = self.mlp(m)
+            return gated_residual(x, h, gate_mlp, seg), context
 
         h = self.self_attention(norm_modulate(x, shift_sa, scale_sa, seg, eps), layout)
         x = gated_residual(x, h, gate_sa, seg)
@@ -480,14 +500,16 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         return super()._forward_impl(input, weight, *args, **kwargs)
 
 
-def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_dim: int = 1024) -> ModuleSpec:
-    """The DiT block on megatron-core's local (non-TE) parallel linears; ``attention`` names the kernel backend."""
+def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_dim: int = 1024,
+                   fused_kernels: bool = True) -> ModuleSpec:
+    """The DiT block on megatron-core's local (non-TE) parallel linears; ``attention`` names the kernel backend,
+    ``fused_kernels`` allows the Triton kernels of :mod:`.adaln_kernels` and :mod:`.qkv_kernels` where they run."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     def attention_spec(module, **params):
         return ModuleSpec(
             module=module,
-            params={"attention_backend": attention, **params},
+            params={"attention_backend": attention, "fused_kernels": fused_kernels, **params},
             submodules=AttentionSubmodules(
                 linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear,
                 q_layernorm=RMSNorm, k_layernorm=RMSNorm, linear_proj=RowParallelLinear,
@@ -496,7 +518,7 @@ def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_di
 
     return ModuleSpec(
         module=DiTLayer,
-        params={"adaln_lora_rank": adaln_lora_rank},
+        params={"adaln_lora_rank": adaln_lora_rank, "fused_kernels": fused_kernels},
         submodules=DiTLayerSubmodules(
             self_attention=attention_spec(SelfAttention),
             cross_attention=attention_spec(CrossAttention, text_dim=text_dim),
@@ -513,15 +535,19 @@ def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_di
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) -> parameter-free LN -> zero-initialised linear to the patch features."""
 
-    def __init__(self, hidden: int, out_features: int, eps: float):
+    def __init__(self, hidden: int, out_features: int, eps: float, fused_kernels: bool = True):
         super().__init__()
         self.eps = eps
+        self.fused_kernels = fused_kernels
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.linear = nn.Linear(hidden, out_features)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, seg: Segments) -> torch.Tensor:
         shift, scale = self.adaln(c).chunk(2, dim=-1)
-        x = norm_modulate(x, shift, scale, seg, self.eps)
+        if self.fused_kernels and adaln_kernels.available(x):
+            x = adaln_kernels.norm_modulate(x, shift, scale, seg, self.eps)
+        else:
+            x = norm_modulate(x, shift, scale, seg, self.eps)
         return self.linear(x.squeeze(1))
 
 
@@ -541,12 +567,12 @@ class DiT(MegatronModule):
 
         self.x_embedder = nn.Linear(self.in_features, hidden)
         self.t_embedder = TimestepEmbedding(options.timestep_channels, hidden)
-        spec = dit_layer_spec(options.attention, options.adaln_lora_rank, options.text_dim)
+        spec = dit_layer_spec(options.attention, options.adaln_lora_rank, options.text_dim, options.fused_kernels)
         self.decoder = TransformerBlock(
             config, TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=None),
             post_layer_norm=False,
         )
-        self.final_layer = FinalLayer(hidden, self.in_features, config.layernorm_epsilon)
+        self.final_layer = FinalLayer(hidden, self.in_features, config.layernorm_epsilon, options.fused_kernels)
         self._init_weights(config.init_method_std)
         if options.compile:
             # One graph per layer call, shared by all layers: inductor fuses the norms, modulation, RoPE and
@@ -644,7 +670,8 @@ def mark_pack_sizes_dynamic(h: torch.Tensor, c: torch.Tensor, context: torch.Ten
     compiled layers start shape-generic instead of recompiling on the first packs of other sizes."""
     from torch._dynamo import maybe_mark_dynamic
 
-    tensors = [h, c, context, layout.samples.ids, layout.sp_samples.ids, layout.kv_index, *(layout.rope or ())]
+    tensors = [h, c, context, layout.samples.ids, layout.sp_samples.ids, layout.kv_index, *(layout.rope or ()),
+               layout.samples.bounds, layout.sp_samples.bounds]
     for params in (layout.self_attn, layout.cross_attn):
         tensors += [params.cu_seqlens_q, params.cu_seqlens_k]
     for tensor in tensors:

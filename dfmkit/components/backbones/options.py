@@ -69,6 +69,10 @@ class DiTOptions:
     # (norms, adaLN modulation, RoPE, gated residuals). Faster on GPU (1.3-1.4x for DiT-XL on an H100); meant
     # for GPUs: on the CPU the per-sample attention loop of mixed-size packs recompiles for each new pack.
     compile: bool = False
+    # Triton kernels on CUDA in bf16/fp16 for the adaLN chain (gated residual + LayerNorm + modulation) and for
+    # self-attention's q/k RMSNorm + RoPE (adaln_kernels.py, qkv_kernels.py), eager or compiled. Off: the torch
+    # code, which inductor fuses when compiled. No effect elsewhere (CPU, fp32), where the torch code runs.
+    fused_kernels: bool = True
     use_cpu_initialization: bool = False  # always on without a GPU; identical weights for every TP size
 
     def __attrs_post_init__(self) -> None:

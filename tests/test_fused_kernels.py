@@ -1,0 +1,191 @@
+"""The DiT's Triton kernels (adaln_kernels, qkv_kernels) against the torch code they replace: outputs and
+every input gradient, on packs whose samples straddle kernel programs, start mid-sample (a sequence-parallel
+share) or have no tokens; and the whole model with the kernels on against off, eager and compiled.
+
+On CUDA the kernels run compiled. Without a GPU the kernel checks run in Triton's interpreter on the CPU when
+Triton is installed (a CPU-only torch comes without it), in a subprocess because the interpreter is chosen
+when the kernels are defined.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dit_harness as H
+from dfmkit.components.backbones import dit
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class _Samples:
+    """What the kernels read from :class:`dit.Segments`."""
+
+    def __init__(self, ids: torch.Tensor, n: int):
+        self.ids = ids
+        self.bounds = torch.searchsorted(ids, torch.arange(n + 1, device=ids.device))
+
+
+def _relative_errors(got: dict, want: dict) -> dict:
+    return {k: float((got[k].float() - want[k]).abs().max() / want[k].abs().max()) for k in want}
+
+
+def check_adaln(device: str, dtype: torch.dtype, tolerance: float) -> None:
+    from dfmkit.components.backbones import adaln_kernels
+
+    g = torch.Generator().manual_seed(0)
+    # 40 and 70 tokens span several 32-token backward programs; 0 tokens: a sample absent from this share
+    for lengths, width, residual in [([5, 40, 1, 0, 30], 72, True), ([33, 31, 70], 40, False), ([100], 48, True)]:
+        n = len(lengths)
+        ids = torch.repeat_interleave(torch.arange(n), torch.tensor(lengths))[3:].to(device)  # starts mid-sample
+        tokens = ids.numel()
+        mod = torch.randn(n, 9 * width, generator=g)  # per-sample vectors as rows of the adaLN output
+        gate, shift, scale = mod[:, :width], mod[:, width : 2 * width], mod[:, 5 * width : 6 * width]
+        x, h = 2 * torch.randn(tokens, 1, width, generator=g) + 0.5, torch.randn(tokens, 1, width, generator=g)
+        grad_x_new, grad_m = torch.randn(tokens, 1, width, generator=g), torch.randn(tokens, 1, width, generator=g)
+        names = ["x", "h", "gate", "shift", "scale"] if residual else ["x", "shift", "scale"]
+        inputs = dict(x=x, h=h, gate=gate, shift=shift, scale=scale)
+
+        ref = {k: inputs[k].to(device).requires_grad_() for k in names}
+        x_new = ref["x"] + ref["gate"][ids].unsqueeze(1) * ref["h"] if residual else ref["x"]
+        m = F.layer_norm(x_new, (width,), eps=1e-6) * (1 + ref["scale"][ids].unsqueeze(1)) + ref["shift"][ids].unsqueeze(1)
+        ((m * grad_m.to(device)).sum() + residual * (x_new * grad_x_new.to(device)).sum()).backward()
+        want = {"m": m.detach(), "x_new": x_new.detach(), **{"grad " + k: ref[k].grad for k in names}}
+
+        # the per-sample vectors keep the adaLN output's row stride, as in the model
+        mod_k = mod.to(device, dtype).requires_grad_()
+        leaves = {"x": x.to(device, dtype).requires_grad_(), "h": h.to(device, dtype).requires_grad_()}
+        per_sample = dict(gate=mod_k[:, :width], shift=mod_k[:, width : 2 * width], scale=mod_k[:, 5 * width : 6 * width])
+        for t in per_sample.values():
+            t.retain_grad()
+        samples = _Samples(ids, n)
+        if residual:
+            x_new_k, m_k = adaln_kernels.residual_norm_modulate(leaves["x"], leaves["h"], per_sample["gate"],
+                                                                per_sample["shift"], per_sample["scale"], samples, 1e-6)
+            ((m_k.float() * grad_m.to(device)).sum() + (x_new_k.float() * grad_x_new.to(device)).sum()).backward()
+        else:
+            x_new_k = leaves["x"]
+            m_k = adaln_kernels.norm_modulate(leaves["x"], per_sample["shift"], per_sample["scale"], samples, 1e-6)
+            (m_k.float() * grad_m.to(device)).sum().backward()
+        got = {"m": m_k, "x_new": x_new_k, **{"grad " + k: (leaves.get(k) if k in leaves else per_sample[k]).grad
+                                              for k in names}}
+        errors = _relative_errors(got, want)
+        assert max(errors.values()) <= tolerance, (lengths, residual, errors)
+
+
+def check_qkv(device: str, dtype: torch.dtype, tolerance: float) -> None:
+    from dfmkit.components.backbones import qkv_kernels
+
+    g = torch.Generator().manual_seed(0)
+    for tokens, heads, head_dim, rope in [(37, 3, 72, True), (50, 2, 16, False), (300, 4, 24, True)]:
+        qkv = 3 * torch.randn(tokens, 1, heads * 3 * head_dim, generator=g)
+        weights = [1 + 0.3 * torch.randn(head_dim, generator=g) for _ in range(2)]
+        pos = torch.randint(0, 16, (tokens, 3), generator=g)
+        grads = [torch.randn(tokens, heads, head_dim, generator=g).to(device) for _ in range(3)]
+
+        leaves = [t.to(device).requires_grad_() for t in (qkv, *weights)]
+        cos_sin = dit.rope3d(pos.to(device), head_dim, 10000.0) if rope else None
+        q, k, v = leaves[0].view(tokens, heads, 3 * head_dim).split(head_dim, -1)
+        q, k = F.rms_norm(q, (head_dim,), leaves[1], 1e-6), F.rms_norm(k, (head_dim,), leaves[2], 1e-6)
+        if rope:
+            q, k = dit.apply_rope(q, *cos_sin), dit.apply_rope(k, *cos_sin)
+        sum((t * grad).sum() for t, grad in zip((q, k, v), grads)).backward()
+        want = {"q": q.detach(), "k": k.detach(), "v": v.detach(), "grad qkv": leaves[0].grad,
+                "grad q weight": leaves[1].grad, "grad k weight": leaves[2].grad}
+
+        kernel_leaves = [t.to(device, dtype).requires_grad_() for t in (qkv, *weights)]
+        rope_k = tuple(t.to(dtype) for t in cos_sin) if rope else None
+        q_k, k_k, v_k = qkv_kernels.split_qkv(kernel_leaves[0], heads, kernel_leaves[1], kernel_leaves[2], 1e-6, rope_k)
+        assert all(t.is_contiguous() and t.shape == (tokens, heads, head_dim) for t in (q_k, k_k, v_k))
+        sum((t.float() * grad).sum() for t, grad in zip((q_k, k_k, v_k), grads)).backward()
+        got = {"q": q_k, "k": k_k, "v": v_k, "grad qkv": kernel_leaves[0].grad,
+               "grad q weight": kernel_leaves[1].grad, "grad k weight": kernel_leaves[2].grad}
+        errors = _relative_errors(got, want)
+        assert max(errors.values()) <= tolerance, (tokens, heads, head_dim, rope, errors)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels
+# --------------------------------------------------------------------------------------------
+
+
+@cuda
+@pytest.mark.parametrize("check", [check_adaln, check_qkv])
+def test_cuda_kernels_match_torch(check):
+    check("cuda", torch.bfloat16, 2e-2)
+
+
+_INTERPRETED = """
+import sys, numpy
+import triton.runtime.interpreter as interpreter
+patch = interpreter._patch_lang_tensor
+def patched(tensor):  # NumPy 2 refuses int() of the one-element arrays Triton 3.5's interpreter loads scalars as
+    patch(tensor)
+    tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+interpreter._patch_lang_tensor = patched
+sys.path.insert(0, {tests!r})
+import torch, test_fused_kernels as t
+t.{check}("cpu", torch.float32, 1e-5)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize("check", ["check_adaln", "check_qkv"])
+def test_kernels_match_torch_in_tritons_interpreter(check):
+    """The kernels' indexing and per-sample bookkeeping in fp32, to the torch code's rounding."""
+    code = _INTERPRETED.format(tests=os.path.dirname(__file__), check=check)
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# In the model
+# --------------------------------------------------------------------------------------------
+
+
+def _model_run(options, cpu_batch, dtype):
+    model = dit.build(options)
+    H.randomize_(model)
+    model.to(dtype)
+    x, c_noise, _ = (t.cuda() for t in H.pack_inputs(cpu_batch, 0))
+    out = model(x, c_noise, cpu_batch.to("cuda", dtype))
+    out.float().square().mean().backward()
+    return out.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("equal_sizes", [False, True])
+def test_cuda_model_with_fused_kernels_matches_fp32_torch_code(equal_sizes, compiled, monkeypatch):
+    """bf16 with the kernels lands as close to the fp32 torch code as bf16 without them, and they do run."""
+    from dfmkit.batch import pack
+    from dfmkit.components.backbones import adaln_kernels, qkv_kernels
+
+    calls = []
+    for module, name in [(adaln_kernels, "residual_norm_modulate"), (qkv_kernels, "split_qkv")]:
+        def spy(*args, _original=getattr(module, name), _name=name):
+            calls.append(_name)
+            return _original(*args)
+        monkeypatch.setattr(module, name, spy)
+    cpu_batch = (pack(H.make_samples(5, [(1, 4, 4)] * 3, [6, 6, 6]), 2, 1, pad_multiple=8) if equal_sizes
+                 else H.make_packs()[0])
+    options = dict(use_cpu_initialization=True, compile=compiled)
+    torch._dynamo.reset()
+    want_out, want_grad = _model_run(H.tiny_options(fused_kernels=False, **options), cpu_batch, torch.float32)
+    plain_out, plain_grad = _model_run(H.tiny_options(fused_kernels=False, **options), cpu_batch, torch.bfloat16)
+    assert not calls
+    fused_out, fused_grad = _model_run(H.tiny_options(fused_kernels=True, **options), cpu_batch, torch.bfloat16)
+    assert {"residual_norm_modulate", "split_qkv"} <= set(calls)
+
+    def error(got, want, norm):
+        return float((got - want).norm() / want.norm()) if norm else float((got - want).abs().max() / want.abs().max())
+
+    for norm, got, plain, want in [(False, fused_out, plain_out, want_out), (True, fused_grad, plain_grad, want_grad)]:
+        assert error(got, want, norm) <= max(3e-2, 1.5 * error(plain, want, norm)), (error(got, want, norm), error(plain, want, norm))
