@@ -30,7 +30,12 @@ try:
 except ImportError:  # CPU-only installs of torch come without Triton
     triton = None
 
-ROWS_PER_PROGRAM = 32  # tokens per backward program: one set of per-sample partial sums each
+# Launch shapes, swept on an H100 by benchmarks/fused_kernels.py. Rows are tokens.
+FORWARD_ELEMENTS = 4096  # a forward program's tile: rows x next_power_of_2(hidden) elements
+FORWARD_WARPS = 8
+BACKWARD_ROWS = 32  # rows per backward program: one set of per-sample partial sums each
+BACKWARD_TILE_ROWS = 4  # rows a backward program takes at once (divides BACKWARD_ROWS)
+BACKWARD_WARPS = 8
 MAX_HIDDEN = 8192  # one token's channels are held in registers
 
 
@@ -79,52 +84,56 @@ if triton is not None:
 
     @triton.jit
     def _backward(GRAD_M, GRAD_X_NEW, X_NEW, H, IDS, GATE, SCALE, MEAN, RSTD, GRAD_X, GRAD_H, PARTS, n_rows,
-                  n_slots, mod_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-                  RESIDUAL: tl.constexpr):
-        # Program p takes tokens [p * ROWS, (p + 1) * ROWS) one at a time and sums the per-sample gradients
-        # of its tokens in registers; the sums of sample s go to partial slot p + s. Samples are contiguous
-        # and in order, so no two (program, sample) pairs share a slot and a sample's slots are consecutive.
+                  n_slots, mod_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  ROWS: tl.constexpr, RESIDUAL: tl.constexpr):
+        # Program p takes tokens [p * ROWS, (p + 1) * ROWS), BLOCK_M at a time, and sums the per-sample
+        # gradients of its tokens in registers; the sums of sample s go to partial slot p + s. Samples are
+        # contiguous and in order, so no two (program, sample) pairs share a slot and a sample's slots are
+        # consecutive.
         program = tl.program_id(0)
-        start = program * ROWS
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < D
-        current = tl.load(IDS + start).to(tl.int64)
-        scale = tl.load(SCALE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
-        gate = tl.zeros([BLOCK_D], tl.float32)
-        if RESIDUAL:
-            gate = tl.load(GATE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+        current = tl.load(IDS + program * ROWS).to(tl.int64)
         acc_shift = tl.zeros([BLOCK_D], tl.float32)
         acc_scale = tl.zeros([BLOCK_D], tl.float32)
         acc_gate = tl.zeros([BLOCK_D], tl.float32)
-        for i in range(ROWS):
-            row = start + i
-            valid = row < n_rows  # the last program's tail: loads give zeros, stores are masked
-            mask = col_mask & valid
-            sample = tl.load(IDS + row, mask=valid, other=current).to(tl.int64)
-            if sample != current:
-                _store_partials(PARTS, program + current, n_slots, cols, col_mask, acc_shift, acc_scale, acc_gate,
-                                D, RESIDUAL)
-                acc_shift = tl.zeros([BLOCK_D], tl.float32)
-                acc_scale = tl.zeros([BLOCK_D], tl.float32)
-                acc_gate = tl.zeros([BLOCK_D], tl.float32)
-                current = sample
-                scale = tl.load(SCALE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
-                if RESIDUAL:
-                    gate = tl.load(GATE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
-            offsets = row.to(tl.int64) * D + cols
+        for tile in range(ROWS // BLOCK_M):
+            rows = program * ROWS + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < n_rows
+            mask = row_mask[:, None] & col_mask[None, :]
+            offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+            sample = tl.load(IDS + rows, mask=row_mask, other=-1).to(tl.int64)  # -1: past the end, in no sample
+            per_sample = sample[:, None] * mod_stride + cols[None, :]
             grad_m = tl.load(GRAD_M + offsets, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(X_NEW + offsets, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row, mask=valid, other=0.0)
-            x_hat = tl.where(mask, (x - tl.load(MEAN + row, mask=valid, other=0.0)) * rstd, 0.0)
-            acc_shift += grad_m
-            acc_scale += grad_m * x_hat
-            grad_x_hat = grad_m * (1.0 + scale)
-            grad_x = rstd * (grad_x_hat - tl.sum(grad_x_hat, 0) / D - x_hat * (tl.sum(grad_x_hat * x_hat, 0) / D))
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            x_hat = tl.where(mask, (x - tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]) * rstd[:, None], 0.0)
+            grad_x_hat = grad_m * (1.0 + tl.load(SCALE + per_sample, mask=mask, other=0.0).to(tl.float32))
+            grad_x = rstd[:, None] * (grad_x_hat - (tl.sum(grad_x_hat, 1) / D)[:, None]
+                                      - x_hat * (tl.sum(grad_x_hat * x_hat, 1) / D)[:, None])
+            shift_terms = grad_m
+            scale_terms = grad_m * x_hat
+            gate_terms = grad_x  # placeholder without the residual: never stored
             if RESIDUAL:
                 grad_x += tl.load(GRAD_X_NEW + offsets, mask=mask, other=0.0).to(tl.float32)
-                acc_gate += grad_x * tl.load(H + offsets, mask=mask, other=0.0).to(tl.float32)
+                gate_terms = grad_x * tl.load(H + offsets, mask=mask, other=0.0).to(tl.float32)
+                gate = tl.load(GATE + per_sample, mask=mask, other=0.0).to(tl.float32)
                 tl.store(GRAD_H + offsets, (gate * grad_x).to(GRAD_H.dtype.element_ty), mask=mask)
             tl.store(GRAD_X + offsets, grad_x.to(GRAD_X.dtype.element_ty), mask=mask)
+            # the tile's rows of the current sample, then (rarely) each later sample the tile reaches
+            last = tl.max(sample, 0)
+            mine = (sample == current)[:, None]
+            acc_shift += tl.sum(tl.where(mine, shift_terms, 0.0), 0)
+            acc_scale += tl.sum(tl.where(mine, scale_terms, 0.0), 0)
+            acc_gate += tl.sum(tl.where(mine, gate_terms, 0.0), 0)
+            while current < last:
+                _store_partials(PARTS, program + current, n_slots, cols, col_mask, acc_shift, acc_scale, acc_gate,
+                                D, RESIDUAL)
+                current = tl.min(tl.where(sample > current, sample, last), 0)
+                mine = (sample == current)[:, None]
+                acc_shift = tl.sum(tl.where(mine, shift_terms, 0.0), 0)
+                acc_scale = tl.sum(tl.where(mine, scale_terms, 0.0), 0)
+                acc_gate = tl.sum(tl.where(mine, gate_terms, 0.0), 0)
         _store_partials(PARTS, program + current, n_slots, cols, col_mask, acc_shift, acc_scale, acc_gate, D, RESIDUAL)
 
     @triton.jit
@@ -151,7 +160,7 @@ def _launch_forward(x, h, gate, shift, scale, ids, eps):
     width = x.shape[-1]
     n_rows = x.numel() // width
     block_d = _block_d(width)
-    block_m = max(1, 4096 // block_d)
+    block_m = max(1, FORWARD_ELEMENTS // block_d)
     m = torch.empty_like(x)
     x_new = torch.empty_like(x) if h is not None else m  # a placeholder pointer without the residual
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -159,7 +168,7 @@ def _launch_forward(x, h, gate, shift, scale, ids, eps):
     residual = h is not None
     _forward[(triton.cdiv(n_rows, block_m),)](
         x, h if residual else x, ids, gate if residual else scale, shift, scale, x_new, m, mean, rstd, n_rows,
-        scale.stride(0), eps, D=width, BLOCK_D=block_d, BLOCK_M=block_m, RESIDUAL=residual, num_warps=8,
+        scale.stride(0), eps, D=width, BLOCK_D=block_d, BLOCK_M=block_m, RESIDUAL=residual, num_warps=FORWARD_WARPS,
     )
     return (x_new if residual else x), m, mean, rstd
 
@@ -169,7 +178,7 @@ def _launch_backward(grad_m, grad_x_new, x_new, h, gate, scale, ids, bounds, mea
     n_rows = x_new.numel() // width
     n_samples = bounds.shape[0] - 1
     residual = h is not None
-    programs = triton.cdiv(n_rows, ROWS_PER_PROGRAM)
+    programs = triton.cdiv(n_rows, BACKWARD_ROWS)
     n_slots = programs + n_samples
     sums = 3 if residual else 2
     parts = torch.empty((sums, n_slots, width), dtype=torch.float32, device=x_new.device)
@@ -181,12 +190,12 @@ def _launch_backward(grad_m, grad_x_new, x_new, h, gate, scale, ids, bounds, mea
     _backward[(programs,)](
         grad_m, grad_x_new if residual else grad_m, x_new, h if residual else x_new, ids, gate if residual else scale,
         scale, mean, rstd, grad_x, grad_h, parts, n_rows, n_slots, scale.stride(0), D=width, BLOCK_D=_block_d(width),
-        ROWS=ROWS_PER_PROGRAM, RESIDUAL=residual, num_warps=4,
+        BLOCK_M=BACKWARD_TILE_ROWS, ROWS=BACKWARD_ROWS, RESIDUAL=residual, num_warps=BACKWARD_WARPS,
     )
     per_sample = torch.empty((sums, n_samples, width), dtype=scale.dtype, device=x_new.device)
     block = 256
     _sum_partials[(n_samples, triton.cdiv(width, block), sums)](
-        parts, bounds, per_sample, n_samples, n_slots, D=width, BLOCK=block, ROWS=ROWS_PER_PROGRAM,
+        parts, bounds, per_sample, n_samples, n_slots, D=width, BLOCK=block, ROWS=BACKWARD_ROWS,
     )
     return grad_x, (grad_h if residual else None), per_sample
 

@@ -26,8 +26,11 @@ try:
 except ImportError:  # CPU-only installs of torch come without Triton
     triton = None
 
-ROWS_PER_TILE = 32  # (token, head) rows a program handles at once
-TILES_PER_PROGRAM = 4  # tiles per program in the backward: one partial sum of the weight gradients each
+# Launch shapes, swept on an H100 by benchmarks/fused_kernels.py. Rows are (token, head) pairs.
+ROWS_PER_TILE = 32  # rows a program handles at once
+TILES_PER_PROGRAM = 4  # tiles per backward program: one partial sum of the weight gradients each
+FORWARD_WARPS = 4
+BACKWARD_WARPS = 4
 
 
 def available(qkv: torch.Tensor) -> bool:
@@ -161,7 +164,7 @@ class _SplitQKV(torch.autograd.Function):
         rope = cos is not None
         _forward[(triton.cdiv(n_rows, ROWS_PER_TILE),)](
             qkv, q_weight, k_weight, cos if rope else q, sin if rope else q, q, k, v, rstd, n_rows, heads, eps,
-            **_constants(head_dim, rope), num_warps=4,
+            **_constants(head_dim, rope), num_warps=FORWARD_WARPS,
         )
         ctx.heads = heads
         ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin, rstd)
@@ -180,7 +183,7 @@ class _SplitQKV(torch.autograd.Function):
         _backward[(programs,)](
             qkv, q_weight, k_weight, cos if rope else qkv, sin if rope else qkv, rstd, grad_q.contiguous(),
             grad_k.contiguous(), grad_v.contiguous(), grad_qkv, grad_w_parts, n_rows, heads,
-            TILES=TILES_PER_PROGRAM, **_constants(head_dim, rope), num_warps=4,
+            TILES=TILES_PER_PROGRAM, **_constants(head_dim, rope), num_warps=BACKWARD_WARPS,
         )
         grad_w = grad_w_parts.sum(0).to(q_weight.dtype)
         return grad_qkv, grad_w[0], grad_w[1], None, None, None, None
