@@ -47,7 +47,7 @@ def available(x: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])  # pack sizes: no recompile when their divisibility changes
     def _forward(X, H, IDS, GATE, SHIFT, SCALE, X_OUT, M_OUT, MEAN, RSTD, n_rows, mod_stride, eps,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RESIDUAL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,7 +82,7 @@ if triton is not None:
         if RESIDUAL:
             tl.store(PARTS + (2 * n_slots + slot) * D + cols, acc_gate, mask=col_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "n_slots"])  # pack sizes: no recompile when their divisibility changes
     def _backward(GRAD_M, GRAD_X_NEW, X_NEW, H, IDS, GATE, SCALE, MEAN, RSTD, GRAD_X, GRAD_H, PARTS, n_rows,
                   n_slots, mod_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   ROWS: tl.constexpr, RESIDUAL: tl.constexpr):
@@ -136,7 +136,7 @@ if triton is not None:
                 acc_gate = tl.sum(tl.where(mine, gate_terms, 0.0), 0)
         _store_partials(PARTS, program + current, n_slots, cols, col_mask, acc_shift, acc_scale, acc_gate, D, RESIDUAL)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_samples", "n_slots"])  # pack sizes: no recompile when their divisibility changes
     def _sum_partials(PARTS, BOUNDS, OUT, n_samples, n_slots, D: tl.constexpr, BLOCK: tl.constexpr,
                       ROWS: tl.constexpr):
         # Sample s's tokens are rows [BOUNDS[s], BOUNDS[s+1]); the programs that saw them wrote slots p + s.

@@ -63,7 +63,7 @@ if triton is not None:
         _store_halves(OUT, out, mask, a, b, HALF)
         tl.store(RSTD + rows, rstd, mask=row_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])  # pack sizes: no recompile when their divisibility changes
     def _forward(QKV, WQ, WK, COS, SIN, Q, K, V, RSTD, n_rows, heads, eps, D: tl.constexpr, HALF: tl.constexpr,
                  BLOCK_HALF: tl.constexpr, ROWS: tl.constexpr, ROPE: tl.constexpr):
         rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # (token, head) pairs
@@ -106,7 +106,7 @@ if triton is not None:
                       rstd[:, None] * (g_b - b * mean[:, None]), HALF)
         return sum_a, sum_b
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])  # pack sizes: no recompile when their divisibility changes
     def _backward(QKV, WQ, WK, COS, SIN, RSTD, GRAD_Q, GRAD_K, GRAD_V, GRAD_QKV, GRAD_W_PARTS, n_rows, heads,
                   D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, ROWS: tl.constexpr,
                   TILES: tl.constexpr, ROPE: tl.constexpr):
