@@ -178,9 +178,9 @@ class _SplitQKV(torch.autograd.Function):
         n_rows = tokens * heads
         programs = triton.cdiv(n_rows, ROWS_PER_TILE * TILES_PER_PROGRAM)
         grad_qkv = torch.empty_like(qkv)
-        # at least two rows of partial sums (a spare row stays zero): torch.compile would otherwise guard on a
-        # one-program pack, and compile the layer again for it
-        grad_w_parts = torch.zeros((torch.sym_max(programs, 2), 2, head_dim), dtype=torch.float32, device=qkv.device)
+        # one spare row of zeros: with exactly one program a one-row buffer would make torch.compile guard on
+        # that case and compile the layer again for it
+        grad_w_parts = torch.zeros((programs + 1, 2, head_dim), dtype=torch.float32, device=qkv.device)
         rope = cos is not None
         _backward[(programs,)](
             qkv, q_weight, k_weight, cos if rope else qkv, sin if rope else qkv, rstd, grad_q.contiguous(),
