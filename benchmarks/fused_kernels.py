@@ -17,20 +17,13 @@ from pathlib import Path
 
 import torch
 
+from dfmkit.bench.timing import cuda_milliseconds
 from dfmkit.components.backbones import adaln_kernels, qkv_kernels
 from dfmkit.components.backbones.dit import Segments, rope3d
 
 
-def seconds(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
+def seconds(fn) -> float:
+    return cuda_milliseconds(fn) / 1e3
 
 
 def copy_bandwidth(numel: int) -> float:
