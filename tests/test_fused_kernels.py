@@ -24,14 +24,6 @@ from dfmkit.components.backbones import dit
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-class _Samples:
-    """What the kernels read from :class:`dit.Segments`."""
-
-    def __init__(self, ids: torch.Tensor, n: int):
-        self.ids = ids
-        self.bounds = torch.searchsorted(ids, torch.arange(n + 1, device=ids.device))
-
-
 def _relative_errors(got: dict, want: dict) -> dict:
     return {k: float((got[k].float() - want[k]).abs().max() / want[k].abs().max()) for k in want}
 
@@ -64,7 +56,7 @@ def check_adaln(device: str, dtype: torch.dtype, tolerance: float) -> None:
         per_sample = dict(gate=mod_k[:, :width], shift=mod_k[:, width : 2 * width], scale=mod_k[:, 5 * width : 6 * width])
         for t in per_sample.values():
             t.retain_grad()
-        samples = _Samples(ids, n)
+        samples = dit.Segments(ids, n)
         if residual:
             x_new_k, m_k = adaln_kernels.residual_norm_modulate(leaves["x"], leaves["h"], per_sample["gate"],
                                                                 per_sample["shift"], per_sample["scale"], samples, 1e-6)

@@ -164,9 +164,22 @@ def gated_residual(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, 
     return _GatedResidual.apply(residual, y, gate, seg)
 
 
-def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: Segments, eps: float) -> torch.Tensor:
-    """Parameter-free LayerNorm, then the sample's shift and scale (adaLN)."""
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: Segments, eps: float,
+                  fused: bool = False) -> torch.Tensor:
+    """Parameter-free LayerNorm, then the sample's shift and scale (adaLN). ``fused``: one Triton kernel
+    each way (:mod:`.adaln_kernels`) where it runs."""
+    if fused and adaln_kernels.available(x):
+        return adaln_kernels.norm_modulate(x, shift, scale, seg, eps)
     return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale, seg)
+
+
+def residual_norm_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                           scale: torch.Tensor, seg: Segments, eps: float, fused: bool = False):
+    """``(x + gate * h, norm_modulate(x + gate * h))``: the gated residual of one branch and the input of the next."""
+    if fused and adaln_kernels.available(x):
+        return adaln_kernels.residual_norm_modulate(x, h, gate, shift, scale, seg, eps)
+    x = gated_residual(x, h, gate, seg)
+    return x, norm_modulate(x, shift, scale, seg, eps)
 
 
 def rope3d_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -472,21 +485,13 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         if self.sequence_parallel:  # each TP rank holds part of every sample's tokens: sum their gradients
             mod = tensor_parallel.copy_to_tensor_model_parallel_region(mod)
         shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca, shift_mlp, scale_mlp, gate_mlp = mod.chunk(9, dim=-1)
-        seg, x, eps = layout.sp_samples, hidden_states, self.eps
+        seg, x, eps, fused = layout.sp_samples, hidden_states, self.eps, self.fused_kernels
 
-        if self.fused_kernels and adaln_kernels.available(x):  # the same, each residual + norm + modulation one kernel
-            h = self.self_attention(adaln_kernels.norm_modulate(x, shift_sa, scale_sa, seg, eps), layout)
-            x, m = adaln_kernels.residual_norm_modulate(x, h, gate_sa, shift_ca, scale_ca, seg, eps)
-            h = self.cross_attention(m, context, layout)
-            x, m = adaln_kernels.residual_norm_modulate(x, h, gate_ca, shift_mlp, scale_mlp, seg, eps)
-            h, _ = self.mlp(m)
-            return gated_residual(x, h, gate_mlp, seg), context
-
-        h = self.self_attention(norm_modulate(x, shift_sa, scale_sa, seg, eps), layout)
-        x = gated_residual(x, h, gate_sa, seg)
-        h = self.cross_attention(norm_modulate(x, shift_ca, scale_ca, seg, eps), context, layout)
-        x = gated_residual(x, h, gate_ca, seg)
-        h, _ = self.mlp(norm_modulate(x, shift_mlp, scale_mlp, seg, eps))
+        h = self.self_attention(norm_modulate(x, shift_sa, scale_sa, seg, eps, fused), layout)
+        x, m = residual_norm_modulate(x, h, gate_sa, shift_ca, scale_ca, seg, eps, fused)
+        h = self.cross_attention(m, context, layout)
+        x, m = residual_norm_modulate(x, h, gate_ca, shift_mlp, scale_mlp, seg, eps, fused)
+        h, _ = self.mlp(m)
         x = gated_residual(x, h, gate_mlp, seg)
         return x, context
 
@@ -544,10 +549,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, seg: Segments) -> torch.Tensor:
         shift, scale = self.adaln(c).chunk(2, dim=-1)
-        if self.fused_kernels and adaln_kernels.available(x):
-            x = adaln_kernels.norm_modulate(x, shift, scale, seg, self.eps)
-        else:
-            x = norm_modulate(x, shift, scale, seg, self.eps)
+        x = norm_modulate(x, shift, scale, seg, self.eps, self.fused_kernels)
         return self.linear(x.squeeze(1))
 
 
