@@ -113,7 +113,6 @@ if triton is not None:
                                       - x_hat * (tl.sum(grad_x_hat * x_hat, 1) / D)[:, None])
             shift_terms = grad_m
             scale_terms = grad_m * x_hat
-            gate_terms = grad_x  # placeholder without the residual: never stored
             if RESIDUAL:
                 grad_x += tl.load(GRAD_X_NEW + offsets, mask=mask, other=0.0).to(tl.float32)
                 gate_terms = grad_x * tl.load(H + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -125,7 +124,8 @@ if triton is not None:
             mine = (sample == current)[:, None]
             acc_shift += tl.sum(tl.where(mine, shift_terms, 0.0), 0)
             acc_scale += tl.sum(tl.where(mine, scale_terms, 0.0), 0)
-            acc_gate += tl.sum(tl.where(mine, gate_terms, 0.0), 0)
+            if RESIDUAL:
+                acc_gate += tl.sum(tl.where(mine, gate_terms, 0.0), 0)
             while current < last:
                 _store_partials(PARTS, program + current, n_slots, cols, col_mask, acc_shift, acc_scale, acc_gate,
                                 D, RESIDUAL)
@@ -133,7 +133,8 @@ if triton is not None:
                 mine = (sample == current)[:, None]
                 acc_shift = tl.sum(tl.where(mine, shift_terms, 0.0), 0)
                 acc_scale = tl.sum(tl.where(mine, scale_terms, 0.0), 0)
-                acc_gate = tl.sum(tl.where(mine, gate_terms, 0.0), 0)
+                if RESIDUAL:
+                    acc_gate = tl.sum(tl.where(mine, gate_terms, 0.0), 0)
         _store_partials(PARTS, program + current, n_slots, cols, col_mask, acc_shift, acc_scale, acc_gate, D, RESIDUAL)
 
     @triton.jit(do_not_specialize=["n_samples", "n_slots"])  # pack sizes: no recompile when their divisibility changes

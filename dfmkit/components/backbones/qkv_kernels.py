@@ -52,6 +52,20 @@ if triton is not None:
         tl.store(ptr + offsets + HALF, second.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _load_angles(COS, SIN, rows, heads, cols, mask, D: tl.constexpr, HALF: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr, ROWS: tl.constexpr, ROPE: tl.constexpr):
+        """cos and sin of each row's token, both halves; zeros without the rotation (then unused)."""
+        cos_a = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
+        cos_b = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
+        sin_a = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
+        sin_b = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
+        if ROPE:
+            angles = (rows // heads)[:, None] * D + cols[None, :]
+            cos_a, cos_b = _load_halves(COS, angles, mask, HALF)
+            sin_a, sin_b = _load_halves(SIN, angles, mask, HALF)
+        return cos_a, cos_b, sin_a, sin_b
+
+    @triton.jit
     def _norm_rope(QKV, W, OUT, RSTD, source, out, rows, row_mask, cols, col_mask, mask, cos_a, cos_b, sin_a, sin_b,
                    eps, D: tl.constexpr, HALF: tl.constexpr, ROPE: tl.constexpr):
         a, b = _load_halves(QKV, source, mask, HALF)
@@ -73,14 +87,7 @@ if triton is not None:
         mask = row_mask[:, None] & col_mask[None, :]
         source = rows[:, None] * (3 * D) + cols[None, :]  # the row's q channels; k at +D, v at +2D
         out = rows[:, None] * D + cols[None, :]
-        cos_a = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
-        cos_b = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
-        sin_a = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
-        sin_b = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
-        if ROPE:
-            angles = (rows // heads)[:, None] * D + cols[None, :]
-            cos_a, cos_b = _load_halves(COS, angles, mask, HALF)
-            sin_a, sin_b = _load_halves(SIN, angles, mask, HALF)
+        cos_a, cos_b, sin_a, sin_b = _load_angles(COS, SIN, rows, heads, cols, mask, D, HALF, BLOCK_HALF, ROWS, ROPE)
         _norm_rope(QKV, WQ, Q, RSTD, source, out, rows, row_mask, cols, col_mask, mask, cos_a, cos_b, sin_a, sin_b,
                    eps, D, HALF, ROPE)
         _norm_rope(QKV, WK, K, RSTD + n_rows, source + D, out, rows, row_mask, cols, col_mask, mask, cos_a, cos_b,
@@ -123,14 +130,8 @@ if triton is not None:
             mask = row_mask[:, None] & col_mask[None, :]
             source = rows[:, None] * (3 * D) + cols[None, :]
             grads = rows[:, None] * D + cols[None, :]
-            cos_a = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
-            cos_b = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
-            sin_a = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
-            sin_b = tl.zeros([ROWS, BLOCK_HALF], tl.float32)
-            if ROPE:
-                angles = (rows // heads)[:, None] * D + cols[None, :]
-                cos_a, cos_b = _load_halves(COS, angles, mask, HALF)
-                sin_a, sin_b = _load_halves(SIN, angles, mask, HALF)
+            cos_a, cos_b, sin_a, sin_b = _load_angles(COS, SIN, rows, heads, cols, mask, D, HALF, BLOCK_HALF, ROWS,
+                                                      ROPE)
             sum_a, sum_b = _norm_rope_backward(QKV, WQ, GRAD_Q, GRAD_QKV, RSTD, source, grads, rows, row_mask, cols,
                                                col_mask, mask, cos_a, cos_b, sin_a, sin_b, D, HALF, ROPE)
             wq_a += sum_a
