@@ -2,8 +2,9 @@
 shapes, as bandwidth against a device copy: the figures behind the launch settings at the top of each module.
 
 Each kernel's bytes are what it must move at the least (bf16 tensors read and written once); per-sample
-vectors and norm statistics are left out. Writes <out>/fused_kernels.json and prints the best setting of
-each kernel.
+vectors and norm statistics are left out. Times are the device time of the kernels a call launches
+(:func:`dfmkit.bench.timing.kernel_milliseconds`). Writes <out>/fused_kernels.json and prints the best
+setting of each kernel.
 
     python benchmarks/fused_kernels.py --out results/ [--tokens 32768 --hidden 1152 --heads 16]
 """
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from dfmkit.bench.timing import cuda_milliseconds
+from dfmkit.bench.timing import kernel_milliseconds
 from dfmkit.components.backbones import adaln_kernels, qkv_kernels
 from dfmkit.components.backbones.dit import Segments, rope3d
 
 
 def seconds(fn) -> float:
-    return cuda_milliseconds(fn) / 1e3
+    return kernel_milliseconds(fn) / 1e3
 
 
 def copy_bandwidth(numel: int) -> float:
@@ -43,10 +44,10 @@ def adaln_case(tokens: int, hidden: int, samples: int, residual: bool):
     one = tokens * hidden * 2
     if residual:
         forward = lambda: adaln_kernels.residual_norm_modulate(x, h, gate, shift, scale, seg, 1e-6)  # noqa: E731
-        outs, inputs, moved = forward(), (x, h, mod), (4 * one, 6 * one)
+        outs, inputs, moved = forward(), (x, h, gate, shift, scale), (4 * one, 6 * one)
     else:
         forward = lambda: (adaln_kernels.norm_modulate(x, shift, scale, seg, 1e-6),)  # noqa: E731
-        outs, inputs, moved = forward(), (x, mod), (2 * one, 3 * one)
+        outs, inputs, moved = forward(), (x, shift, scale), (2 * one, 3 * one)
     grads = [torch.randn_like(o) for o in outs]
     backward = lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True)  # noqa: E731
     return forward, backward, moved
@@ -69,11 +70,11 @@ def qkv_case(tokens: int, hidden: int, heads: int):
 
 
 SWEEPS = {
-    "adaln": (adaln_kernels, {"FORWARD_ELEMENTS": [2048, 4096, 8192, 16384], "FORWARD_WARPS": [4, 8, 16],
-                              "BACKWARD_TILE_ROWS": [1, 2, 4, 8], "BACKWARD_WARPS": [4, 8, 16],
-                              "BACKWARD_ROWS": [16, 32, 64]}),
-    "qkv": (qkv_kernels, {"ROWS_PER_TILE": [8, 16, 32, 64, 128], "FORWARD_WARPS": [2, 4, 8],
-                          "BACKWARD_WARPS": [2, 4, 8], "TILES_PER_PROGRAM": [1, 2, 4, 8]}),
+    "adaln": (adaln_kernels, {"FORWARD_ELEMENTS": [2048, 4096, 8192, 16384], "FORWARD_WARPS": [2, 4, 8],
+                              "BACKWARD_WARPS": [1, 2, 4, 8],
+                              "BACKWARD_ROWS": [16, 32, 64, 128]}),
+    "qkv": (qkv_kernels, {"TOKENS_PER_TILE": [1, 2, 4, 8], "FORWARD_WARPS": [2, 4, 8],
+                          "BACKWARD_WARPS": [1, 2, 4, 8], "TILES_PER_PROGRAM": [2, 4, 8, 16]}),
 }
 
 

@@ -15,9 +15,9 @@ Why: compiled by inductor, this chain took 62 ms of a 333 ms DiT-XL step on an H
 about 2.5 times what its memory traffic needs: the backward recomputed the residual stream, kept the
 normalised input in fp32 and read everything again for the per-sample sums. Here the forward reads x and
 h and writes x_new and m; the backward reads the two output gradients, x_new and h and writes the two
-input gradients, adding each sample's gradient sums into per-block partials in registers (no atomics:
-the result is deterministic). The torch code in :mod:`~dfmkit.components.backbones.dit` is the reference
-and the path wherever :func:`available` is false.
+input gradients, a token at a time while the next one loads, adding each sample's gradient sums into
+per-program partials in registers (no atomics: the result is deterministic). The torch code in
+:mod:`~dfmkit.components.backbones.dit` is the reference and the path wherever :func:`available` is false.
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ except ImportError:  # CPU-only installs of torch come without Triton
 
 # Launch shapes, swept on an H100 by benchmarks/fused_kernels.py. Rows are tokens.
 FORWARD_ELEMENTS = 4096  # a forward program's tile: rows x next_power_of_2(hidden) elements
-FORWARD_WARPS = 8
+FORWARD_WARPS = 2
 BACKWARD_ROWS = 32  # rows per backward program: one set of per-sample partial sums each
-BACKWARD_TILE_ROWS = 4  # rows a backward program takes at once (divides BACKWARD_ROWS)
-BACKWARD_WARPS = 8
+BACKWARD_WARPS = 2
 MAX_HIDDEN = 8192  # one token's channels are held in registers
 
 
@@ -82,59 +81,72 @@ if triton is not None:
         if RESIDUAL:
             tl.store(PARTS + (2 * n_slots + slot) * D + cols, acc_gate, mask=col_mask)
 
+    @triton.jit
+    def _load_row(GRAD_M, GRAD_X_NEW, X_NEW, H, row, n_rows, cols, col_mask, D: tl.constexpr,
+                  RESIDUAL: tl.constexpr):
+        """One token's output gradients and inputs (zeros past the end), as fp32."""
+        mask = col_mask & (row < n_rows)
+        offsets = row.to(tl.int64) * D + cols
+        grad_m = tl.load(GRAD_M + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X_NEW + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad_x_new = grad_m
+        h = grad_m
+        if RESIDUAL:
+            grad_x_new = tl.load(GRAD_X_NEW + offsets, mask=mask, other=0.0).to(tl.float32)
+            h = tl.load(H + offsets, mask=mask, other=0.0).to(tl.float32)
+        return grad_m, x, grad_x_new, h
+
     @triton.jit(do_not_specialize=["n_rows", "n_slots"])  # pack sizes: no recompile when their divisibility changes
     def _backward(GRAD_M, GRAD_X_NEW, X_NEW, H, IDS, GATE, SCALE, MEAN, RSTD, GRAD_X, GRAD_H, PARTS, n_rows,
-                  n_slots, mod_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  ROWS: tl.constexpr, RESIDUAL: tl.constexpr):
-        # Program p takes tokens [p * ROWS, (p + 1) * ROWS), BLOCK_M at a time, and sums the per-sample
-        # gradients of its tokens in registers; the sums of sample s go to partial slot p + s. Samples are
-        # contiguous and in order, so no two (program, sample) pairs share a slot and a sample's slots are
-        # consecutive.
+                  n_slots, mod_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+                  RESIDUAL: tl.constexpr):
+        # Program p takes tokens [p * ROWS, (p + 1) * ROWS) one at a time, loading the next token while it
+        # works on this one, and sums the per-sample gradients in registers; the sums of sample s go to
+        # partial slot p + s. Samples are contiguous and in order, so no two (program, sample) pairs share a
+        # slot and a sample's slots are consecutive. One token at a time keeps the registers few (many
+        # programs per SM hide the memory latency) and the per-sample sums need no reduction across rows.
         program = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < D
-        current = tl.load(IDS + program * ROWS).to(tl.int64)
+        first = program * ROWS
+        current = tl.load(IDS + first).to(tl.int64)
+        scale = tl.load(SCALE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+        gate = scale
+        if RESIDUAL:
+            gate = tl.load(GATE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc_shift = tl.zeros([BLOCK_D], tl.float32)
         acc_scale = tl.zeros([BLOCK_D], tl.float32)
         acc_gate = tl.zeros([BLOCK_D], tl.float32)
-        for tile in range(ROWS // BLOCK_M):
-            rows = program * ROWS + tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < n_rows
-            mask = row_mask[:, None] & col_mask[None, :]
-            offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
-            sample = tl.load(IDS + rows, mask=row_mask, other=-1).to(tl.int64)  # -1: past the end, in no sample
-            per_sample = sample[:, None] * mod_stride + cols[None, :]
-            grad_m = tl.load(GRAD_M + offsets, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X_NEW + offsets, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-            x_hat = tl.where(mask, (x - tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]) * rstd[:, None], 0.0)
-            grad_x_hat = grad_m * (1.0 + tl.load(SCALE + per_sample, mask=mask, other=0.0).to(tl.float32))
-            grad_x = rstd[:, None] * (grad_x_hat - (tl.sum(grad_x_hat, 1) / D)[:, None]
-                                      - x_hat * (tl.sum(grad_x_hat * x_hat, 1) / D)[:, None])
-            shift_terms = grad_m
-            scale_terms = grad_m * x_hat
-            if RESIDUAL:
-                grad_x += tl.load(GRAD_X_NEW + offsets, mask=mask, other=0.0).to(tl.float32)
-                gate_terms = grad_x * tl.load(H + offsets, mask=mask, other=0.0).to(tl.float32)
-                gate = tl.load(GATE + per_sample, mask=mask, other=0.0).to(tl.float32)
-                tl.store(GRAD_H + offsets, (gate * grad_x).to(GRAD_H.dtype.element_ty), mask=mask)
-            tl.store(GRAD_X + offsets, grad_x.to(GRAD_X.dtype.element_ty), mask=mask)
-            # the tile's rows of the current sample, then (rarely) each later sample the tile reaches
-            last = tl.max(sample, 0)
-            mine = (sample == current)[:, None]
-            acc_shift += tl.sum(tl.where(mine, shift_terms, 0.0), 0)
-            acc_scale += tl.sum(tl.where(mine, scale_terms, 0.0), 0)
-            if RESIDUAL:
-                acc_gate += tl.sum(tl.where(mine, gate_terms, 0.0), 0)
-            while current < last:
+        grad_m, x, grad_x_new, h = _load_row(GRAD_M, GRAD_X_NEW, X_NEW, H, first, n_rows, cols, col_mask, D, RESIDUAL)
+        for i in range(ROWS):
+            row = first + i
+            ahead = _load_row(GRAD_M, GRAD_X_NEW, X_NEW, H, row + 1, tl.minimum(n_rows, first + ROWS), cols,
+                              col_mask, D, RESIDUAL)
+            sample = tl.load(IDS + row, mask=row < n_rows, other=current).to(tl.int64)  # past the end: no change
+            if sample != current:  # the previous sample's sums are complete
                 _store_partials(PARTS, program + current, n_slots, cols, col_mask, acc_shift, acc_scale, acc_gate,
                                 D, RESIDUAL)
-                current = tl.min(tl.where(sample > current, sample, last), 0)
-                mine = (sample == current)[:, None]
-                acc_shift = tl.sum(tl.where(mine, shift_terms, 0.0), 0)
-                acc_scale = tl.sum(tl.where(mine, scale_terms, 0.0), 0)
+                acc_shift = tl.zeros([BLOCK_D], tl.float32)
+                acc_scale = tl.zeros([BLOCK_D], tl.float32)
+                acc_gate = tl.zeros([BLOCK_D], tl.float32)
+                current = sample
+                scale = tl.load(SCALE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
                 if RESIDUAL:
-                    acc_gate = tl.sum(tl.where(mine, gate_terms, 0.0), 0)
+                    gate = tl.load(GATE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+            mask = col_mask & (row < n_rows)
+            rstd = tl.load(RSTD + row, mask=row < n_rows, other=0.0)
+            x_hat = tl.where(col_mask, (x - tl.load(MEAN + row, mask=row < n_rows, other=0.0)) * rstd, 0.0)
+            grad_x_hat = grad_m * (1.0 + scale)
+            grad_x = rstd * (grad_x_hat - tl.sum(grad_x_hat, 0) / D - x_hat * (tl.sum(grad_x_hat * x_hat, 0) / D))
+            acc_shift += grad_m
+            acc_scale += grad_m * x_hat
+            offsets = row.to(tl.int64) * D + cols
+            if RESIDUAL:
+                grad_x += grad_x_new
+                acc_gate += grad_x * h
+                tl.store(GRAD_H + offsets, (gate * grad_x).to(GRAD_H.dtype.element_ty), mask=mask)
+            tl.store(GRAD_X + offsets, grad_x.to(GRAD_X.dtype.element_ty), mask=mask)
+            grad_m, x, grad_x_new, h = ahead
         _store_partials(PARTS, program + current, n_slots, cols, col_mask, acc_shift, acc_scale, acc_gate, D, RESIDUAL)
 
     @triton.jit(do_not_specialize=["n_samples", "n_slots"])  # pack sizes: no recompile when their divisibility changes
@@ -191,7 +203,7 @@ def _launch_backward(grad_m, grad_x_new, x_new, h, gate, scale, ids, bounds, mea
     _backward[(programs,)](
         grad_m, grad_x_new if residual else grad_m, x_new, h if residual else x_new, ids, gate if residual else scale,
         scale, mean, rstd, grad_x, grad_h, parts, n_rows, n_slots, scale.stride(0), D=width, BLOCK_D=_block_d(width),
-        BLOCK_M=BACKWARD_TILE_ROWS, ROWS=BACKWARD_ROWS, RESIDUAL=residual, num_warps=BACKWARD_WARPS,
+        ROWS=BACKWARD_ROWS, RESIDUAL=residual, num_warps=BACKWARD_WARPS,
     )
     per_sample = torch.empty((sums, n_samples, width), dtype=scale.dtype, device=x_new.device)
     block = 256
