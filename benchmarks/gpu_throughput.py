@@ -28,11 +28,11 @@ CASE_A = dict(seq_length=32768, latent_shape=(16, 1, 32, 32), text_tokens=77, sa
 CASE_B = dict(seq_length=15360, latent_shape=(16, 1, 64, 64), text_tokens=10, samples_per_pack=15)
 
 
-def train_case(preset: str, case: dict, attention: str, steps: int, compile: bool, fused_kernels: bool,
+def train_case(preset: str, case: dict, attention: str, steps: int, model: dict,
                recompute_order=("none", "selective", "full")):
     for recompute in recompute_order:
         try:
-            model = {"recompute": recompute, "compile": compile, "fused_kernels": fused_kernels}
+            model = {**model, "recompute": recompute}
             row = run_case(preset, Layout(), text_dim=1024, attention=attention, warmup=3, steps=steps,
                            peak_tflops=989.0, model=model, **case)
             row["case"] = "a: 128 x 256 tokens" if case is CASE_A else "b: 15 x 1024 tokens"
@@ -67,8 +67,9 @@ def main() -> int:
         for case in cases:
             variants = {"off": [False], "on": [True], "both": [False, True]}
             for compile, fused in itertools.product(variants[args.compile], variants[args.fused_kernels]):
+                model = {"compile": compile, "fused_kernels": fused}
                 start = time.perf_counter()
-                row = train_case(preset, case, args.attention, args.steps, compile, fused)
+                row = train_case(preset, case, args.attention, args.steps, model)
                 row["wall_s"] = time.perf_counter() - start
                 results["train"].append(row)
                 print(json.dumps(row), flush=True)

@@ -210,8 +210,8 @@ def run_matrix(models: Sequence[str], layouts: Sequence[Layout], **case: Any) ->
 
 COLUMNS = [("model", "model"), ("params_M", "params (M)"), ("layout", "layout"), ("dp", "DP"),
            ("seq_length", "seq len"), ("tokens_per_s_per_gpu", "tokens/s/GPU"), ("tflops_per_gpu", "TFLOP/s/GPU"),
-           ("mfu", "MFU"), ("peak_memory_GiB", "peak mem (GiB)"), ("compile", "compile"), ("recompute", "recompute"),
-           ("loss_parity", "loss parity")]
+           ("mfu", "MFU"), ("peak_memory_GiB", "peak mem (GiB)"), ("compile", "compile"), ("fused_kernels", "kernels"),
+           ("recompute", "recompute"), ("loss_parity", "loss parity")]
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
