@@ -169,7 +169,13 @@ def _block_d(width: int) -> int:
     return triton.next_power_of_2(width)
 
 
-def _launch_forward(x, h, gate, shift, scale, ids, eps):
+# The launches are custom operators: torch.compile keeps them whole in its graphs, with what they read and
+# write declared (nothing they are given is written). Traced into the graph as plain Triton kernels, their
+# loops made inductor count their inputs as mutated, and its CUDA graphs then re-recorded every step.
+@torch.library.custom_op("dfmkit::adaln_forward", mutates_args=())
+def _launch_forward(x: torch.Tensor, h: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor,
+                    scale: torch.Tensor, ids: torch.Tensor, eps: float) -> list[torch.Tensor]:
+    """``[x_new, m, mean, rstd]`` with the residual (``h`` given), ``[m, mean, rstd]`` without."""
     width = x.shape[-1]
     n_rows = x.numel() // width
     block_d = _block_d(width)
@@ -183,10 +189,21 @@ def _launch_forward(x, h, gate, shift, scale, ids, eps):
         x, h if residual else x, ids, gate if residual else scale, shift, scale, x_new, m, mean, rstd, n_rows,
         scale.stride(0), eps, D=width, BLOCK_D=block_d, BLOCK_M=block_m, RESIDUAL=residual, num_warps=FORWARD_WARPS,
     )
-    return (x_new if residual else x), m, mean, rstd
+    return [x_new, m, mean, rstd] if residual else [m, mean, rstd]
 
 
-def _launch_backward(grad_m, grad_x_new, x_new, h, gate, scale, ids, bounds, mean, rstd):
+@_launch_forward.register_fake
+def _(x, h, gate, shift, scale, ids, eps):
+    stats = [x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32) for _ in range(2)]
+    return ([torch.empty_like(x)] if h is not None else []) + [torch.empty_like(x)] + stats
+
+
+@torch.library.custom_op("dfmkit::adaln_backward", mutates_args=())
+def _launch_backward(grad_m: torch.Tensor, grad_x_new: torch.Tensor | None, x_new: torch.Tensor,
+                     h: torch.Tensor | None, gate: torch.Tensor | None, scale: torch.Tensor, ids: torch.Tensor,
+                     bounds: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> list[torch.Tensor]:
+    """``[grad_x, grad_h, per-sample sums [3, N, D]: shift, scale, gate]`` with the residual, ``[grad_x, sums
+    [2, N, D]: shift, scale]`` without."""
     width = x_new.shape[-1]
     n_rows = x_new.numel() // width
     n_samples = bounds.shape[0] - 1
@@ -210,20 +227,27 @@ def _launch_backward(grad_m, grad_x_new, x_new, h, gate, scale, ids, bounds, mea
     _sum_partials[(n_samples, triton.cdiv(width, block), sums)](
         parts, bounds, per_sample, n_samples, n_slots, D=width, BLOCK=block, ROWS=BACKWARD_ROWS,
     )
-    return grad_x, (grad_h if residual else None), per_sample
+    return [grad_x, grad_h, per_sample] if residual else [grad_x, per_sample]
+
+
+@_launch_backward.register_fake
+def _(grad_m, grad_x_new, x_new, h, gate, scale, ids, bounds, mean, rstd):
+    residual = h is not None
+    per_sample = scale.new_empty((3 if residual else 2, bounds.shape[0] - 1, x_new.shape[-1]))
+    return [torch.empty_like(x_new)] + ([torch.empty_like(x_new)] if residual else []) + [per_sample]
 
 
 class _NormModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, ids, bounds, eps):
-        _, m, mean, rstd = _launch_forward(x, None, None, shift, scale, ids, eps)
+        m, mean, rstd = _launch_forward(x, None, None, shift, scale, ids, eps)
         ctx.save_for_backward(x, scale, ids, bounds, mean, rstd)
         return m
 
     @staticmethod
     def backward(ctx, grad_m):
         x, scale, ids, bounds, mean, rstd = ctx.saved_tensors
-        grad_x, _, (grad_shift, grad_scale) = _launch_backward(grad_m, None, x, None, None, scale, ids, bounds, mean, rstd)
+        grad_x, (grad_shift, grad_scale) = _launch_backward(grad_m, None, x, None, None, scale, ids, bounds, mean, rstd)
         return grad_x, grad_shift, grad_scale, None, None, None
 
 

@@ -163,17 +163,58 @@ def _constants(heads: int, head_dim: int, rope: bool) -> dict:
                 BLOCK_HALF=triton.next_power_of_2(half), TOKENS=TOKENS_PER_TILE, ROPE=rope)
 
 
+# The launches are custom operators: torch.compile keeps them whole in its graphs, with what they read and
+# write declared (nothing they are given is written); see adaln_kernels for why.
+@torch.library.custom_op("dfmkit::split_qkv_forward", mutates_args=())
+def _launch_forward(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, heads: int, eps: float,
+                    cos: torch.Tensor | None, sin: torch.Tensor | None) -> list[torch.Tensor]:
+    """``[q, k, v, rstd [2, tokens * heads]]``."""
+    tokens, head_dim = qkv.shape[0], qkv.shape[-1] // (3 * heads)
+    q, k, v = (qkv.new_empty((tokens, heads, head_dim)) for _ in range(3))
+    rstd = torch.empty((2, tokens * heads), dtype=torch.float32, device=qkv.device)
+    rope = cos is not None
+    _forward[(triton.cdiv(tokens, TOKENS_PER_TILE),)](
+        qkv, q_weight, k_weight, cos if rope else q, sin if rope else q, q, k, v, rstd, tokens, eps,
+        **_constants(heads, head_dim, rope), num_warps=FORWARD_WARPS,
+    )
+    return [q, k, v, rstd]
+
+
+@_launch_forward.register_fake
+def _(qkv, q_weight, k_weight, heads, eps, cos, sin):
+    tokens, head_dim = qkv.shape[0], qkv.shape[-1] // (3 * heads)
+    return [qkv.new_empty((tokens, heads, head_dim)) for _ in range(3)] + [
+        qkv.new_empty((2, tokens * heads), dtype=torch.float32)]
+
+
+@torch.library.custom_op("dfmkit::split_qkv_backward", mutates_args=())
+def _launch_backward(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, heads: int,
+                     cos: torch.Tensor | None, sin: torch.Tensor | None, rstd: torch.Tensor, grad_q: torch.Tensor,
+                     grad_k: torch.Tensor, grad_v: torch.Tensor) -> list[torch.Tensor]:
+    """``[grad_qkv, grad_weights [2, D]: q, k]``."""
+    tokens, head_dim = qkv.shape[0], qkv.shape[-1] // (3 * heads)
+    programs = triton.cdiv(tokens, TOKENS_PER_TILE * TILES_PER_PROGRAM)
+    grad_qkv = torch.empty_like(qkv)
+    grad_w_parts = torch.empty((programs, 2, head_dim), dtype=torch.float32, device=qkv.device)
+    rope = cos is not None
+    _backward[(programs,)](
+        qkv, q_weight, k_weight, cos if rope else qkv, sin if rope else qkv, rstd, grad_q.contiguous(),
+        grad_k.contiguous(), grad_v.contiguous(), grad_qkv, grad_w_parts, tokens,
+        TILES=TILES_PER_PROGRAM, **_constants(heads, head_dim, rope), num_warps=BACKWARD_WARPS,
+    )
+    return [grad_qkv, grad_w_parts.sum(0).to(q_weight.dtype)]
+
+
+@_launch_backward.register_fake
+def _(qkv, q_weight, k_weight, heads, cos, sin, rstd, grad_q, grad_k, grad_v):
+    head_dim = qkv.shape[-1] // (3 * heads)
+    return [torch.empty_like(qkv), q_weight.new_empty((2, head_dim))]
+
+
 class _SplitQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, q_weight, k_weight, heads, eps, cos, sin):
-        tokens, head_dim = qkv.shape[0], qkv.shape[-1] // (3 * heads)
-        q, k, v = (qkv.new_empty((tokens, heads, head_dim)) for _ in range(3))
-        rstd = torch.empty((2, tokens * heads), dtype=torch.float32, device=qkv.device)
-        rope = cos is not None
-        _forward[(triton.cdiv(tokens, TOKENS_PER_TILE),)](
-            qkv, q_weight, k_weight, cos if rope else q, sin if rope else q, q, k, v, rstd, tokens, eps,
-            **_constants(heads, head_dim, rope), num_warps=FORWARD_WARPS,
-        )
+        q, k, v, rstd = _launch_forward(qkv, q_weight, k_weight, heads, eps, cos, sin)
         ctx.heads = heads
         ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin, rstd)
         return q, k, v
@@ -181,20 +222,7 @@ class _SplitQKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
         qkv, q_weight, k_weight, cos, sin, rstd = ctx.saved_tensors
-        heads = ctx.heads
-        tokens, head_dim = qkv.shape[0], qkv.shape[-1] // (3 * heads)
-        programs = triton.cdiv(tokens, TOKENS_PER_TILE * TILES_PER_PROGRAM)
-        grad_qkv = torch.empty_like(qkv)
-        # one spare row of zeros: with exactly one program a one-row buffer would make torch.compile guard on
-        # that case and compile the layer again for it
-        grad_w_parts = torch.zeros((programs + 1, 2, head_dim), dtype=torch.float32, device=qkv.device)
-        rope = cos is not None
-        _backward[(programs,)](
-            qkv, q_weight, k_weight, cos if rope else qkv, sin if rope else qkv, rstd, grad_q.contiguous(),
-            grad_k.contiguous(), grad_v.contiguous(), grad_qkv, grad_w_parts, tokens,
-            TILES=TILES_PER_PROGRAM, **_constants(heads, head_dim, rope), num_warps=BACKWARD_WARPS,
-        )
-        grad_w = grad_w_parts.sum(0).to(q_weight.dtype)
+        grad_qkv, grad_w = _launch_backward(qkv, q_weight, k_weight, ctx.heads, cos, sin, rstd, grad_q, grad_k, grad_v)
         return grad_qkv, grad_w[0], grad_w[1], None, None, None, None
 
 
