@@ -53,6 +53,8 @@ def main() -> int:
                         help="model.compile (fused elementwise chains): off, on, or both variants of each case")
     parser.add_argument("--fused-kernels", default="on", choices=["off", "on", "both"],
                         help="the DiT's Triton kernels for the adaLN chain and q/k norm + RoPE (model.fused_kernels)")
+    parser.add_argument("--cuda-graphs", default="off", choices=["off", "on", "both"],
+                        help="replay the compiled layers as CUDA graphs (model.cuda_graphs; compiled variants only)")
     parser.add_argument("--skip-sampling", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -66,8 +68,11 @@ def main() -> int:
         cases = [CASE_A, CASE_B] if preset == "XL" else [CASE_A]
         for case in cases:
             variants = {"off": [False], "on": [True], "both": [False, True]}
-            for compile, fused in itertools.product(variants[args.compile], variants[args.fused_kernels]):
-                model = {"compile": compile, "fused_kernels": fused}
+            for compile, fused, graphs in itertools.product(variants[args.compile], variants[args.fused_kernels],
+                                                            variants[args.cuda_graphs]):
+                if graphs and not compile:
+                    continue
+                model = {"compile": compile, "fused_kernels": fused, "cuda_graphs": graphs}
                 start = time.perf_counter()
                 row = train_case(preset, case, args.attention, args.steps, model)
                 row["wall_s"] = time.perf_counter() - start

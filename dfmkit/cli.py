@@ -79,7 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seq_length=args.seq_length, latent_shape=latent, text_tokens=args.text_tokens, text_dim=args.text_dim,
         samples_per_pack=args.samples_per_pack, attention=args.attention, warmup=args.warmup, steps=args.steps,
         peak_tflops=args.peak_tflops,
-        model={"recompute": args.recompute, "compile": args.compile, "fused_kernels": args.fused_kernels == "on"},
+        model={"recompute": args.recompute, "compile": args.compile, "fused_kernels": args.fused_kernels == "on",
+               "cuda_graphs": args.cuda_graphs},
     )
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_results(rows, Path(args.out))
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile each DiT layer (model.compile)")
     bench.add_argument("--fused-kernels", default="on", choices=["on", "off"],
                        help="the DiT's Triton kernels on CUDA (model.fused_kernels)")
+    bench.add_argument("--cuda-graphs", action="store_true",
+                       help="replay the compiled layers as CUDA graphs (model.cuda_graphs; with --compile)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200: 989)")

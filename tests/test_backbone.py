@@ -75,6 +75,8 @@ def test_option_errors_name_the_values():
         DiTOptions(preset="tiny", hidden_size=20, num_heads=4)
     with pytest.raises(ValueError, match="divisible by 16, got 72"):
         DiTOptions(preset="tiny", hidden_size=72, num_heads=4, position_embedding="sincos3d")
+    with pytest.raises(ValueError, match="cuda_graphs replays the compiled layers: set compile = true"):
+        DiTOptions(preset="tiny", cuda_graphs=True)
     with pytest.raises(dit.DiTConfigError, match="num_heads 6 is not divisible by tensor parallelism 4"):
         dit.transformer_config(DiTOptions(preset="S"), tensor=4)
 
@@ -468,3 +470,41 @@ def test_cuda_compiled_model_serves_packs_of_varied_sizes_without_recompiling_ea
         out.float().square().mean().backward()
     assert counters["stats"]["unique_graphs"] <= graphs, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@cuda
+def test_cuda_graphs_replay_the_compiled_layers_with_the_results_of_the_compiled_model():
+    """model.cuda_graphs: the compiled layers (fused kernels included) run as CUDA graph replays, which see
+    each step's new weights and inputs: outputs and gradients step after step as those of the compiled model
+    without graphs, and no graph is skipped."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    cpu_batch = _equal_size_pack()
+    batch = cpu_batch.to("cuda", torch.bfloat16)
+    runs = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = dit.build(H.tiny_options(compile=True, cuda_graphs=graphs, use_cpu_initialization=True))
+        H.randomize_(model)
+        model.to(torch.bfloat16)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        steps = []
+        for step in range(5):  # graphs: a warm-up call, a recording, then replays
+            x, c_noise, _ = (t.cuda() for t in H.pack_inputs(cpu_batch, step))
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                out = model(x, c_noise, batch)
+                out.float().square().mean().backward()
+            launches = sum("cudaGraphLaunch" in e.name for e in prof.events())
+            grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+            steps.append((out.float().clone(), grads, launches))  # a clone: the next replay reuses the memory
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        runs[graphs] = steps
+        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert runs[True][-1][2] > 0 and runs[False][-1][2] == 0, "the graph variant replays no CUDA graph"
+    assert (runs[False][-1][0] - runs[False][0][0]).abs().max() > 0.1  # the weights and inputs do change
+    for (out, grads, _), (want_out, want_grads, _) in zip(runs[True], runs[False]):
+        assert (out - want_out).abs().max() <= 2e-2 * want_out.abs().max()
+        assert (grads - want_grads).norm() <= 2e-2 * want_grads.norm()

@@ -164,7 +164,7 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
         row = {
             "model": preset, "params_M": round(params / 1e6, 1), "layout": layout.name, "dp": dp,
             "attention": attention, "recompute": options.recompute, "compile": options.compile,
-            "fused_kernels": options.fused_kernels,
+            "fused_kernels": options.fused_kernels, "cuda_graphs": options.cuda_graphs,
             "seq_length": int(batch.num_tokens), "samples_per_pack": batch.num_samples,
             "tokens_per_s_per_gpu": tokens / seconds / world,
             "tflops_per_gpu": step_flops / seconds / world / 1e12,
@@ -176,6 +176,9 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
         }
         del trainer
         if cuda:
+            # the compiled layers and the memory pools of their CUDA graphs live on in dynamo's caches: a
+            # later case in this process would otherwise start with that memory taken
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
         return row
 
@@ -211,7 +214,7 @@ def run_matrix(models: Sequence[str], layouts: Sequence[Layout], **case: Any) ->
 COLUMNS = [("model", "model"), ("params_M", "params (M)"), ("layout", "layout"), ("dp", "DP"),
            ("seq_length", "seq len"), ("tokens_per_s_per_gpu", "tokens/s/GPU"), ("tflops_per_gpu", "TFLOP/s/GPU"),
            ("mfu", "MFU"), ("peak_memory_GiB", "peak mem (GiB)"), ("compile", "compile"), ("fused_kernels", "kernels"),
-           ("recompute", "recompute"), ("loss_parity", "loss parity")]
+           ("cuda_graphs", "graphs"), ("recompute", "recompute"), ("loss_parity", "loss parity")]
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:

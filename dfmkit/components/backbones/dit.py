@@ -582,8 +582,9 @@ class DiT(MegatronModule):
             # dynamic, so packs of other sizes reuse the graph (equal-size and mixed packs get one each).
             # Tuning the block sizes of the fused elementwise and norm kernels (GPU only) costs about 15 s of
             # compilation and made the XL step 3-5% faster on an H100 (benchmarks/gpu_throughput.py).
+            inductor = {"max_autotune_pointwise": True, "triton.cudagraphs": options.cuda_graphs}
             for layer in self.decoder.layers:
-                layer.compile(options={"max_autotune_pointwise": True})
+                layer.compile(options=inductor)
 
     @torch.no_grad()
     def _init_weights(self, std: float) -> None:

@@ -73,6 +73,11 @@ class DiTOptions:
     # self-attention's q/k RMSNorm + RoPE (adaln_kernels.py, qkv_kernels.py), eager or compiled. Off: the torch
     # code, which inductor fuses when compiled. No effect elsewhere (CPU, fp32), where the torch code runs.
     fused_kernels: bool = True
+    # With compile: each compiled layer's kernels replay as CUDA graphs (inductor's CUDA graph trees), one launch
+    # for about a hundred. For steps the host holds up: small models, and packs of few long samples (DiT-XL on
+    # 15 x 1024 tokens). A pack of a new shape records new graphs, which keep their own memory: meant for packs
+    # of one shape (a fixed seq_length, images of one size). No effect without a GPU.
+    cuda_graphs: bool = False
     use_cpu_initialization: bool = False  # always on without a GPU; identical weights for every TP size
 
     def __attrs_post_init__(self) -> None:
@@ -87,6 +92,8 @@ class DiTOptions:
             )
         if self.position_embedding == "sincos3d" and hidden % 16:
             raise ValueError(f"position_embedding 'sincos3d' needs hidden_size divisible by 16, got {hidden}")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("cuda_graphs replays the compiled layers: set compile = true as well")
         if self.timestep_channels % 2:
             raise ValueError(f"timestep_channels must be even, got {self.timestep_channels}")
         if round(hidden * self.mlp_ratio) < 1:
