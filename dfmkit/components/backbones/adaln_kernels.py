@@ -122,7 +122,8 @@ if triton is not None:
             row = first + i
             ahead = _load_row(GRAD_M, GRAD_X_NEW, X_NEW, H, row + 1, tl.minimum(n_rows, first + ROWS), cols,
                               col_mask, D, RESIDUAL)
-            sample = tl.load(IDS + row, mask=row < n_rows, other=current).to(tl.int64)  # past the end: no change
+            valid = row < n_rows
+            sample = tl.load(IDS + row, mask=valid, other=current).to(tl.int64)  # past the end: no change
             if sample != current:  # the previous sample's sums are complete
                 _store_partials(PARTS, program + current, n_slots, cols, col_mask, acc_shift, acc_scale, acc_gate,
                                 D, RESIDUAL)
@@ -133,9 +134,9 @@ if triton is not None:
                 scale = tl.load(SCALE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
                 if RESIDUAL:
                     gate = tl.load(GATE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
-            mask = col_mask & (row < n_rows)
-            rstd = tl.load(RSTD + row, mask=row < n_rows, other=0.0)
-            x_hat = tl.where(col_mask, (x - tl.load(MEAN + row, mask=row < n_rows, other=0.0)) * rstd, 0.0)
+            mask = col_mask & valid
+            rstd = tl.load(RSTD + row, mask=valid, other=0.0)
+            x_hat = tl.where(col_mask, (x - tl.load(MEAN + row, mask=valid, other=0.0)) * rstd, 0.0)
             grad_x_hat = grad_m * (1.0 + scale)
             grad_x = rstd * (grad_x_hat - tl.sum(grad_x_hat, 0) / D - x_hat * (tl.sum(grad_x_hat * x_hat, 0) / D))
             acc_shift += grad_m
