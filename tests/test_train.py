@@ -282,16 +282,18 @@ def test_megatron_multi_tensor_fallbacks_give_the_same_norm_and_scaling():
         assert clip_grads.l2_norm_impl is optim._foreach_l2_norm
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("in_one_buffer", [False, True])
-def test_ema_averages_bf16_weights_in_fp32(in_one_buffer):
+def test_ema_averages_bf16_weights_in_fp32(in_one_buffer, device):
     """The EMA keeps fp32 shadows of (here bf16) weights: shadow <- d * shadow + (1 - d) * weight, with
     the warm-up decay min(d, (1 + n) / (10 + n)) at update n. Weights that are views of one buffer (as
-    megatron's DDP lays them out, with gaps) are averaged as one span."""
+    megatron's DDP lays them out, with gaps) are averaged as one span. On CUDA the update is compiled."""
     from dfmkit.train.ema import EMA
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).bfloat16()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).bfloat16().to(device)
     if in_one_buffer:
-        buffer = torch.zeros(64, dtype=torch.bfloat16)
+        buffer = torch.zeros(64, dtype=torch.bfloat16, device=device)
         offset = 5
         for param in model.parameters():
             view = buffer[offset : offset + param.numel()].view(param.shape)
@@ -305,10 +307,10 @@ def test_ema_averages_bf16_weights_in_fp32(in_one_buffer):
     for n in range(5):
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=g).bfloat16())
+                p.add_(torch.randn(p.shape, generator=g).bfloat16().to(device))
         d = min(0.9, (1 + n) / (10 + n))
         expected = [d * e + (1 - d) * p.detach().double() for e, p in zip(expected, model.parameters())]
-        ema.update(torch.zeros(()) if n % 2 else None)  # a device flag of 0 updates like no flag
+        ema.update(torch.zeros((), device=device) if n % 2 else None)  # a device flag of 0 updates like no flag
         ema.num_updates += 1 if n % 2 else 0  # with a flag, the caller counts
     for shadow, want in zip(ema.shadow, expected):
         assert shadow.dtype == torch.float32
@@ -317,7 +319,7 @@ def test_ema_averages_bf16_weights_in_fp32(in_one_buffer):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update(torch.ones(()))  # a skipped step leaves the average as it is
+    ema.update(torch.ones((), device=device))  # a skipped step leaves the average as it is
     assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow)) and ema.num_updates == 5
 
 
