@@ -69,6 +69,19 @@ def qkv_case(tokens: int, hidden: int, heads: int):
     return forward, backward, (6 * one, 8 * one)
 
 
+def cross_query_case(tokens: int, hidden: int, heads: int):
+    """Cross-attention's query norm (norm_heads): one projection in, one normed tensor out."""
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 1, hidden, **bf16, requires_grad=True)
+    weight = torch.ones(hidden // heads, **bf16, requires_grad=True)
+    forward = lambda: (qkv_kernels.norm_heads(x, heads, weight, 1e-6),)  # noqa: E731
+    outs = forward()
+    grads = [torch.randn_like(o) for o in outs]
+    backward = lambda: torch.autograd.grad(outs, (x, weight), grads, retain_graph=True)  # noqa: E731
+    one = tokens * hidden * 2
+    return forward, backward, (2 * one, 3 * one)
+
+
 SWEEPS = {
     "adaln": (adaln_kernels, {"FORWARD_ELEMENTS": [2048, 4096, 8192, 16384], "FORWARD_WARPS": [2, 4, 8],
                               "BACKWARD_WARPS": [1, 2, 4, 8],
@@ -92,6 +105,7 @@ def main() -> int:
         "adaln residual": ("adaln", lambda: adaln_case(args.tokens, args.hidden, args.samples, True)),
         "adaln plain": ("adaln", lambda: adaln_case(args.tokens, args.hidden, args.samples, False)),
         "qkv": ("qkv", lambda: qkv_case(args.tokens, args.hidden, args.heads)),
+        "cross query norm": ("qkv", lambda: cross_query_case(args.tokens, args.hidden, args.heads)),
     }
     for name, (kind, make) in cases.items():
         module, sweep = SWEEPS[kind]

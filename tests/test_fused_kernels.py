@@ -102,13 +102,44 @@ def check_qkv(device: str, dtype: torch.dtype, tolerance: float) -> None:
         assert max(errors.values()) <= tolerance, (tokens, heads, head_dim, rope, errors)
 
 
+def check_cross(device: str, dtype: torch.dtype, tolerance: float) -> None:
+    """Cross-attention's pieces: the per-head query norm, and the text projection into normed keys and values."""
+    from dfmkit.components.backbones import qkv_kernels
+
+    g = torch.Generator().manual_seed(1)
+    for tokens, heads, head_dim, copied in [(37, 3, 72, False), (21, 2, 16, True), (300, 4, 24, True)]:
+        parts = 2 if copied else 1
+        src = 3 * torch.randn(tokens, 1, heads * parts * head_dim, generator=g)
+        weight = 1 + 0.3 * torch.randn(head_dim, generator=g)
+        grads = [torch.randn(tokens, heads, head_dim, generator=g).to(device) for _ in range(parts)]
+
+        leaves = [t.to(device).requires_grad_() for t in (src, weight)]
+        outs = leaves[0].view(tokens, heads, parts * head_dim).split(head_dim, -1)
+        outs = (F.rms_norm(outs[0], (head_dim,), leaves[1], 1e-6), *outs[1:])
+        sum((t * grad).sum() for t, grad in zip(outs, grads)).backward()
+        want = {**{f"out {i}": t.detach() for i, t in enumerate(outs)}, "grad src": leaves[0].grad,
+                "grad weight": leaves[1].grad}
+
+        kernel_leaves = [t.to(device, dtype).requires_grad_() for t in (src, weight)]
+        if copied:
+            outs_k = qkv_kernels.split_kv(kernel_leaves[0], heads, kernel_leaves[1], 1e-6)
+        else:
+            outs_k = (qkv_kernels.norm_heads(kernel_leaves[0], heads, kernel_leaves[1], 1e-6),)
+        assert all(t.is_contiguous() and t.shape == (tokens, heads, head_dim) for t in outs_k)
+        sum((t.float() * grad).sum() for t, grad in zip(outs_k, grads)).backward()
+        got = {**{f"out {i}": t for i, t in enumerate(outs_k)}, "grad src": kernel_leaves[0].grad,
+               "grad weight": kernel_leaves[1].grad}
+        errors = _relative_errors(got, want)
+        assert max(errors.values()) <= tolerance, (tokens, heads, head_dim, copied, errors)
+
+
 # --------------------------------------------------------------------------------------------
 # The kernels
 # --------------------------------------------------------------------------------------------
 
 
 @cuda
-@pytest.mark.parametrize("check", [check_adaln, check_qkv])
+@pytest.mark.parametrize("check", [check_adaln, check_qkv, check_cross])
 def test_cuda_kernels_match_torch(check):
     check("cuda", torch.bfloat16, 2e-2)
 
@@ -128,7 +159,7 @@ t.{check}("cpu", torch.float32, 1e-5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-@pytest.mark.parametrize("check", ["check_adaln", "check_qkv"])
+@pytest.mark.parametrize("check", ["check_adaln", "check_qkv", "check_cross"])
 def test_kernels_match_torch_in_tritons_interpreter(check):
     """The kernels' indexing and per-sample bookkeeping in fp32, to the torch code's rounding."""
     code = _INTERPRETED.format(tests=os.path.dirname(__file__), check=check)
@@ -161,7 +192,8 @@ def test_cuda_model_with_fused_kernels_matches_fp32_torch_code(equal_sizes, comp
     from dfmkit.components.backbones import adaln_kernels, qkv_kernels
 
     calls = []
-    for module, name in [(adaln_kernels, "residual_norm_modulate"), (qkv_kernels, "split_qkv")]:
+    for module, name in [(adaln_kernels, "residual_norm_modulate"), (qkv_kernels, "split_qkv"),
+                         (qkv_kernels, "norm_heads"), (qkv_kernels, "split_kv")]:
         def spy(*args, _original=getattr(module, name), _name=name):
             calls.append(_name)
             return _original(*args)
@@ -174,7 +206,7 @@ def test_cuda_model_with_fused_kernels_matches_fp32_torch_code(equal_sizes, comp
     plain_out, plain_grad = _model_run(H.tiny_options(fused_kernels=False, **options), cpu_batch, torch.bfloat16)
     assert not calls
     fused_out, fused_grad = _model_run(H.tiny_options(fused_kernels=True, **options), cpu_batch, torch.bfloat16)
-    assert {"residual_norm_modulate", "split_qkv"} <= set(calls)
+    assert {"residual_norm_modulate", "split_qkv", "norm_heads", "split_kv"} <= set(calls)
 
     def error(got, want, norm):
         return float((got - want).norm() / want.norm()) if norm else float((got - want).abs().max() / want.abs().max())

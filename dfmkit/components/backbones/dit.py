@@ -439,10 +439,15 @@ class CrossAttention(_Attention):
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         q, _ = self.linear_q(hidden)
-        q = self.q_layernorm(q.view(q.shape[0], self.heads, self.head_dim))
         kv, _ = self.linear_kv(context)  # [Lkv, 1, 2 * heads * head_dim]
-        k, v = kv.view(kv.shape[0], self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
-        return self.project(self.attend(q, self.k_layernorm(k), v, layout.cross_attn))
+        if self.fused_kernels and qkv_kernels.available(q) and qkv_kernels.available(kv):
+            q = qkv_kernels.norm_heads(q, self.heads, self.q_layernorm.weight, self.q_layernorm.eps)
+            k, v = qkv_kernels.split_kv(kv, self.heads, self.k_layernorm.weight, self.k_layernorm.eps)
+        else:
+            q = self.q_layernorm(q.view(q.shape[0], self.heads, self.head_dim))
+            k, v = kv.view(kv.shape[0], self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
+            k = self.k_layernorm(k)
+        return self.project(self.attend(q, k, v, layout.cross_attn))
 
 
 # ============================================================================================

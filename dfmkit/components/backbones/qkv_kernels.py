@@ -1,10 +1,12 @@
-"""Self-attention's fused qkv projection into q, k, v as Triton kernels (CUDA, half precision): per-head
-RMSNorm of q and k, the rotary embedding, and the split, in one kernel each way.
+"""The attention projections split into heads as Triton kernels (CUDA, half precision): per-head RMSNorm
+of the queries and keys, the rotary embedding, and the split, in one kernel each way.
 
     split_qkv(qkv [L, 1, H * 3 * D], q_weight [D], k_weight [D], eps, cos, sin) -> q, k, v  (each [L, H, D])
         q = rope(rms_norm(qkv[..., q] ) * q_weight),  k likewise,  v = qkv[..., v]
+    split_kv(kv [L, 1, H * 2 * D], k_weight, eps) -> k, v           cross-attention's text keys and values
+    norm_heads(x [L, 1, H * D], weight, eps) -> q                   cross-attention's queries
 
-A head's channels in ``qkv`` are ``[q | k | v]`` (megatron's per-head interleaving). ``cos``/``sin`` are
+A head's channels in ``qkv`` are ``[q | k | v]`` (megatron's per-head interleaving), in ``kv`` ``[k | v]``. ``cos``/``sin`` are
 ``[L, 1, D]`` (:func:`~dfmkit.components.backbones.dit.rope3d`) or None for no rotation; channel j is
 rotated with channel j + D/2 (rotate-half) by one angle, so the kernels read only the first half of each.
 
@@ -34,9 +36,10 @@ FORWARD_WARPS = 4
 BACKWARD_WARPS = 4
 
 
-def available(qkv: torch.Tensor) -> bool:
-    """Whether the kernels take ``qkv``: CUDA, half precision, contiguous."""
-    return triton is not None and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16) and qkv.is_contiguous()
+def available(src: torch.Tensor) -> bool:
+    """Whether the kernels take the projection ``src``: CUDA, half precision, contiguous, not empty."""
+    return (triton is not None and src.is_cuda and src.dtype in (torch.bfloat16, torch.float16) and src.is_contiguous()
+            and src.numel() > 0)
 
 
 if triton is not None:
@@ -54,16 +57,17 @@ if triton is not None:
 
     @triton.jit
     def _tile(start, n_tokens, HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-              BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr, ROPE: tl.constexpr, COS, SIN):
+              BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr, PARTS: tl.constexpr, ROPE: tl.constexpr, COS, SIN):
         """Offsets of a tile (tokens from ``start``, all heads, the first half of a head) from the tile's first
-        token, in qkv (``source``: q; k at +D, v at +2D) and in q, k, v (``out``); the norm statistics' rows;
-        and the tile's rotation angles, one per token and channel pair, broadcast over the heads."""
+        token, in the projection (``source``: its first part; the others at +D, +2D) and in each output
+        (``out``); the norm statistics' rows; and the tile's rotation angles, one per token and channel pair,
+        broadcast over the heads."""
         tokens = tl.arange(0, TOKENS)
         heads = tl.arange(0, BLOCK_HEADS)
         cols = tl.arange(0, BLOCK_HALF)
         token_mask = start + tokens < n_tokens
         mask = token_mask[:, None, None] & (heads < HEADS)[None, :, None] & (cols < HALF)[None, None, :]
-        source = tokens[:, None, None] * (HEADS * 3 * D) + heads[None, :, None] * (3 * D) + cols[None, None, :]
+        source = tokens[:, None, None] * (HEADS * PARTS * D) + heads[None, :, None] * (PARTS * D) + cols[None, None, :]
         out = tokens[:, None, None] * (HEADS * D) + heads[None, :, None] * D + cols[None, None, :]
         stats = (start + tokens)[:, None] * HEADS + heads[None, :]
         stats_mask = token_mask[:, None] & (heads < HEADS)[None, :]
@@ -89,21 +93,21 @@ if triton is not None:
         tl.store(RSTD + stats, rstd, mask=stats_mask)
 
     @triton.jit(do_not_specialize=["n_tokens"])  # pack sizes: no recompile when their divisibility changes
-    def _forward(QKV, WQ, WK, COS, SIN, Q, K, V, RSTD, n_tokens, eps, HEADS: tl.constexpr,
+    def _forward(SRC, W0, W1, COS, SIN, OUT0, OUT1, COPY, RSTD, n_tokens, eps, HEADS: tl.constexpr,
                  BLOCK_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 TOKENS: tl.constexpr, ROPE: tl.constexpr):
+                 TOKENS: tl.constexpr, NORMED: tl.constexpr, COPIED: tl.constexpr, ROPE: tl.constexpr):
         start = tl.program_id(0) * TOKENS
         mask, source, out, stats, stats_mask, cols, cos, sin = _tile(start, n_tokens, HEADS, BLOCK_HEADS, D, HALF,
-                                                                     BLOCK_HALF, TOKENS, ROPE, COS, SIN)
-        QKV += start.to(tl.int64) * (HEADS * 3 * D)  # 64-bit tile bases, 32-bit offsets within a tile
-        Q += start.to(tl.int64) * (HEADS * D)
-        K += start.to(tl.int64) * (HEADS * D)
-        V += start.to(tl.int64) * (HEADS * D)
-        _norm_rope(QKV, WQ, Q, RSTD, source, out, stats, stats_mask, mask, cols, cos, sin, eps, D, HALF, ROPE)
-        _norm_rope(QKV + D, WK, K, RSTD + n_tokens * HEADS, source, out, stats, stats_mask, mask, cols, cos, sin, eps,
-                   D, HALF, ROPE)
-        v_a, v_b = _load_halves(QKV + 2 * D, source, mask, HALF)
-        _store_halves(V, out, mask, v_a, v_b, HALF)
+                                                                     BLOCK_HALF, TOKENS, NORMED + COPIED, ROPE, COS, SIN)
+        SRC += start.to(tl.int64) * (HEADS * (NORMED + COPIED) * D)  # 64-bit tile bases, 32-bit offsets in a tile
+        _norm_rope(SRC, W0, OUT0 + start.to(tl.int64) * (HEADS * D), RSTD, source, out, stats, stats_mask, mask, cols,
+                   cos, sin, eps, D, HALF, ROPE)
+        if NORMED == 2:
+            _norm_rope(SRC + D, W1, OUT1 + start.to(tl.int64) * (HEADS * D), RSTD + n_tokens * HEADS, source, out,
+                       stats, stats_mask, mask, cols, cos, sin, eps, D, HALF, ROPE)
+        if COPIED:
+            copy_a, copy_b = _load_halves(SRC + NORMED * D, source, mask, HALF)
+            _store_halves(COPY + start.to(tl.int64) * (HEADS * D), out, mask, copy_a, copy_b, HALF)
 
     @triton.jit
     def _norm_rope_backward(QKV, W, GRAD_OUT, GRAD_QKV, RSTD, source, out, stats, stats_mask, mask, cols, cos, sin,
@@ -124,112 +128,145 @@ if triton is not None:
         return terms_a, terms_b
 
     @triton.jit(do_not_specialize=["n_tokens"])  # pack sizes: no recompile when their divisibility changes
-    def _backward(QKV, WQ, WK, COS, SIN, RSTD, GRAD_Q, GRAD_K, GRAD_V, GRAD_QKV, GRAD_W_PARTS, n_tokens,
+    def _backward(SRC, W0, W1, COS, SIN, RSTD, GRAD0, GRAD1, GRAD_COPY, GRAD_SRC, GRAD_W_PARTS, n_tokens,
                   HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr, TILES: tl.constexpr, ROPE: tl.constexpr):
+                  BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr, TILES: tl.constexpr, NORMED: tl.constexpr,
+                  COPIED: tl.constexpr, ROPE: tl.constexpr):
         program = tl.program_id(0)
-        wq_a = tl.zeros([TOKENS, BLOCK_HEADS, BLOCK_HALF], tl.float32)
-        wq_b = tl.zeros([TOKENS, BLOCK_HEADS, BLOCK_HALF], tl.float32)
-        wk_a = tl.zeros([TOKENS, BLOCK_HEADS, BLOCK_HALF], tl.float32)
-        wk_b = tl.zeros([TOKENS, BLOCK_HEADS, BLOCK_HALF], tl.float32)
+        w0_a = tl.zeros([TOKENS, BLOCK_HEADS, BLOCK_HALF], tl.float32)
+        w0_b = tl.zeros([TOKENS, BLOCK_HEADS, BLOCK_HALF], tl.float32)
+        w1_a = tl.zeros([TOKENS, BLOCK_HEADS, BLOCK_HALF], tl.float32)
+        w1_b = tl.zeros([TOKENS, BLOCK_HEADS, BLOCK_HALF], tl.float32)
         for tile in range(TILES):
             start = (program * TILES + tile) * TOKENS
             mask, source, out, stats, stats_mask, cols, cos, sin = _tile(start, n_tokens, HEADS, BLOCK_HEADS, D, HALF,
-                                                                         BLOCK_HALF, TOKENS, ROPE, COS, SIN)
-            qkv_base, out_base = start.to(tl.int64) * (HEADS * 3 * D), start.to(tl.int64) * (HEADS * D)
-            qkv, grad_qkv = QKV + qkv_base, GRAD_QKV + qkv_base
-            terms_a, terms_b = _norm_rope_backward(qkv, WQ, GRAD_Q + out_base, grad_qkv, RSTD, source, out, stats,
+                                                                         BLOCK_HALF, TOKENS, NORMED + COPIED, ROPE,
+                                                                         COS, SIN)
+            src_base, out_base = start.to(tl.int64) * (HEADS * (NORMED + COPIED) * D), start.to(tl.int64) * (HEADS * D)
+            src, grad_src = SRC + src_base, GRAD_SRC + src_base
+            terms_a, terms_b = _norm_rope_backward(src, W0, GRAD0 + out_base, grad_src, RSTD, source, out, stats,
                                                    stats_mask, mask, cols, cos, sin, D, HALF, ROPE)
-            wq_a += terms_a
-            wq_b += terms_b
-            terms_a, terms_b = _norm_rope_backward(qkv + D, WK, GRAD_K + out_base, grad_qkv + D,
-                                                   RSTD + n_tokens * HEADS, source, out, stats, stats_mask, mask, cols,
-                                                   cos, sin, D, HALF, ROPE)
-            wk_a += terms_a
-            wk_b += terms_b
-            v_a, v_b = _load_halves(GRAD_V + out_base, out, mask, HALF)
-            _store_halves(grad_qkv + 2 * D, source, mask, v_a, v_b, HALF)
+            w0_a += terms_a
+            w0_b += terms_b
+            if NORMED == 2:
+                terms_a, terms_b = _norm_rope_backward(src + D, W1, GRAD1 + out_base, grad_src + D,
+                                                       RSTD + n_tokens * HEADS, source, out, stats, stats_mask, mask,
+                                                       cols, cos, sin, D, HALF, ROPE)
+                w1_a += terms_a
+                w1_b += terms_b
+            if COPIED:
+                copy_a, copy_b = _load_halves(GRAD_COPY + out_base, out, mask, HALF)
+                _store_halves(grad_src + NORMED * D, source, mask, copy_a, copy_b, HALF)
         cols = tl.arange(0, BLOCK_HALF)
-        parts = GRAD_W_PARTS + program * (2 * D) + cols
-        tl.store(parts, tl.sum(tl.sum(wq_a, 1), 0), mask=cols < HALF)
-        tl.store(parts + HALF, tl.sum(tl.sum(wq_b, 1), 0), mask=cols < HALF)
-        tl.store(parts + D, tl.sum(tl.sum(wk_a, 1), 0), mask=cols < HALF)
-        tl.store(parts + D + HALF, tl.sum(tl.sum(wk_b, 1), 0), mask=cols < HALF)
+        parts = GRAD_W_PARTS + program * (NORMED * D) + cols
+        tl.store(parts, tl.sum(tl.sum(w0_a, 1), 0), mask=cols < HALF)
+        tl.store(parts + HALF, tl.sum(tl.sum(w0_b, 1), 0), mask=cols < HALF)
+        if NORMED == 2:
+            tl.store(parts + D, tl.sum(tl.sum(w1_a, 1), 0), mask=cols < HALF)
+            tl.store(parts + D + HALF, tl.sum(tl.sum(w1_b, 1), 0), mask=cols < HALF)
 
 
-def _constants(heads: int, head_dim: int, rope: bool) -> dict:
+def _constants(heads: int, head_dim: int, normed: int, copied: bool, rope: bool) -> dict:
     half = head_dim // 2
     return dict(HEADS=heads, BLOCK_HEADS=triton.next_power_of_2(heads), D=head_dim, HALF=half,
-                BLOCK_HALF=triton.next_power_of_2(half), TOKENS=TOKENS_PER_TILE, ROPE=rope)
+                BLOCK_HALF=triton.next_power_of_2(half), TOKENS=TOKENS_PER_TILE, NORMED=normed, COPIED=copied,
+                ROPE=rope)
+
+
+def _shapes(src: torch.Tensor, heads: int, weights: list[torch.Tensor], copied: bool) -> tuple[int, int, int]:
+    """(tokens, head_dim, outputs) of a projection ``[L, 1, heads * parts * D]``."""
+    outputs = len(weights) + copied
+    return src.shape[0], src.shape[-1] // (outputs * heads), outputs
 
 
 # The launches are custom operators: torch.compile keeps them whole in its graphs, with what they read and
 # write declared (nothing they are given is written); see adaln_kernels for why.
-@torch.library.custom_op("dfmkit::split_qkv_forward", mutates_args=())
-def _launch_forward(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, heads: int, eps: float,
+@torch.library.custom_op("dfmkit::split_heads_forward", mutates_args=())
+def _launch_forward(src: torch.Tensor, weights: list[torch.Tensor], copied: bool, heads: int, eps: float,
                     cos: torch.Tensor | None, sin: torch.Tensor | None) -> list[torch.Tensor]:
-    """``[q, k, v, rstd [2, tokens * heads]]``."""
-    tokens, head_dim = qkv.shape[0], qkv.shape[-1] // (3 * heads)
-    q, k, v = (qkv.new_empty((tokens, heads, head_dim)) for _ in range(3))
-    rstd = torch.empty((2, tokens * heads), dtype=torch.float32, device=qkv.device)
-    rope = cos is not None
+    """``[*normed parts, copied part (if copied), rstd [normed, tokens * heads]]``."""
+    tokens, head_dim, outputs = _shapes(src, heads, weights, copied)
+    parts = [src.new_empty((tokens, heads, head_dim)) for _ in range(outputs)]
+    rstd = torch.empty((len(weights), tokens * heads), dtype=torch.float32, device=src.device)
+    rope, first = cos is not None, parts[0]
     _forward[(triton.cdiv(tokens, TOKENS_PER_TILE),)](
-        qkv, q_weight, k_weight, cos if rope else q, sin if rope else q, q, k, v, rstd, tokens, eps,
-        **_constants(heads, head_dim, rope), num_warps=FORWARD_WARPS,
+        src, weights[0], weights[-1], cos if rope else first, sin if rope else first, first,
+        parts[1] if len(weights) == 2 else first, parts[-1], rstd, tokens, eps,
+        **_constants(heads, head_dim, len(weights), copied, rope), num_warps=FORWARD_WARPS,
     )
-    return [q, k, v, rstd]
+    return parts + [rstd]
 
 
 @_launch_forward.register_fake
-def _(qkv, q_weight, k_weight, heads, eps, cos, sin):
-    tokens, head_dim = qkv.shape[0], qkv.shape[-1] // (3 * heads)
-    return [qkv.new_empty((tokens, heads, head_dim)) for _ in range(3)] + [
-        qkv.new_empty((2, tokens * heads), dtype=torch.float32)]
+def _(src, weights, copied, heads, eps, cos, sin):
+    tokens, head_dim, outputs = _shapes(src, heads, weights, copied)
+    return [src.new_empty((tokens, heads, head_dim)) for _ in range(outputs)] + [
+        src.new_empty((len(weights), tokens * heads), dtype=torch.float32)]
 
 
-@torch.library.custom_op("dfmkit::split_qkv_backward", mutates_args=())
-def _launch_backward(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, heads: int,
-                     cos: torch.Tensor | None, sin: torch.Tensor | None, rstd: torch.Tensor, grad_q: torch.Tensor,
-                     grad_k: torch.Tensor, grad_v: torch.Tensor) -> list[torch.Tensor]:
-    """``[grad_qkv, grad_weights [2, D]: q, k]``."""
-    tokens, head_dim = qkv.shape[0], qkv.shape[-1] // (3 * heads)
+@torch.library.custom_op("dfmkit::split_heads_backward", mutates_args=())
+def _launch_backward(src: torch.Tensor, weights: list[torch.Tensor], copied: bool, heads: int,
+                     cos: torch.Tensor | None, sin: torch.Tensor | None, rstd: torch.Tensor,
+                     grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[grad_src, grad_weights [normed, D]]``."""
+    tokens, head_dim, _ = _shapes(src, heads, weights, copied)
     programs = triton.cdiv(tokens, TOKENS_PER_TILE * TILES_PER_PROGRAM)
-    grad_qkv = torch.empty_like(qkv)
-    grad_w_parts = torch.empty((programs, 2, head_dim), dtype=torch.float32, device=qkv.device)
+    grad_src = torch.empty_like(src)
+    grad_w_parts = torch.empty((programs, len(weights), head_dim), dtype=torch.float32, device=src.device)
+    grads = [g.contiguous() for g in grads]
     rope = cos is not None
     _backward[(programs,)](
-        qkv, q_weight, k_weight, cos if rope else qkv, sin if rope else qkv, rstd, grad_q.contiguous(),
-        grad_k.contiguous(), grad_v.contiguous(), grad_qkv, grad_w_parts, tokens,
-        TILES=TILES_PER_PROGRAM, **_constants(heads, head_dim, rope), num_warps=BACKWARD_WARPS,
+        src, weights[0], weights[-1], cos if rope else src, sin if rope else src, rstd, grads[0],
+        grads[1] if len(weights) == 2 else grads[0], grads[-1], grad_src, grad_w_parts, tokens,
+        TILES=TILES_PER_PROGRAM, **_constants(heads, head_dim, len(weights), copied, rope), num_warps=BACKWARD_WARPS,
     )
-    return [grad_qkv, grad_w_parts.sum(0).to(q_weight.dtype)]
+    return [grad_src, grad_w_parts.sum(0).to(weights[0].dtype)]
 
 
 @_launch_backward.register_fake
-def _(qkv, q_weight, k_weight, heads, cos, sin, rstd, grad_q, grad_k, grad_v):
-    head_dim = qkv.shape[-1] // (3 * heads)
-    return [torch.empty_like(qkv), q_weight.new_empty((2, head_dim))]
+def _(src, weights, copied, heads, cos, sin, rstd, grads):
+    head_dim = _shapes(src, heads, weights, copied)[1]
+    return [torch.empty_like(src), weights[0].new_empty((len(weights), head_dim))]
 
 
-class _SplitQKV(torch.autograd.Function):
+class _SplitHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, q_weight, k_weight, heads, eps, cos, sin):
-        q, k, v, rstd = _launch_forward(qkv, q_weight, k_weight, heads, eps, cos, sin)
-        ctx.heads = heads
-        ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin, rstd)
-        return q, k, v
+    def forward(ctx, src, heads, eps, copied, cos, sin, *weights):
+        *parts, rstd = _launch_forward(src, list(weights), copied, heads, eps, cos, sin)
+        ctx.heads, ctx.copied = heads, copied
+        ctx.save_for_backward(src, cos, sin, rstd, *weights)
+        return tuple(parts)
 
     @staticmethod
-    def backward(ctx, grad_q, grad_k, grad_v):
-        qkv, q_weight, k_weight, cos, sin, rstd = ctx.saved_tensors
-        grad_qkv, grad_w = _launch_backward(qkv, q_weight, k_weight, ctx.heads, cos, sin, rstd, grad_q, grad_k, grad_v)
-        return grad_qkv, grad_w[0], grad_w[1], None, None, None, None
+    def backward(ctx, *grads):
+        src, cos, sin, rstd, *weights = ctx.saved_tensors
+        grads = [g if g is not None else src.new_zeros(rstd.shape[1] // ctx.heads, ctx.heads, src.shape[-1] //
+                                                       (ctx.heads * len(grads))) for g in grads]
+        grad_src, grad_w = _launch_backward(src, weights, ctx.copied, ctx.heads, cos, sin, rstd, list(grads))
+        return grad_src, None, None, None, None, None, *grad_w.unbind(0)
+
+
+def _split(src: torch.Tensor, heads: int, weights: list[torch.Tensor], copied: bool, eps: float,
+           rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    cos, sin = rope if rope is not None else (None, None)
+    if cos is not None and not (cos.is_contiguous() and sin.is_contiguous()):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return _SplitHeads.apply(src, heads, eps, copied, cos, sin, *(w.to(src.dtype) for w in weights))
 
 
 def split_qkv(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
               rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, k, v)``, each ``[L, heads, D]``; see the module docstring. Only where :func:`available`."""
-    cos, sin = rope if rope is not None else (None, None)
-    if cos is not None and not (cos.is_contiguous() and sin.is_contiguous()):
-        cos, sin = cos.contiguous(), sin.contiguous()
-    return _SplitQKV.apply(qkv, q_weight.to(qkv.dtype), k_weight.to(qkv.dtype), heads, eps, cos, sin)
+    """Self-attention's ``(q, k, v)``, each ``[L, heads, D]``; see the module docstring. Only where :func:`available`."""
+    return _split(qkv, heads, [q_weight, k_weight], True, eps, rope)
+
+
+def split_kv(kv: torch.Tensor, heads: int, k_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention's keys and values from ``kv [L, 1, heads * 2 * D]`` (per head ``[k | v]``):
+    ``(rms_norm(k) * k_weight, v)``, each ``[L, heads, D]``. Only where :func:`available`."""
+    return _split(kv, heads, [k_weight], True, eps, None)
+
+
+def norm_heads(x: torch.Tensor, heads: int, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Cross-attention's queries: ``rms_norm(x) * weight`` per head of ``x [L, 1, heads * D]``, as ``[L, heads, D]``.
+    Only where :func:`available`."""
+    return _split(x, heads, [weight], False, eps, None)[0]
