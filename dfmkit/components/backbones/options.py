@@ -70,8 +70,9 @@ class DiTOptions:
     # for GPUs: on the CPU the per-sample attention loop of mixed-size packs recompiles for each new pack.
     compile: bool = False
     # Triton kernels on CUDA in bf16/fp16 for the adaLN chain (gated residual + LayerNorm + modulation) and for
-    # self-attention's q/k RMSNorm + RoPE (adaln_kernels.py, qkv_kernels.py), eager or compiled. Off: the torch
-    # code, which inductor fuses when compiled. No effect elsewhere (CPU, fp32), where the torch code runs.
+    # the attentions' q/k RMSNorm (+ RoPE in self-attention) (adaln_kernels.py, qkv_kernels.py), eager or
+    # compiled. Off: the torch code, which inductor fuses when compiled. No effect elsewhere (CPU, fp32), where
+    # the torch code runs.
     fused_kernels: bool = True
     # With compile: each compiled layer's kernels replay as CUDA graphs (inductor's CUDA graph trees), one launch
     # for about a hundred. For steps the host holds up: small models, and packs of few long samples (DiT-XL on

@@ -15,7 +15,9 @@ tokens), three times what their memory traffic needs, and the backward then asse
 from three pieces. Here the forward reads qkv once and writes q, k and v (v contiguous, as attention
 kernels prefer); the backward reads the three output gradients and q and k, and writes the qkv gradient
 whole, with per-program partial sums for the two norm weights (no atomics: deterministic). A tile holds
-whole tokens (all heads), so each token's angles are loaded once and broadcast over its heads. The torch code
+whole tokens (all heads), so each token's angles are loaded once and broadcast over its heads. Cross-attention's
+query norm was 6.6 ms of inductor kernels in the same step; here it moves the bytes at 93% of copy bandwidth
+forward and 64% backward (benchmarks/fused_kernels.py). The torch code
 in :mod:`~dfmkit.components.backbones.dit` is the reference and the path wherever :func:`available` is false.
 """
 
