@@ -6,8 +6,8 @@ of the queries and keys, the rotary embedding, and the split, in one kernel each
     split_kv(kv [L, 1, H * 2 * D], k_weight, eps) -> k, v           cross-attention's text keys and values
     norm_heads(x [L, 1, H * D], weight, eps) -> q                   cross-attention's queries
 
-A head's channels in ``qkv`` are ``[q | k | v]`` (megatron's per-head interleaving), in ``kv`` ``[k | v]``. ``cos``/``sin`` are
-``[L, 1, D]`` (:func:`~dfmkit.components.backbones.dit.rope3d`) or None for no rotation; channel j is
+A head's channels in ``qkv`` are ``[q | k | v]`` (megatron's per-head interleaving), in ``kv`` ``[k | v]``.
+``cos``/``sin`` are ``[L, 1, D]`` (:func:`~dfmkit.components.backbones.dit.rope3d`) or None for no rotation; channel j is
 rotated with channel j + D/2 (rotate-half) by one angle, so the kernels read only the first half of each.
 
 Why: compiled by inductor, the norms and rotation took 34 ms of a 333 ms DiT-XL step on an H100 (128 x 256
