@@ -13,6 +13,7 @@ size leaves after tensor x context.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -174,11 +175,15 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
             "loss_step2": losses[1],
             "device": torch.cuda.get_device_name() if cuda else "cpu",
         }
+        # The trainer's model, optimizer and EMA hold each other in reference cycles (megatron's DDP hooks), so
+        # only the cycle collector frees them; and the compiled layers and the memory pools of their CUDA
+        # graphs live on in dynamo's caches. A later case in this process would otherwise start with that
+        # memory taken (DiT-XL's weights, master weights, moments, gradients and EMA: about 15 GiB).
         del trainer
         if cuda:
-            # the compiled layers and the memory pools of their CUDA graphs live on in dynamo's caches: a
-            # later case in this process would otherwise start with that memory taken
             torch._dynamo.reset()
+        gc.collect()
+        if cuda:
             torch.cuda.empty_cache()
         return row
 
