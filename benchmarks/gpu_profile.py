@@ -4,7 +4,8 @@
 
 Prints step time and MFU of each variant (eager; model.compile, torch.compile of each DiT layer) and
 writes <out>/profile_<case>_<variant>.txt, the operators by GPU time and by CPU time over two steps of the
-last model built, and <out>/profile_<case>.json.
+last model built, <out>/families_<case>_<variant>.json, its GPU time per step by kernel family (matrix
+products, attention, GELU, ...), and <out>/profile_<case>.json.
 """
 
 from __future__ import annotations
@@ -37,13 +38,43 @@ def measure(trainer, label: str, steps: int) -> dict:
     return row
 
 
+# Kernel families by name, first match wins: cuBLAS/CUTLASS products, attention (cuDNN, flash), the
+# optimizer's multi-tensor kernels, inductor's generated kernels (GELU apart), dfmkit's own Triton kernels
+# (adaln_kernels, qkv_kernels: their jit functions are named _forward, _backward, _sum_partials), the rest.
+KERNEL_FAMILIES = [
+    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+    ("attention", ("cudnn", "flash", "fmha", "attn", "sdpa")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("inductor: GELU", ("gelu",)),
+    ("inductor: other", ("triton_",)),
+    ("dfmkit kernels", ("_forward", "_backward", "_sum_partials")),
+]
+
+
+def kernel_families(events, steps: int) -> dict:
+    """Milliseconds per step of the GPU kernels in each of KERNEL_FAMILIES (and "other"), plus their total."""
+    totals: dict = {}
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name.lower()
+        family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+        totals[family] = totals.get(family, 0.0) + event.device_time_total / 1e3 / steps
+    totals["GPU busy"] = sum(totals.values())
+    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def profile_steps(trainer, out: Path, name: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
+    steps = 2
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+        for _ in range(steps):
             trainer.train_step()
         torch.cuda.synchronize()
+    families = kernel_families(prof.events(), steps)
+    (out / f"families_{name}.json").write_text(json.dumps(families, indent=2))
+    print(json.dumps({"kernel families, ms per step": families}), flush=True)
     averages = prof.key_averages()
     by_gpu = averages.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
     by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=90)

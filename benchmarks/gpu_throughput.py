@@ -28,14 +28,6 @@ CASE_A = dict(seq_length=32768, latent_shape=(16, 1, 32, 32), text_tokens=77, sa
 CASE_B = dict(seq_length=15360, latent_shape=(16, 1, 64, 64), text_tokens=10, samples_per_pack=15)
 
 
-def use_attention_launch(path: str) -> None:
-    """Launch shapes for the ``triton`` attention kernels from ``attention_kernels.py --sweep``'s json."""
-    from dfmkit.components.attention import triton_backend
-
-    for limit, shapes in json.loads(Path(path).read_text()).items():
-        triton_backend.LAUNCH[None if limit == "None" else int(limit)] = shapes
-
-
 def train_case(preset: str, case: dict, attention: str, steps: int, model: dict,
                recompute_order=("none", "selective", "full")):
     for recompute in recompute_order:
@@ -57,7 +49,6 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--presets", default="XL,L,B,S")
     parser.add_argument("--attention", default="torch")
-    parser.add_argument("--attention-launch", help="launch shapes for attention 'triton' (attention_kernels.py --sweep)")
     parser.add_argument("--compile", default="both", choices=["off", "on", "both"],
                         help="model.compile (fused elementwise chains): off, on, or both variants of each case")
     parser.add_argument("--fused-kernels", default="on", choices=["off", "on", "both"],
@@ -68,8 +59,6 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.attention_launch:
-        use_attention_launch(args.attention_launch)
     results = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "train": [], "sampling": []}
 
     def dump():

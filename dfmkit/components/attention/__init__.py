@@ -36,8 +36,6 @@ def dfmkit_register(registries):
                  summary="as torch, but only on CUDA bf16/fp16 (an error elsewhere)")
     reg.register("torch-flex", f"{_TORCH}:build_flex",
                  summary="flex_attention with a per-sample document mask")
-    reg.register("triton", "dfmkit.components.attention.triton_backend:build",
-                 summary="dfmkit's Triton flash attention, head dims unpadded (CUDA bf16/fp16), per-sample SDPA elsewhere")
     if transformer_engine_importable():
         reg.register("te", "dfmkit.components.attention.te_backend:build",
                      summary="TransformerEngine DotProductAttention, thd format")

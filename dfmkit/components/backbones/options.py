@@ -61,7 +61,7 @@ class DiTOptions:
     position_embedding: str = attrs.field(default="rope3d", validator=v.in_(POSITION_EMBEDDINGS))
     rope_theta: float = attrs.field(default=10000.0, validator=v.gt(0))
     timestep_channels: int = attrs.field(default=256, validator=v.gt(0))  # sinusoid width before the MLP
-    attention: str = "torch"  # a registered attention backend: torch, torch-sdpa, torch-varlen, torch-cudnn, torch-flex, triton, te
+    attention: str = "torch"  # a registered attention backend: torch, torch-sdpa, torch-varlen, torch-cudnn, torch-flex, te
     layernorm_epsilon: float = attrs.field(default=1e-6, validator=v.gt(0))
     init_std: float = attrs.field(default=0.02, validator=v.gt(0))
     recompute: str = attrs.field(default="none", validator=v.in_(RECOMPUTE))
