@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_profile.py --out results/ [--preset XL] [--case a|b]
 
-Prints step time and MFU of each variant (eager; model.compile, torch.compile of each DiT layer) and
+Prints step time and MFU of each variant (eager; model.compile, torch.compile of each DiT layer; graphs,
+compiled layers replayed as CUDA graphs) and
 writes <out>/profile_<case>_<variant>.txt, the operators by GPU time and by CPU time over two steps of the
 last model built, <out>/families_<case>_<variant>.json, its GPU time per step by kernel family (matrix
 products, attention, GELU, ...), and <out>/profile_<case>.json.
@@ -55,7 +56,8 @@ def kernel_families(events, steps: int) -> dict:
     """Milliseconds per step of the GPU kernels in each of KERNEL_FAMILIES (and "other"), plus their total."""
     totals: dict = {}
     for event in events:
-        if event.device_type != torch.autograd.DeviceType.CUDA:
+        # record_function ranges (Optimizer.step, ...) show on the GPU timeline too: not kernels, and counted twice
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.is_user_annotation:
             continue
         name = event.name.lower()
         family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
@@ -90,8 +92,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--attention", default="torch", help="attention backend (model.attention)")
     parser.add_argument("--variants", default="eager,compile,profile",
-                        help="eager: model.compile off; compile: model.compile on; profile: operator tables of "
-                             "the last model built")
+                        help="eager: model.compile off; compile: model.compile on; graphs: compile and "
+                             "model.cuda_graphs; profile: operator tables of the last model built")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,17 +101,18 @@ def main() -> int:
     variants = args.variants.split(",")
     trainer = None
     with tempfile.TemporaryDirectory() as workdir:
-        def build(compile: bool):
+        def build(variant: str):
+            model = {"compile": variant != "eager", "cuda_graphs": variant == "graphs"}
             return make_trainer(args.preset, Layout(), text_dim=1024, attention=args.attention, workdir=workdir,
-                                steps=1000, model={"compile": compile}, **CASES[args.case])
+                                steps=1000, model=model, **CASES[args.case])
 
         for variant in variants:
             try:
-                if variant in ("eager", "compile"):
+                if variant in ("eager", "compile", "graphs"):
                     trainer = None
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                    trainer = build(variant == "compile")
+                    trainer = build(variant)
                     rows.append(measure(trainer, variant, args.steps))
                 elif variant == "profile":
                     profile_steps(trainer, out, f"{args.case}_{rows[-1]['variant'] if rows else 'model'}")

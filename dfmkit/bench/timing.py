@@ -36,5 +36,6 @@ def kernel_milliseconds(fn: Callable[[], object], repeats: int = 20, warmup: int
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # record_function ranges show on the GPU timeline too; they are not kernels (their time would count twice)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
     return sum(e.device_time_total for e in kernels) / 1e3 / repeats
