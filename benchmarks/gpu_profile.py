@@ -12,7 +12,9 @@ products, attention, GELU, ...), and <out>/profile_<case>.json.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -68,7 +70,7 @@ def kernel_families(events, steps: int) -> dict:
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def profile_steps(trainer, out: Path, name: str) -> None:
+def profile_steps(trainer, out: Path, name: str, trace: bool = False) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     steps = 2
@@ -76,6 +78,12 @@ def profile_steps(trainer, out: Path, name: str) -> None:
         for _ in range(steps):
             trainer.train_step()
         torch.cuda.synchronize()
+    if trace:  # the timeline, to find where the GPU waits (chrome://tracing or perfetto.dev)
+        path = out / f"trace_{name}.json"
+        prof.export_chrome_trace(str(path))
+        with open(path, "rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        path.unlink()
     families = kernel_families(prof.events(), steps)
     (out / f"families_{name}.json").write_text(json.dumps(families, indent=2))
     print(json.dumps({"kernel families, ms per step": families}), flush=True)
@@ -93,6 +101,7 @@ def main() -> int:
     parser.add_argument("--case", default="a", choices=sorted(CASES))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--attention", default="torch", help="attention backend (model.attention)")
+    parser.add_argument("--trace", action="store_true", help="also write the profiled steps' timeline, gzipped")
     parser.add_argument("--variants", default="eager,compile,profile",
                         help="eager: model.compile off; compile: model.compile on; graphs: compile and "
                              "model.cuda_graphs; profile: operator tables of the last model built")
@@ -117,7 +126,7 @@ def main() -> int:
                     trainer = build(variant)
                     rows.append(measure(trainer, variant, args.steps))
                 elif variant == "profile":
-                    profile_steps(trainer, out, f"{args.case}_{rows[-1]['variant'] if rows else 'model'}")
+                    profile_steps(trainer, out, f"{args.case}_{rows[-1]['variant'] if rows else 'model'}", args.trace)
             except Exception as exc:  # report and keep the other numbers
                 print(f"{variant} failed: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
     (out / f"profile_{args.case}.json").write_text(json.dumps(rows, indent=2))
