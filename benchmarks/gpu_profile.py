@@ -23,6 +23,7 @@ import torch
 
 from dfmkit.bench.flops import DiTShape, mfu, training_flops
 from dfmkit.bench.matrix import Layout, make_trainer, time_steps
+from dfmkit.bench.timing import gpu_kernels
 
 CASES = {
     "a": dict(seq_length=32768, latent_shape=(16, 1, 32, 32), text_tokens=77, samples_per_pack=128),
@@ -59,10 +60,7 @@ KERNEL_FAMILIES = [
 def kernel_families(events, steps: int) -> dict:
     """Milliseconds per step of the GPU kernels in each of KERNEL_FAMILIES (and "other"), plus their total."""
     totals: dict = {}
-    for event in events:
-        # record_function ranges (Optimizer.step, ...) show on the GPU timeline too: not kernels, and counted twice
-        if event.device_type != torch.autograd.DeviceType.CUDA or event.is_user_annotation:
-            continue
+    for event in gpu_kernels(events):
         name = event.name.lower()
         family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
         totals[family] = totals.get(family, 0.0) + event.device_time_total / 1e3 / steps

@@ -22,6 +22,12 @@ def cuda_milliseconds(fn: Callable[[], object], repeats: int = 20, warmup: int =
     return start.elapsed_time(end) / repeats
 
 
+def gpu_kernels(events) -> list:
+    """The profiler events that are work on the GPU (kernels, copies, memsets). ``record_function`` ranges
+    show on the GPU timeline too; they are not kernels, and counting them would count their kernels twice."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+
+
 def kernel_milliseconds(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
     """Mean milliseconds per call of ``fn`` that its CUDA kernels run, summed (warm-up calls not counted).
 
@@ -36,6 +42,4 @@ def kernel_milliseconds(fn: Callable[[], object], repeats: int = 20, warmup: int
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    # record_function ranges show on the GPU timeline too; they are not kernels (their time would count twice)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
-    return sum(e.device_time_total for e in kernels) / 1e3 / repeats
+    return sum(e.device_time_total for e in gpu_kernels(prof.events())) / 1e3 / repeats
