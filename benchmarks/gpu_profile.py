@@ -1,17 +1,19 @@
 """Where a DiT training step spends its GPU time, and what torch.compile of the blocks changes.
 
-    python benchmarks/gpu_profile.py --out results/ [--preset XL] [--case a|b]
+    python benchmarks/gpu_profile.py --out results/ [--preset XL] [--case a|b] [--inductor KEY=VALUE ...]
 
 Prints step time and MFU of each variant (eager; model.compile, torch.compile of each DiT layer; graphs,
 compiled layers replayed as CUDA graphs) and
 writes <out>/profile_<case>_<variant>.txt, the operators by GPU time and by CPU time over two steps of the
 last model built, <out>/families_<case>_<variant>.json, its GPU time per step by kernel family (matrix
-products, attention, GELU, ...), and <out>/profile_<case>.json.
+products, attention, GELU, ...), <out>/kernels_<case>_<variant>.json, each kernel's launches and time per step,
+and <out>/profile_<case>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import gzip
 import json
 import shutil
@@ -61,11 +63,26 @@ def kernel_families(events, steps: int) -> dict:
     """Milliseconds per step of the GPU kernels in each of KERNEL_FAMILIES (and "other"), plus their total."""
     totals: dict = {}
     for event in gpu_kernels(events):
-        name = event.name.lower()
-        family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+        family = family_of(event.name)
         totals[family] = totals.get(family, 0.0) + event.device_time_total / 1e3 / steps
     totals["GPU busy"] = sum(totals.values())
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def family_of(name: str) -> str:
+    name = name.lower()
+    return next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+
+
+def kernel_table(events, steps: int) -> list[dict]:
+    """Each GPU kernel name with its launches and milliseconds per step, longest first: which kernels to
+    fuse or remove (the families say how much, this says which)."""
+    rows: dict = {}
+    for event in gpu_kernels(events):
+        row = rows.setdefault(event.name, {"kernel": event.name, "family": family_of(event.name), "calls": 0, "ms": 0.0})
+        row["calls"] += 1 / steps
+        row["ms"] += event.device_time_total / 1e3 / steps
+    return [{**r, "calls": round(r["calls"], 1), "ms": round(r["ms"], 3)} for r in sorted(rows.values(), key=lambda r: -r["ms"])]
 
 
 def profile_steps(trainer, out: Path, name: str, trace: bool = False) -> None:
@@ -85,11 +102,15 @@ def profile_steps(trainer, out: Path, name: str, trace: bool = False) -> None:
     families = kernel_families(prof.events(), steps)
     (out / f"families_{name}.json").write_text(json.dumps(families, indent=2))
     print(json.dumps({"kernel families, ms per step": families}), flush=True)
+    kernels = kernel_table(prof.events(), steps)
+    (out / f"kernels_{name}.json").write_text(json.dumps(kernels, indent=1))
+    print(f"{sum(r['calls'] for r in kernels):.0f} kernels a step; the longest:", flush=True)
+    for r in kernels[:40]:
+        print(f"  {r['ms']:8.3f} ms {r['calls']:7.1f} x  {r['family']:16s} {r['kernel'][:110]}", flush=True)
     averages = prof.key_averages()
     by_gpu = averages.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
     by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=90)
     (out / f"profile_{name}.txt").write_text(f"By GPU time\n{by_gpu}\n\nBy CPU time\n{by_cpu}\n")
-    print(by_gpu[:4000], flush=True)
 
 
 def main() -> int:
@@ -103,10 +124,18 @@ def main() -> int:
     parser.add_argument("--variants", default="eager,compile,profile",
                         help="eager: model.compile off; compile: model.compile on; graphs: compile and "
                              "model.cuda_graphs; profile: operator tables of the last model built")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config.KEY (a Python literal) before the models are built, e.g. "
+                             "combo_kernels=True; repeatable")
     args = parser.parse_args()
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        torch._inductor.config.__setattr__(key, ast.literal_eval(value))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.inductor:
+        print(json.dumps({"inductor": args.inductor}), flush=True)
     variants = args.variants.split(",")
     trainer = None
     with tempfile.TemporaryDirectory() as workdir:

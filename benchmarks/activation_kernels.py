@@ -1,0 +1,68 @@
+"""Time the MLP's GELU on its DiT-XL shape (tokens x 4 x hidden, bf16), compiled, forward and backward, against a
+device copy: is a GELU kernel bound by memory or by the arithmetic of its erf?
+
+Variants: inductor's ``F.gelu`` (erf), dfmkit's ``dit.gelu`` (the same function through an erfc fit: see its
+docstring), the tanh approximation (a different function, for scale) and ``x * 1.5`` (the same bytes and next to no
+arithmetic). Bytes are what the pass must move at the least: forward reads x and writes y; backward reads the
+gradient and x and writes x's gradient. Times are the kernels' device time
+(:func:`dfmkit.bench.timing.kernel_milliseconds`), fresh gradients on every call. Writes <out>/activation_kernels.json.
+
+    python benchmarks/activation_kernels.py --out results/ [--tokens 32768 --width 4608]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dfmkit.bench.timing import kernel_milliseconds
+from dfmkit.components.backbones import dit
+
+VARIANTS = {
+    "F.gelu (erf)": F.gelu,
+    "dfmkit gelu": dit.gelu,
+    "tanh approximation": lambda x: F.gelu(x, approximate="tanh"),
+    "x * 1.5 (bytes only)": lambda x: x * 1.5,
+}
+
+
+def measure(fn, tokens: int, width: int) -> dict:
+    compiled = torch.compile(fn)
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    forward_ms = kernel_milliseconds(lambda: compiled(x.detach()))
+    both_ms = kernel_milliseconds(lambda: torch.autograd.grad(compiled(x), x, grad))
+    one = x.numel() * x.element_size()
+    backward_ms = both_ms - forward_ms
+    return {"forward_ms": forward_ms, "backward_ms": backward_ms,
+            "forward_GBps": 2 * one / forward_ms / 1e6, "backward_GBps": 3 * one / backward_ms / 1e6}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="activation_results")
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--width", type=int, default=4608)
+    args = parser.parse_args()
+    src = torch.empty(args.tokens * args.width, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_GBps = 2 * src.numel() * 2 / kernel_milliseconds(lambda: dst.copy_(src)) / 1e6
+    rows = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": copy_GBps}
+    print(f"{rows['device']}, torch {rows['torch']}; copy {copy_GBps:.0f} GB/s; {args.tokens} x {args.width} bf16")
+    for name, fn in VARIANTS.items():
+        row = rows[name] = measure(fn, args.tokens, args.width)
+        print(f"  {name:22s} forward {row['forward_ms']:.3f} ms ({row['forward_GBps'] / copy_GBps:4.0%} of copy), "
+              f"backward {row['backward_ms']:.3f} ms ({row['backward_GBps'] / copy_GBps:4.0%})", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "activation_kernels.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
