@@ -4,7 +4,8 @@ device copy: is a GELU kernel bound by memory or by the arithmetic of its erf?
 Variants: inductor's ``F.gelu`` (erf), dfmkit's ``dit.gelu`` (the same function through an erfc fit: see its
 docstring), the tanh approximation (a different function, for scale) and ``x * 1.5`` (the same bytes and next to no
 arithmetic). Bytes are what the pass must move at the least: forward reads x and writes y; backward reads the
-gradient and x and writes x's gradient. Times are the kernels' device time
+gradient and x and writes x's gradient; "correctly rounded" is the share of bf16 outputs equal to float64 GELU
+rounded to bf16. Times are the kernels' device time
 (:func:`dfmkit.bench.timing.kernel_milliseconds`), fresh gradients on every call. Writes <out>/activation_kernels.json.
 
     python benchmarks/activation_kernels.py --out results/ [--tokens 32768 --width 4608]
@@ -39,7 +40,9 @@ def measure(fn, tokens: int, width: int) -> dict:
     both_ms = kernel_milliseconds(lambda: torch.autograd.grad(compiled(x), x, grad))
     one = x.numel() * x.element_size()
     backward_ms = both_ms - forward_ms
+    exact = (x.double() * 0.5 * torch.special.erfc(-x.double() / 2**0.5)).bfloat16()
     return {"forward_ms": forward_ms, "backward_ms": backward_ms,
+            "correctly_rounded": (compiled(x.detach()) == exact).double().mean().item(),
             "forward_GBps": 2 * one / forward_ms / 1e6, "backward_GBps": 3 * one / backward_ms / 1e6}
 
 
@@ -57,7 +60,8 @@ def main() -> int:
     for name, fn in VARIANTS.items():
         row = rows[name] = measure(fn, args.tokens, args.width)
         print(f"  {name:22s} forward {row['forward_ms']:.3f} ms ({row['forward_GBps'] / copy_GBps:4.0%} of copy), "
-              f"backward {row['backward_ms']:.3f} ms ({row['backward_GBps'] / copy_GBps:4.0%})", flush=True)
+              f"backward {row['backward_ms']:.3f} ms ({row['backward_GBps'] / copy_GBps:4.0%}); bf16 outputs correctly "
+              f"rounded: {row['correctly_rounded']:.2%}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "activation_kernels.json").write_text(json.dumps(rows, indent=2))

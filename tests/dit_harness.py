@@ -131,7 +131,7 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
                ddp: bool = False) -> None:
     """One layout's forward and backward on this rank's pack shard; rank 0 saves loss and full gradients.
 
-    ``ddp``: reduce gradients the way the training loop does, with megatron's DistributedDataParallel and
+    ``ddp``: reduce gradients the way the training loop does, with its megatron DistributedDataParallel and
     finalize_model_grads, which SUM over data x context (the DiT's config sets calculate_per_token_loss), so
     each rank's loss is divided by DP to average the packs, instead of :func:`dfmkit.parallel.reduce_gradients`.
     """
@@ -154,9 +154,11 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
     randomize_(model, layout.tp_rank, layout.tp_size)
     module = model
     if ddp:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallelConfig
 
-        model = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
+
+        model = BatchedAccumulationDDP(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
 
     packs = make_packs()
     seed = layout.dp_rank

@@ -343,3 +343,37 @@ def test_checkpoint_metadata_is_read_without_arbitrary_pickle(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"\.metadata refers to (posix|os)\.system"):
         Trainer(dfmkit.build(tiny_recipe(tmp_path / "ck", train={"train_iters": 3}, optim={"warmup_iters": 1})))
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
+    """BatchedAccumulationDDP keeps each gradient and adds a DiT layer's (or another module's) at once, compiled
+    when asked (as on CUDA): over two backward passes the fp32 main_grad buffer is bit for bit what megatron's
+    per-parameter hooks leave, and nothing is left kept."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import dit_harness as H
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from dfmkit.components.backbones import dit
+    from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
+
+    torch.manual_seed(0)
+    model = dit.build(H.tiny_options())
+    H.randomize_(model)
+    buffers = {}
+    for cls in (DistributedDataParallel, BatchedAccumulationDDP):
+        copy = dit.build(H.tiny_options())
+        copy.load_state_dict(model.state_dict())
+        ddp = cls(copy.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), copy)
+        if cls is BatchedAccumulationDDP:
+            ddp._compiled = compiled
+            assert len(ddp._group_size) == 2 + 3 and ddp._group_size["decoder.layers.0"] == 13  # 2 layers, 3 modules
+        ddp.zero_grad_buffer()
+        for seed, batch in enumerate(H.make_packs()[:2]):
+            x, c_noise, target = H.pack_inputs(batch, seed)
+            (ddp(x, c_noise, batch) * target).sum().backward()
+        if cls is BatchedAccumulationDDP:
+            assert not ddp._kept
+        buffers[cls] = torch.cat([b.grad_data for b in ddp.buffers])
+        assert buffers[cls].abs().sum() > 0
+    assert torch.equal(buffers[DistributedDataParallel], buffers[BatchedAccumulationDDP])

@@ -116,7 +116,9 @@ class Trainer:
         self.model_options = recipe.model.options
         self.edm = EDM.from_config(recipe.diffusion)
 
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallelConfig
+
+        from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
 
         distributed_optimizer = {"on": True, "off": False, "auto": self.device.type == "cuda"}[
             recipe.parallel.distributed_optimizer]
@@ -127,7 +129,7 @@ class Trainer:
             overlap_grad_reduce=self.device.type == "cuda",
             use_distributed_optimizer=distributed_optimizer,
         )
-        self.ddp = DistributedDataParallel(self.model.config, ddp_config, self.model)
+        self.ddp = BatchedAccumulationDDP(self.model.config, ddp_config, self.model)
         self.optimizer, self.scheduler = build_optimizer(
             recipe.optim, recipe.train.train_iters, [self.ddp], self.bf16, distributed_optimizer)
         self.ema = EMA(self.model, ema_decay(recipe.train.ema_decay, recipe.train.ema_halflife))
