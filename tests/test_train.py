@@ -358,11 +358,11 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
     from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
 
     torch.manual_seed(0)
-    model = dit.build(H.tiny_options())
+    model = dit.build(H.tiny_options(), device="cpu")
     H.randomize_(model)
     buffers = {}
     for cls in (DistributedDataParallel, BatchedAccumulationDDP):
-        copy = dit.build(H.tiny_options())
+        copy = dit.build(H.tiny_options(), device="cpu")
         copy.load_state_dict(model.state_dict())
         ddp = cls(copy.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), copy)
         if cls is BatchedAccumulationDDP:
@@ -377,3 +377,27 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
         buffers[cls] = torch.cat([b.grad_data for b in ddp.buffers])
         assert buffers[cls].abs().sum() > 0
     assert torch.equal(buffers[DistributedDataParallel], buffers[BatchedAccumulationDDP])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_distributed_optimizer_writes_its_master_weights_into_the_model(tmp_path):
+    """megatron's distributed optimizer (on by default on CUDA) with dfmkit's multi-tensor copy of its fp32 master
+    weights (optim.copy_main_params_with_foreach): after two steps every model weight is its master weight rounded
+    to the model's dtype, and the weights have moved."""
+    from dfmkit.train.optim import copy_main_params_with_foreach
+
+    trainer = Trainer(dfmkit.build(tiny_recipe(tmp_path)))
+    assert copy_main_params_with_foreach(trainer.optimizer) >= 1
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    for _ in range(2):
+        trainer.train_step()
+    pairs = 0
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for main_groups, model_groups in ((opt.shard_fp32_from_float16_groups, opt.model_float16_groups),
+                                          (opt.shard_fp32_groups, opt.model_fp32_groups)):
+            for main_group, model_group in zip(main_groups, model_groups):
+                for main, model in zip(main_group, model_group):
+                    assert torch.equal(model.detach().view(-1), main.detach().view(-1).to(model.dtype))
+                    pairs += 1
+    assert pairs == len(before)
+    assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())

@@ -7,8 +7,8 @@ gradient, and the adds run once all parameters of a group are in: a DiT layer's 
 them together), or the parameters of each other top-level module. On CUDA a group's adds are one compiled
 foreach (all layers share its graph, compiled when the DDP is built); on the CPU they are the plain adds.
 
-Whatever is still kept is added before megatron starts any bucket's reduction and at the end of each backward
-pass, so the reductions, the gradient norm and the optimizer see the same ``main_grad`` as megatron's own hooks
+Whatever is still kept is added before megatron starts any bucket's reduction (eagerly: a group split by a bucket
+boundary is added one parameter at a time) and at the end of each backward pass, so the reductions, the gradient norm and the optimizer see the same ``main_grad`` as megatron's own hooks
 would leave; the bucket bookkeeping (``register_grad_ready``) is megatron's.
 """
 
@@ -29,6 +29,20 @@ def _add_into(mains: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
 @functools.cache
 def _add_into_compiled():
     return torch.compile(_add_into, dynamic=False)
+
+
+def _add_into_within_the_step(mains: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """The compiled adds, called from a backward hook. Every call of a torch.compile'd function advances dynamo's
+    generation counter, which inductor's CUDA graph trees read as the start of a new step: the outputs of the
+    layers' graphed backward still in use would count as overwritten (``model.cuda_graphs``). These adds are
+    part of the step, so the counter is put back."""
+    from torch._dynamo.mutation_guard import GenerationTracker
+
+    generation = GenerationTracker.generation
+    try:
+        _add_into_compiled()(mains, grads)
+    finally:
+        GenerationTracker.generation = generation
 
 
 def _group_name(param_name: str) -> str:
@@ -79,7 +93,7 @@ class BatchedAccumulationDDP(DistributedDataParallel):
             return
         mains, grads = [m for m, _ in pairs], [g for _, g in pairs]
         if self._compiled and not partial:
-            _add_into_compiled()(mains, grads)
+            _add_into_within_the_step(mains, grads)
         else:  # the compiled graph is for whole groups in their order: anything else would compile again
             for main, grad in pairs:
                 main.add_(grad)

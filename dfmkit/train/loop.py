@@ -126,7 +126,9 @@ class Trainer:
             raise RecipeError(["parallel.distributed_optimizer = \"on\" needs GPUs; use \"auto\" or \"off\" on CPU"])
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=self.device.type == "cuda",
+            # Overlap only where there is a reduction to overlap: without it megatron keeps one bucket, whose sync
+            # after the backward finds every layer's gradients added (see BatchedAccumulationDDP).
+            overlap_grad_reduce=self.device.type == "cuda" and self.env.dp_size * self.env.cp_size > 1,
             use_distributed_optimizer=distributed_optimizer,
         )
         self.ddp = BatchedAccumulationDDP(self.model.config, ddp_config, self.model)

@@ -146,6 +146,44 @@ def use_foreach_multi_tensor_ops() -> bool:
     return replaced
 
 
+def copy_main_params_with_foreach(optimizer) -> int:
+    """Make megatron's distributed optimizer copy its fp32 master weights into the model's weights with one
+    multi-tensor copy per group instead of a ``copy_`` per parameter (374 kernel launches a step for DiT-XL).
+    For its plain layout (not FSDP, FP8 or precision-aware); returns how many optimizers changed."""
+    changed = 0
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(megatron_optimizer, "shard_fp32_from_float16_groups"):
+            continue
+        from megatron.core.fp8_utils import is_float8tensor
+
+        config, ddp_config = megatron_optimizer.config, megatron_optimizer.ddp_config
+        model_params = [p for groups in (megatron_optimizer.model_float16_groups, megatron_optimizer.model_fp32_groups)
+                        for group in groups for p in group]
+        if ddp_config.use_megatron_fsdp or getattr(config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False) \
+                or any(is_float8tensor(p) for p in model_params):
+            continue
+
+        def copy_main_params_to_model_params(opt=megatron_optimizer):
+            if opt.is_stub_optimizer:
+                return
+            destinations, sources = [], []
+            for main_groups, model_groups in ((opt.shard_fp32_from_float16_groups, opt.model_float16_groups),
+                                              (opt.shard_fp32_groups, opt.model_fp32_groups)):
+                for main_group, model_group in zip(main_groups, model_groups):
+                    for main_param, model_param in zip(main_group, model_group):
+                        world_range = opt._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+                        gbuf_index, _, bucket_id = opt.model_param_gbuf_map[model_param]
+                        bucket_data = opt.buffers[gbuf_index].buckets[bucket_id].param_data
+                        destinations.append(bucket_data.view(-1)[world_range.start : world_range.end])
+                        sources.append(main_param.view(-1))
+            if destinations:
+                torch._foreach_copy_(destinations, sources)
+
+        megatron_optimizer._copy_main_params_to_model_params = copy_main_params_to_model_params
+        changed += 1
+    return changed
+
+
 # megatron-core 0.16's distributed optimizer cannot load a checkpoint into torch's Adam(W) (its fallback
 # without Apex or TransformerEngine) as it stands; the two functions below make it work.
 
@@ -216,6 +254,7 @@ def build_optimizer(optim: OptimConfig, train_iters: int, model_chunks: list, bf
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
     use_fused_adamw(optimizer)
+    copy_main_params_with_foreach(optimizer)
     load_parameter_state_without_step(optimizer)
     decay_style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[optim.decay_style]
     scheduler = OptimizerParamScheduler(

@@ -182,53 +182,6 @@ def residual_norm_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor,
     return x, norm_modulate(x, shift, scale, seg, eps)
 
 
-# Numerical Recipes' erfc (a Chebyshev fit: relative error below 1.2e-7 for every z >= 0) in the form
-# erfc(z) = t * exp(-z^2 + P(t)), t = 1 / (1 + z / 2); P's coefficients from the constant term up.
-_ERFC_POLY = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
-              -0.82215223, 0.17087277)
-
-
-def _gaussian_cdf_and_density(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Phi(x), phi(x)) of fp32 ``x``. Phi(-|x|) comes from erfc, so it keeps its relative accuracy however small
-    it gets; ``0.5 * (1 + erf(x / sqrt 2))`` loses it for negative x to cancellation."""
-    z = x.abs() * 0.7071067811865476
-    t = 1 / (1 + 0.5 * z)
-    poly = torch.full_like(t, _ERFC_POLY[-1])
-    for c in reversed(_ERFC_POLY[:-1]):
-        poly = poly * t + c
-    gauss = torch.exp(-z * z)  # exp(-x^2 / 2)
-    tail = 0.5 * t * torch.exp(poly) * gauss  # Phi(-|x|)
-    return torch.where(x >= 0, 1 - tail, tail), gauss * 0.3989422804014327
-
-
-class _GELU(torch.autograd.Function):
-    """``x * Phi(x)`` and its derivative ``Phi(x) + x * phi(x)`` in fp32, saving only ``x``."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        cdf, _ = _gaussian_cdf_and_density(x.float())
-        return (x.float() * cdf).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        xf = x.float()
-        cdf, density = _gaussian_cdf_and_density(xf)
-        return (grad.float() * (cdf + xf * density)).to(grad.dtype)
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """The MLP's exact (erf) GELU. Compiled, it runs as the formulas of :class:`_GELU`, one fused kernel each way,
-    with fewer operations than erf: in the XL step on an H200, inductor's kernels for ``F.gelu`` moved their bytes
-    at 63% (forward) and 68% (backward) of copy bandwidth (benchmarks/activation_kernels.py times both). Its bf16
-    results are the correctly rounded GELU on 10 million random inputs (torch 2.13's ``F.gelu`` on the CPU misses for
-    8% of them, from the cancellation in its negative tail). Eager, it is ``F.gelu``."""
-    if torch.compiler.is_compiling():
-        return _GELU.apply(x)
-    return F.gelu(x)
-
-
 def rope3d_axis_dims(head_dim: int) -> tuple[int, int, int]:
     """Channels of a head rotated by t, h and w: h and w get 2*(head_dim//6) each, t the rest (all even)."""
     spatial = 2 * (head_dim // 6)
@@ -756,7 +709,7 @@ def transformer_config(options: DiTOptions, *, tensor: int = 1, context: int = 1
         ffn_hidden_size=round(hidden * options.mlp_ratio),
         add_bias_linear=False,
         gated_linear_unit=False,
-        activation_func=gelu,
+        activation_func=F.gelu,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         layernorm_epsilon=options.layernorm_epsilon,
