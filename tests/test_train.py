@@ -358,11 +358,12 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
     from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
 
     torch.manual_seed(0)
-    model = dit.build(H.tiny_options(), device="cpu")
+    model = dit.build(H.tiny_options())  # megatron's DDP keeps its buffers on the GPU when there is one
+    device = next(model.parameters()).device
     H.randomize_(model)
     buffers = {}
     for cls in (DistributedDataParallel, BatchedAccumulationDDP):
-        copy = dit.build(H.tiny_options(), device="cpu")
+        copy = dit.build(H.tiny_options())
         copy.load_state_dict(model.state_dict())
         ddp = cls(copy.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), copy)
         if cls is BatchedAccumulationDDP:
@@ -370,8 +371,8 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
             assert len(ddp._group_size) == 2 + 3 and ddp._group_size["decoder.layers.0"] == 13  # 2 layers, 3 modules
         ddp.zero_grad_buffer()
         for seed, batch in enumerate(H.make_packs()[:2]):
-            x, c_noise, target = H.pack_inputs(batch, seed)
-            (ddp(x, c_noise, batch) * target).sum().backward()
+            x, c_noise, target = (t.to(device) for t in H.pack_inputs(batch, seed))
+            (ddp(x, c_noise, batch.to(device)) * target).sum().backward()
         if cls is BatchedAccumulationDDP:
             assert not ddp._kept
         buffers[cls] = torch.cat([b.grad_data for b in ddp.buffers])
