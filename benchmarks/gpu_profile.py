@@ -79,10 +79,12 @@ def kernel_table(events, steps: int) -> list[dict]:
     fuse or remove (the families say how much, this says which)."""
     rows: dict = {}
     for event in gpu_kernels(events):
-        row = rows.setdefault(event.name, {"kernel": event.name, "family": family_of(event.name), "calls": 0, "ms": 0.0})
+        row = rows.setdefault(event.name, {"kernel": event.name, "family": family_of(event.name), "calls": 0,
+                                           "ms": 0.0})
         row["calls"] += 1 / steps
         row["ms"] += event.device_time_total / 1e3 / steps
-    return [{**r, "calls": round(r["calls"], 1), "ms": round(r["ms"], 3)} for r in sorted(rows.values(), key=lambda r: -r["ms"])]
+    longest_first = sorted(rows.values(), key=lambda r: -r["ms"])
+    return [{**r, "calls": round(r["calls"], 1), "ms": round(r["ms"], 3)} for r in longest_first]
 
 
 def profile_steps(trainer, out: Path, name: str, trace: bool = False) -> None:

@@ -8,8 +8,9 @@ them together), or the parameters of each other top-level module. On CUDA a grou
 foreach (all layers share its graph, compiled when the DDP is built); on the CPU they are the plain adds.
 
 Whatever is still kept is added before megatron starts any bucket's reduction (eagerly: a group split by a bucket
-boundary is added one parameter at a time) and at the end of each backward pass, so the reductions, the gradient norm and the optimizer see the same ``main_grad`` as megatron's own hooks
-would leave; the bucket bookkeeping (``register_grad_ready``) is megatron's.
+boundary is added one parameter at a time) and at the end of each backward pass, so the reductions, the gradient
+norm and the optimizer see the ``main_grad`` that megatron's own hooks would leave; the bucket bookkeeping
+(``register_grad_ready``) is megatron's.
 """
 
 from __future__ import annotations
