@@ -380,6 +380,25 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
     assert torch.equal(buffers[DistributedDataParallel], buffers[BatchedAccumulationDDP])
 
 
+def test_batched_adds_do_not_start_a_cuda_graph_step():
+    """A torch.compile'd call advances dynamo's generation count, which inductor's CUDA graph trees take for a new
+    step (and then the graphed backward's outputs still in use for overwritten); the batched adds, called inside
+    the backward, put it back, and still add."""
+    from torch._dynamo.mutation_guard import GenerationTracker
+
+    from dfmkit.train import grad_accumulation as ga
+
+    mains, grads = [torch.zeros(3), torch.zeros(2, 2)], [torch.ones(3).bfloat16(), torch.ones(2, 2).bfloat16()]
+    ga._add_into_compiled()(mains, grads)  # compiled (and its generation step taken) here
+    before = GenerationTracker.generation
+    ga._add_into_compiled()(mains, grads)
+    assert GenerationTracker.generation != before
+    before = GenerationTracker.generation
+    ga._add_into_within_the_step(mains, grads)
+    assert GenerationTracker.generation == before
+    assert torch.equal(mains[1], torch.full((2, 2), 3.0))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_distributed_optimizer_writes_its_master_weights_into_the_model(tmp_path):
     """megatron's distributed optimizer (on by default on CUDA) with dfmkit's multi-tensor copy of its fp32 master

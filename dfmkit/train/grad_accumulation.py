@@ -37,8 +37,11 @@ def _add_into_within_the_step(mains: list[torch.Tensor], grads: list[torch.Tenso
     generation counter, which inductor's CUDA graph trees read as the start of a new step: the outputs of the
     layers' graphed backward still in use would count as overwritten (``model.cuda_graphs``). These adds are
     part of the step, so the counter is put back."""
-    from torch._dynamo.mutation_guard import GenerationTracker
-
+    try:
+        from torch._dynamo.mutation_guard import GenerationTracker
+    except ImportError:  # a torch without this counter: nothing to put back
+        _add_into_compiled()(mains, grads)
+        return
     generation = GenerationTracker.generation
     try:
         _add_into_compiled()(mains, grads)
