@@ -350,7 +350,6 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
     """BatchedAccumulationDDP keeps each gradient and adds a DiT layer's (or another module's) at once, compiled
     when asked (as on CUDA): over two backward passes the fp32 main_grad buffer is bit for bit what megatron's
     per-parameter hooks leave, and nothing is left kept."""
-    sys.path.insert(0, str(Path(__file__).parent))
     import dit_harness as H
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -367,8 +366,10 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
         copy.load_state_dict(model.state_dict())
         ddp = cls(copy.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), copy)
         if cls is BatchedAccumulationDDP:
-            ddp._compiled = compiled
-            assert len(ddp._group_size) == 2 + 3 and ddp._group_size["decoder.layers.0"] == 13  # 2 layers, 3 modules
+            assert len(ddp._groups) == 2 + 3 and len(ddp._groups["decoder.layers.0"]) == 13  # 2 layers, 3 modules
+            ddp._compiled = compiled  # True on CUDA, where the DDP has compiled the adds already
+            if compiled:
+                ddp._compile_adds()
         ddp.zero_grad_buffer()
         for seed, batch in enumerate(H.make_packs()[:2]):
             x, c_noise, target = (t.to(device) for t in H.pack_inputs(batch, seed))

@@ -61,21 +61,25 @@ class BatchedAccumulationDDP(DistributedDataParallel):
 
     def __init__(self, config, ddp_config, module, **kwargs):
         super().__init__(config, ddp_config, module, **kwargs)
-        groups: dict[str, list[torch.nn.Parameter]] = {}
+        self._groups: dict[str, list[torch.nn.Parameter]] = {}
         for name, param in self.module.named_parameters():
             if param in self.param_to_bucket_group:
-                groups.setdefault(_group_name(name), []).append(param)
-        self._group_of = {param: name for name, params in groups.items() for param in params}
-        self._group_size = {name: len(params) for name, params in groups.items()}
+                self._groups.setdefault(_group_name(name), []).append(param)
+        self._group_of = {param: name for name, params in self._groups.items() for param in params}
         self._kept: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._flush_queued = False
         self._compiled = next(iter(self.module.parameters())).device.type == "cuda"
         for bucket_group in self.bucket_groups + self.expert_parallel_bucket_groups:
             bucket_group.start_grad_sync = self._adding_first(bucket_group.start_grad_sync)
-        if self._compiled:  # compile here, not in a backward hook on autograd's device thread
-            for name, params in groups.items():
-                mains = [p.main_grad for p in params]
-                _add_into_compiled()(mains, [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params])
+        if self._compiled:
+            self._compile_adds()
+
+    def _compile_adds(self) -> None:
+        """Compile the adds once per kind of group here, not in a backward hook on autograd's device thread."""
+        kinds = {tuple((p.shape, p.dtype) for p in params): params for params in self._groups.values()}
+        for params in kinds.values():
+            zeros = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params]
+            _add_into_compiled()([p.main_grad for p in params], zeros)
 
     def _adding_first(self, start_grad_sync):
         @functools.wraps(start_grad_sync)
@@ -109,7 +113,7 @@ class BatchedAccumulationDDP(DistributedDataParallel):
         name = self._group_of[param]
         kept = self._kept.setdefault(name, [])
         kept.append((param.main_grad, grad))
-        if len(kept) == self._group_size[name]:
+        if len(kept) == len(self._groups[name]):
             self._add(name)
 
     def _make_backward_post_hook(self, param: torch.nn.Parameter):
