@@ -1,10 +1,14 @@
-"""Packed attention kernels on one GPU: flash varlen against batched SDPA backends, forward + backward.
+"""Packed attention kernels on one GPU: flash varlen, batched SDPA backends and dfmkit's short-key kernels,
+forward + backward.
 
 The DiT's packs of equal-size images can run attention as one batch ``[N, H, S, D]`` instead of a
 varlen call; this measures which kernel is fastest for the shapes of the throughput cases (DiT-XL: 16
 heads of 72 channels; self-attention over 256 or 1024 tokens, cross-attention to 77 or 10 text tokens).
 
-    python benchmarks/attention_kernels.py --out results/
+    python benchmarks/attention_kernels.py --out results/ [--sweep]
+
+``--sweep`` also times the short-key kernels' launch shapes (query tile, warps; forward and backward each)
+on the shapes they take, and writes them to <out>/short_keys_sweep.json.
 
 Writes <out>/attention_kernels.json; prints one line per (shape, kernel): milliseconds per forward +
 backward (the kernels' device time) and achieved TFLOP/s (2 * S_q * S_k * D multiply-adds per head and sample
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dfmkit.bench.timing import kernel_milliseconds
+from dfmkit.components.attention import short_keys
 from dfmkit.components.attention.base import VarlenParams
 from dfmkit.components.attention.torch_backend import _varlen_fn
 
@@ -31,6 +36,7 @@ SHAPES = {  # name: (samples, heads, query tokens, key tokens, head dim)
     "cross 128x256->77": (128, 16, 256, 77, 72),
     "self 15x1024": (15, 16, 1024, 1024, 72),
     "cross 15x1024->10": (15, 16, 1024, 10, 72),
+    "self 256x64": (256, 16, 64, 64, 72),  # DiT-XL on 128-pixel images
 }
 BACKENDS = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
             "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -39,10 +45,11 @@ BACKENDS = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.F
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="attention_results")
+    parser.add_argument("--sweep", action="store_true", help="also time the short-key kernels' launch shapes")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, sweep = [], []
     for name, (n, h, sq, sk, d) in SHAPES.items():
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(n, h, sq, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
@@ -79,7 +86,14 @@ def main() -> int:
             out.backward(strided_grad)
             return out
 
+        def run_short_keys():
+            out = short_keys.attention(*packed, params)
+            out.backward(packed_grad)
+            return out.view(n, sq, h, d).transpose(1, 2)
+
         kernels = [("flash-varlen", run_varlen)] + [(b, run_batched(e)) for b, e in BACKENDS.items()]
+        if short_keys.takes(*packed, params):
+            kernels.append(("dfmkit-short-keys", run_short_keys))
 
         def without_accumulation(step):  # gradients land in fresh tensors, not added to the last call's
             def run():
@@ -99,10 +113,37 @@ def main() -> int:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if args.sweep and short_keys.takes(*packed, params):
+            sweep += sweep_short_keys(name, without_accumulation(run_short_keys), sk, d, flops)
     (out / "attention_kernels.json").write_text(json.dumps({"torch": torch.__version__,
                                                             "device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=2))
+    if args.sweep:
+        (out / "short_keys_sweep.json").write_text(json.dumps(sweep, indent=2))
     return 0
+
+
+def sweep_short_keys(name: str, step, keys: int, head_dim: int, flops: float) -> list[dict]:
+    """Forward + backward milliseconds of the short-key kernels for each forward launch shape (backward as set)
+    and each backward one (forward as set); the module's table is left as it was."""
+    block_k = short_keys._blocks(head_dim, keys)[1]
+    kept = short_keys.LAUNCH[block_k]
+    rows = []
+    for part in ("forward", "backward"):
+        for block_q in (32, 64, 128):
+            for warps in (2, 4, 8):
+                shape = (block_q, warps, *kept[2:]) if part == "forward" else (*kept[:2], block_q, warps)
+                short_keys.LAUNCH[block_k] = shape
+                row = {"shape": name, "block_k": block_k, "launch": shape, "varied": part}
+                try:
+                    ms = kernel_milliseconds(step)
+                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                except Exception as exc:  # out of shared memory or registers: recorded, not fatal
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        short_keys.LAUNCH[block_k] = kept
+    return rows
 
 
 if __name__ == "__main__":

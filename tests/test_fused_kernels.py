@@ -9,16 +9,12 @@ when the kernels are defined.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dit_harness as H
+from triton_interpreter import needs_triton, run_interpreted
 from dfmkit.components.backbones import dit
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -144,28 +140,11 @@ def test_cuda_kernels_match_torch(check):
     check("cuda", torch.bfloat16, 2e-2)
 
 
-_INTERPRETED = """
-import sys, numpy
-import triton.runtime.interpreter as interpreter
-patch = interpreter._patch_lang_tensor
-def patched(tensor, *scope):  # NumPy 2 refuses int() of the one-element arrays Triton 3.5's interpreter loads scalars as
-    patch(tensor, *scope)
-    tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-interpreter._patch_lang_tensor = patched
-sys.path.insert(0, {tests!r})
-import torch, test_fused_kernels as t
-t.{check}("cpu", torch.float32, 1e-5)
-"""
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 @pytest.mark.parametrize("check", ["check_adaln", "check_qkv", "check_cross"])
 def test_kernels_match_torch_in_tritons_interpreter(check):
     """The kernels' indexing and per-sample bookkeeping in fp32, to the torch code's rounding."""
-    code = _INTERPRETED.format(tests=os.path.dirname(__file__), check=check)
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_interpreted("test_fused_kernels", check)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,13 +27,13 @@ def transformer_engine_importable() -> bool:
 def dfmkit_register(registries):
     reg = registries.attention
     reg.register("torch", f"{_TORCH}:build_auto",
-                 summary="cuDNN (equal-length samples) or flash varlen on CUDA bf16/fp16, per-sample SDPA elsewhere (default)")
+                 summary="dfmkit's kernels for <= 128 keys, else cuDNN (equal-length samples) or flash varlen on CUDA bf16/fp16, per-sample SDPA elsewhere (default)")
     reg.register("torch-varlen", f"{_TORCH}:build_varlen",
                  summary="flash-attention varlen kernel only (CUDA, bf16/fp16)")
     reg.register("torch-sdpa", f"{_TORCH}:build_sdpa",
                  summary="one scaled_dot_product_attention per packed sample (any device and dtype)")
     reg.register("torch-cudnn", f"{_TORCH}:build_cudnn",
-                 summary="as torch, but only on CUDA bf16/fp16 (an error elsewhere)")
+                 summary="cuDNN (equal-length samples) or flash varlen, without the short-key kernels; CUDA bf16/fp16 only")
     reg.register("torch-flex", f"{_TORCH}:build_flex",
                  summary="flex_attention with a per-sample document mask")
     if transformer_engine_importable():

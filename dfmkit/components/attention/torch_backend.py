@@ -2,7 +2,9 @@
 
 Registered names (pick with ``model.attention``):
 
-- ``torch``: the default. On CUDA with bf16/fp16 inputs: cuDNN's fused attention as one batched call when
+- ``torch``: the default. On CUDA with bf16/fp16 inputs: where no segment has more than 128 keys
+  (cross-attention to a caption), dfmkit's Triton kernels (:mod:`~dfmkit.components.attention.short_keys`);
+  otherwise cuDNN's fused attention as one batched call when
   every segment has the same length (a pack of equal-size images, or captions of one length), else
   flash-attention varlen (``aten._flash_attention_forward``, the kernel behind
   ``torch.nn.attention.varlen.varlen_attn``, called directly: its autograd is C++, the custom op's is
@@ -11,7 +13,8 @@ Registered names (pick with ``model.attention``):
   cuDNN is about 1.5x faster than flash varlen on DiT-XL's shapes on an H100
   (benchmarks/attention_kernels.py); inside the compiled DiT-XL training step it saves 10 ms of GPU time
   at 128 x 256 tokens and 15 ms at 15 x 1024 tokens (torch 2.11, H100).
-- ``torch-cudnn``: the same on CUDA, but a clear error instead of the SDPA fallback elsewhere.
+- ``torch-cudnn``: cuDNN or flash varlen as in ``torch``, without the short-key kernels; CUDA only (a clear error
+  instead of the SDPA fallback elsewhere).
 - ``torch-varlen``: flash varlen only (CUDA, bf16/fp16; a clear error otherwise).
 - ``torch-sdpa``: the per-segment SDPA loop only (correct on every device and dtype; the reference
   the others are tested against).
@@ -26,6 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from dfmkit.components.attention import short_keys
 from dfmkit.components.attention.base import VarlenParams
 from dfmkit.errors import DfmkitError
 
@@ -169,10 +173,12 @@ class CudnnEqualSegments(torch.nn.Module):
 
 
 class AutoTorchAttention(torch.nn.Module):
-    """cuDNN for equal-length segments and flash varlen otherwise where they run (CUDA, bf16/fp16),
-    per-segment SDPA elsewhere."""
+    """dfmkit's short-key kernels for segments of at most 128 keys, else cuDNN for equal-length segments and
+    flash varlen otherwise where they run (CUDA, bf16/fp16), per-segment SDPA elsewhere."""
 
     def forward(self, q, k, v, params: VarlenParams):
+        if short_keys.takes(q, k, v, params):
+            return short_keys.attention(q, k, v, params)
         if varlen_available(q):
             return cudnn_or_varlen(q, k, v, params)
         return sdpa_segments(q, k, v, params)
