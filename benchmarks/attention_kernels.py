@@ -130,7 +130,7 @@ def sweep_short_keys(name: str, step, keys: int, head_dim: int, flops: float) ->
     kept = short_keys.LAUNCH[block_k]
     rows = []
     for part in ("forward", "backward"):
-        for block_q in (32, 64, 128):
+        for block_q in (16, 32, 64, 128):
             for warps in (2, 4, 8):
                 shape = (block_q, warps, *kept[2:]) if part == "forward" else (*kept[:2], block_q, warps)
                 short_keys.LAUNCH[block_k] = shape

@@ -349,7 +349,8 @@ def test_checkpoint_metadata_is_read_without_arbitrary_pickle(tmp_path):
 def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
     """BatchedAccumulationDDP keeps each gradient and adds a DiT layer's (or another module's) at once, compiled
     when asked (as on CUDA): over two backward passes the fp32 main_grad buffer is bit for bit what megatron's
-    per-parameter hooks leave, and nothing is left kept."""
+    per-parameter hooks leave, nothing is left kept, and each kind of group ran the one graph compiled for it
+    when the DDP was built (the gradients arrive in another order than the parameters')."""
     import dit_harness as H
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -367,15 +368,23 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
         ddp = cls(copy.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), copy)
         if cls is BatchedAccumulationDDP:
             assert len(ddp._groups) == 2 + 3 and len(ddp._groups["decoder.layers.0"]) == 13  # 2 layers, 3 modules
-            ddp._compiled = compiled  # True on CUDA, where the DDP has compiled the adds already
-            if compiled:
+            if compiled:  # as on CUDA, where the DDP has compiled them already
                 ddp._compile_adds()
+            else:
+                ddp._adds.clear()
         ddp.zero_grad_buffer()
         for seed, batch in enumerate(H.make_packs()[:2]):
             x, c_noise, target = (t.to(device) for t in H.pack_inputs(batch, seed))
             (ddp(x, c_noise, batch.to(device)) * target).sum().backward()
         if cls is BatchedAccumulationDDP:
             assert not ddp._kept
+            if compiled:  # one graph per kind of group, the one compiled up front: the two layers share theirs
+                from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+                kinds = {id(adds): adds for adds in ddp._adds.values()}
+                assert len(kinds) == 4
+                for adds in kinds.values():
+                    assert len(_debug_get_cache_entry_list(adds._torchdynamo_orig_callable.__code__)) == 1
         buffers[cls] = torch.cat([b.grad_data for b in ddp.buffers])
         assert buffers[cls].abs().sum() > 0
     assert torch.equal(buffers[DistributedDataParallel], buffers[BatchedAccumulationDDP])
@@ -390,12 +399,13 @@ def test_batched_adds_do_not_start_a_cuda_graph_step():
     from dfmkit.train import grad_accumulation as ga
 
     mains, grads = [torch.zeros(3), torch.zeros(2, 2)], [torch.ones(3).bfloat16(), torch.ones(2, 2).bfloat16()]
-    ga._add_into_compiled()(mains, grads)  # compiled (and its generation step taken) here
+    adds = ga.compile_adds()
+    adds(mains, grads)  # compiled (and its generation step taken) here
     before = GenerationTracker.generation
-    ga._add_into_compiled()(mains, grads)
+    adds(mains, grads)
     assert GenerationTracker.generation != before
     before = GenerationTracker.generation
-    ga._add_into_within_the_step(mains, grads)
+    ga.add_within_the_step(adds, mains, grads)
     assert GenerationTracker.generation == before
     assert torch.equal(mains[1], torch.full((2, 2), 3.0))
 

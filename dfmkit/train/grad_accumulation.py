@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
+import types
 
 import torch
 from megatron.core.distributed import DistributedDataParallel
@@ -27,24 +28,27 @@ def _add_into(mains: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     torch._foreach_add_(mains, grads)
 
 
-@functools.cache
-def _add_into_compiled():
-    return torch.compile(_add_into, dynamic=False)
+def compile_adds():
+    """The adds, torch.compile'd, with a code object of their own. Dynamo keeps a code object's compiled graphs
+    together, at most ``recompile_limit`` (8) of them: with one code object for all kinds of groups, those after
+    the eighth ran uncompiled (and warned)."""
+    code = _add_into.__code__.replace()
+    return torch.compile(types.FunctionType(code, _add_into.__globals__, _add_into.__name__), dynamic=False)
 
 
-def _add_into_within_the_step(mains: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    """The compiled adds, called from a backward hook. Every call of a torch.compile'd function advances dynamo's
-    generation counter, which inductor's CUDA graph trees read as the start of a new step: the outputs of the
-    layers' graphed backward still in use would count as overwritten (``model.cuda_graphs``). These adds are
-    part of the step, so the counter is put back."""
+def add_within_the_step(compiled_adds, mains: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """``compiled_adds(mains, grads)``, called from a backward hook. Every call of a torch.compile'd function
+    advances dynamo's generation counter, which inductor's CUDA graph trees read as the start of a new step: the
+    outputs of the layers' graphed backward still in use would count as overwritten (``model.cuda_graphs``).
+    These adds are part of the step, so the counter is put back."""
     try:
         from torch._dynamo.mutation_guard import GenerationTracker
     except ImportError:  # a torch without this counter: nothing to put back
-        _add_into_compiled()(mains, grads)
+        compiled_adds(mains, grads)
         return
     generation = GenerationTracker.generation
     try:
-        _add_into_compiled()(mains, grads)
+        compiled_adds(mains, grads)
     finally:
         GenerationTracker.generation = generation
 
@@ -66,20 +70,27 @@ class BatchedAccumulationDDP(DistributedDataParallel):
             if param in self.param_to_bucket_group:
                 self._groups.setdefault(_group_name(name), []).append(param)
         self._group_of = {param: name for name, params in self._groups.items() for param in params}
-        self._kept: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._position = {param: i for params in self._groups.values() for i, param in enumerate(params)}
+        self._kept: dict[str, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
         self._flush_queued = False
-        self._compiled = next(iter(self.module.parameters())).device.type == "cuda"
+        self._adds: dict[str, object] = {}  # group -> its kind's compiled adds (CUDA)
         for bucket_group in self.bucket_groups + self.expert_parallel_bucket_groups:
             bucket_group.start_grad_sync = self._adding_first(bucket_group.start_grad_sync)
-        if self._compiled:
+        if next(iter(self.module.parameters())).device.type == "cuda":
             self._compile_adds()
 
     def _compile_adds(self) -> None:
-        """Compile the adds once per kind of group here, not in a backward hook on autograd's device thread."""
-        kinds = {tuple((p.shape, p.dtype) for p in params): params for params in self._groups.values()}
-        for params in kinds.values():
-            zeros = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params]
-            _add_into_compiled()([p.main_grad for p in params], zeros)
+        """Compile the adds once per kind of group (the parameters' shapes and dtypes in order) here, not in a
+        backward hook on autograd's device thread."""
+        by_kind: dict[tuple, object] = {}
+        for name, params in self._groups.items():
+            kind = tuple((p.shape, p.dtype) for p in params)
+            if kind not in by_kind:
+                by_kind[kind] = compile_adds()
+                zeros = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params]
+                with torch.no_grad():  # as in the backward hooks: grad mode is in the graph's guards
+                    by_kind[kind]([p.main_grad for p in params], zeros)
+            self._adds[name] = by_kind[kind]
 
     def _adding_first(self, start_grad_sync):
         @functools.wraps(start_grad_sync)
@@ -99,12 +110,12 @@ class BatchedAccumulationDDP(DistributedDataParallel):
         pairs = self._kept.pop(name, [])
         if not pairs:
             return
-        mains, grads = [m for m, _ in pairs], [g for _, g in pairs]
-        if self._compiled and not partial:
-            _add_into_within_the_step(mains, grads)
-        else:  # the compiled graph is for whole groups in their order: anything else would compile again
-            for main, grad in pairs:
-                main.add_(grad)
+        if name in self._adds and not partial:
+            pairs.sort(key=lambda pair: self._position[pair[0]])  # the order its graph was compiled for
+            add_within_the_step(self._adds[name], [p.main_grad for p, _ in pairs], [g for _, g in pairs])
+        else:  # the compiled graph is for whole groups: anything else would compile again
+            for param, grad in pairs:
+                param.main_grad.add_(grad)
 
     def _keep(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
         if not self._flush_queued:  # the end of this backward pass adds whatever is left
@@ -112,7 +123,7 @@ class BatchedAccumulationDDP(DistributedDataParallel):
             self._flush_queued = True
         name = self._group_of[param]
         kept = self._kept.setdefault(name, [])
-        kept.append((param.main_grad, grad))
+        kept.append((param, grad))
         if len(kept) == len(self._groups[name]):
             self._add(name)
 
