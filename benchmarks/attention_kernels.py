@@ -126,7 +126,7 @@ def main() -> int:
 def sweep_short_keys(name: str, step, keys: int, head_dim: int, flops: float) -> list[dict]:
     """Forward + backward milliseconds of the short-key kernels for each forward launch shape (backward as set)
     and each backward one (forward as set); the module's table is left as it was."""
-    block_k = short_keys._blocks(head_dim, keys)[1]
+    block_k = short_keys._blocks(head_dim, keys)[2]
     kept = short_keys.LAUNCH[block_k]
     rows = []
     for part in ("forward", "backward"):

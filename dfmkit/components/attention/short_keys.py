@@ -50,96 +50,119 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: VarlenParam
 if triton is not None:
 
     @triton.jit
-    def _tile_pointers(base, rows, row_mask, stride_t, stride_h, head, cols, col_mask):
-        offsets = rows[:, None].to(tl.int64) * stride_t + head * stride_h + cols[None, :]
-        return base + offsets, row_mask[:, None] & col_mask[None, :]
+    def _offsets(rows, row_mask, stride_t, stride_h, head, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+        """Offsets and masks of a tile's two parts of the head's channels: ``[0, D0)`` and ``[D0, D0 + D1)``
+        (masked past ``D``). A head of 72 channels is 64 + 16 rather than padded to 128: the key and value
+        gradients summed in registers take 80 columns, not 128."""
+        row = rows[:, None].to(tl.int64) * stride_t + head * stride_h
+        cols0, cols1 = tl.arange(0, D0), D0 + tl.arange(0, D1)
+        return (row + cols0[None, :], row + cols1[None, :], row_mask[:, None] & (cols0 < D)[None, :],
+                row_mask[:, None] & (cols1 < D)[None, :])
 
     @triton.jit
-    def _probabilities(q, k, key_mask, scale_log2, lse):
-        """``exp(q k^T * scale - lse)`` per row, in base 2; keys past the segment get 0."""
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        s = tl.where(key_mask[None, :], s, float("-inf"))
-        return tl.exp2(s - lse[:, None])
+    def _load(base, rows, row_mask, stride_t, stride_h, head, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+        off0, off1, mask0, mask1 = _offsets(rows, row_mask, stride_t, stride_h, head, D, D0, D1)
+        return tl.load(base + off0, mask=mask0, other=0.0), tl.load(base + off1, mask=mask1, other=0.0)
+
+    @triton.jit
+    def _store(base, rows, row_mask, stride_t, stride_h, head, part0, part1, D: tl.constexpr, D0: tl.constexpr,
+               D1: tl.constexpr):
+        off0, off1, mask0, mask1 = _offsets(rows, row_mask, stride_t, stride_h, head, D, D0, D1)
+        tl.store(base + off0, part0.to(base.dtype.element_ty), mask=mask0)
+        tl.store(base + off1, part1.to(base.dtype.element_ty), mask=mask1)
+
+    @triton.jit
+    def _scores(q0, q1, k0, k1, key_mask, scale_log2):
+        """``q k^T * scale`` in base 2; keys past the segment get -inf."""
+        s = tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0))) * scale_log2
+        return tl.where(key_mask[None, :], s, float("-inf"))
 
     @triton.jit(do_not_specialize=["n_queries"])
-    def _short_key_attn_forward(Q, K, V, O, LSE, CU_Q, CU_K, scale_log2, n_queries, stride_qt, stride_qh, stride_kt, stride_kh,
-                 stride_vt, stride_vh, stride_ot, stride_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _short_key_attn_forward(Q, K, V, O, LSE, CU_Q, CU_K, scale_log2, n_queries, stride_qt, stride_kt, stride_vt,
+                                stride_ot, stride_qh: tl.constexpr, stride_kh: tl.constexpr,
+                                stride_vh: tl.constexpr, stride_oh: tl.constexpr, D: tl.constexpr,
+                                D0: tl.constexpr, D1: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
         block, segment, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         q_start, q_end = tl.load(CU_Q + segment), tl.load(CU_Q + segment + 1)
         first = q_start + block * BLOCK_Q
         if first >= q_end:  # the segment is shorter than the longest one
             return
         k_start, k_end = tl.load(CU_K + segment), tl.load(CU_K + segment + 1)
-        rows, keys, cols = first + tl.arange(0, BLOCK_Q), k_start + tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_D)
-        row_mask, key_mask, col_mask = rows < q_end, keys < k_end, cols < D
-        q_ptr, q_mask = _tile_pointers(Q, rows, row_mask, stride_qt, stride_qh, head, cols, col_mask)
-        k_ptr, k_mask = _tile_pointers(K, keys, key_mask, stride_kt, stride_kh, head, cols, col_mask)
-        v_ptr, v_mask = _tile_pointers(V, keys, key_mask, stride_vt, stride_vh, head, cols, col_mask)
-        q = tl.load(q_ptr, mask=q_mask, other=0.0)
-        k = tl.load(k_ptr, mask=k_mask, other=0.0)
-        v = tl.load(v_ptr, mask=v_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        s = tl.where(key_mask[None, :], s, float("-inf"))
+        rows, keys = first + tl.arange(0, BLOCK_Q), k_start + tl.arange(0, BLOCK_K)
+        row_mask, key_mask = rows < q_end, keys < k_end
+        q0, q1 = _load(Q, rows, row_mask, stride_qt, stride_qh, head, D, D0, D1)
+        k0, k1 = _load(K, keys, key_mask, stride_kt, stride_kh, head, D, D0, D1)
+        v0, v1 = _load(V, keys, key_mask, stride_vt, stride_vh, head, D, D0, D1)
+        s = _scores(q0, q1, k0, k1, key_mask, scale_log2)
         row_max = tl.max(s, 1)
         p = tl.exp2(s - row_max[:, None])
         row_sum = tl.sum(p, 1)
-        out = tl.dot(p.to(v.dtype), v) / row_sum[:, None]
-        o_ptr, o_mask = _tile_pointers(O, rows, row_mask, stride_ot, stride_oh, head, cols, col_mask)
-        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=o_mask)
+        p = p.to(v0.dtype)
+        out0 = tl.dot(p, v0) / row_sum[:, None]
+        out1 = tl.dot(p, v1) / row_sum[:, None]
+        _store(O, rows, row_mask, stride_ot, stride_oh, head, out0, out1, D, D0, D1)
         tl.store(LSE + head.to(tl.int64) * n_queries + rows, row_max + tl.log2(row_sum), mask=row_mask)
 
     @triton.jit(do_not_specialize=["n_queries"])
-    def _short_key_attn_backward(Q, K, V, O, DO, LSE, DQ, DK, DV, CU_Q, CU_K, scale_log2, scale, n_queries, stride_qt, stride_qh,
-                  stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_dot, stride_doh,
-                  D: tl.constexpr, H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+    def _short_key_attn_backward(Q, K, V, O, DO, LSE, DQ, DK, DV, CU_Q, CU_K, scale_log2, scale, n_queries,
+                                 stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_qh: tl.constexpr,
+                                 stride_kh: tl.constexpr, stride_vh: tl.constexpr, stride_oh: tl.constexpr,
+                                 stride_doh: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                                 D0: tl.constexpr, D1: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
         """One program per segment and head. ``DQ`` is laid out as ``Q`` is contiguous, ``DK``/``DV`` as ``K``."""
         segment, head = tl.program_id(0), tl.program_id(1)
         q_start, q_end = tl.load(CU_Q + segment), tl.load(CU_Q + segment + 1)
         k_start, k_end = tl.load(CU_K + segment), tl.load(CU_K + segment + 1)
-        keys, cols = k_start + tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_D)
-        key_mask, col_mask = keys < k_end, cols < D
-        k_ptr, k_mask = _tile_pointers(K, keys, key_mask, stride_kt, stride_kh, head, cols, col_mask)
-        v_ptr, v_mask = _tile_pointers(V, keys, key_mask, stride_vt, stride_vh, head, cols, col_mask)
-        k = tl.load(k_ptr, mask=k_mask, other=0.0)
-        v = tl.load(v_ptr, mask=v_mask, other=0.0)
-        grad_k = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-        grad_v = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+        keys = k_start + tl.arange(0, BLOCK_K)
+        key_mask = keys < k_end
+        k0, k1 = _load(K, keys, key_mask, stride_kt, stride_kh, head, D, D0, D1)
+        v0, v1 = _load(V, keys, key_mask, stride_vt, stride_vh, head, D, D0, D1)
+        grad_k0 = tl.zeros([BLOCK_K, D0], tl.float32)
+        grad_k1 = tl.zeros([BLOCK_K, D1], tl.float32)
+        grad_v0 = tl.zeros([BLOCK_K, D0], tl.float32)
+        grad_v1 = tl.zeros([BLOCK_K, D1], tl.float32)
         for first in range(q_start, q_end, BLOCK_Q):
             rows = first + tl.arange(0, BLOCK_Q)
-            row_mask = rows < q_end
-            q_ptr, q_mask = _tile_pointers(Q, rows, row_mask, stride_qt, stride_qh, head, cols, col_mask)
-            o_ptr, o_mask = _tile_pointers(O, rows, row_mask, stride_ot, stride_oh, head, cols, col_mask)
-            do_ptr, do_mask = _tile_pointers(DO, rows, row_mask, stride_dot, stride_doh, head, cols, col_mask)
-            q = tl.load(q_ptr, mask=q_mask, other=0.0)
-            grad_out = tl.load(do_ptr, mask=do_mask, other=0.0)
-            delta = tl.sum(tl.load(o_ptr, mask=o_mask, other=0.0).to(tl.float32) * grad_out.to(tl.float32), 1)
-            # rows past the segment load as zeros and get probabilities 0: nothing of theirs reaches the key gradients
-            lse = tl.load(LSE + head.to(tl.int64) * n_queries + rows, mask=row_mask, other=float("inf"))
-            p = _probabilities(q, k, key_mask, scale_log2, lse)
-            grad_v += tl.dot(tl.trans(p.to(grad_out.dtype)), grad_out)
-            grad_s = (p * (tl.dot(grad_out, tl.trans(v)) - delta[:, None])).to(q.dtype)
-            grad_q = tl.dot(grad_s, k) * scale
-            dq_ptr, dq_mask = _tile_pointers(DQ, rows, row_mask, H * D, D, head, cols, col_mask)
-            tl.store(dq_ptr, grad_q.to(DQ.dtype.element_ty), mask=dq_mask)
-            grad_k += tl.dot(tl.trans(grad_s), q)
-        dk_ptr, _ = _tile_pointers(DK, keys, key_mask, H * D, D, head, cols, col_mask)
-        dv_ptr, _ = _tile_pointers(DV, keys, key_mask, H * D, D, head, cols, col_mask)
-        tl.store(dk_ptr, (grad_k * scale).to(DK.dtype.element_ty), mask=k_mask)
-        tl.store(dv_ptr, grad_v.to(DV.dtype.element_ty), mask=k_mask)
+            row_mask = rows < q_end  # rows past the segment load as zeros: nothing of theirs reaches k and v
+            q0, q1 = _load(Q, rows, row_mask, stride_qt, stride_qh, head, D, D0, D1)
+            do0, do1 = _load(DO, rows, row_mask, stride_dot, stride_doh, head, D, D0, D1)
+            o0, o1 = _load(O, rows, row_mask, stride_ot, stride_oh, head, D, D0, D1)
+            delta = (tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+                     + tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1))
+            lse = tl.load(LSE + head.to(tl.int64) * n_queries + rows, mask=row_mask, other=0.0)
+            p = tl.exp2(_scores(q0, q1, k0, k1, key_mask, scale_log2) - lse[:, None])
+            p_t = tl.trans(p.to(do0.dtype))
+            grad_v0 = tl.dot(p_t, do0, grad_v0)
+            grad_v1 = tl.dot(p_t, do1, grad_v1)
+            grad_p = tl.dot(do1, tl.trans(v1), tl.dot(do0, tl.trans(v0)))
+            grad_s = (p * (grad_p - delta[:, None])).to(q0.dtype)
+            _store(DQ, rows, row_mask, H * D, D, head, tl.dot(grad_s, k0) * scale, tl.dot(grad_s, k1) * scale,
+                   D, D0, D1)
+            grad_s_t = tl.trans(grad_s)
+            grad_k0 = tl.dot(grad_s_t, q0, grad_k0)
+            grad_k1 = tl.dot(grad_s_t, q1, grad_k1)
+        _store(DK, keys, key_mask, H * D, D, head, grad_k0 * scale, grad_k1 * scale, D, D0, D1)
+        _store(DV, keys, key_mask, H * D, D, head, grad_v0, grad_v1, D, D0, D1)
 
 
 LOG2_E = 1.4426950408889634
 
 
-def _blocks(head_dim: int, max_k: int) -> tuple[int, int, tuple[int, int, int, int]]:
+def _blocks(head_dim: int, max_k: int) -> tuple[int, int, int, tuple[int, int, int, int]]:
+    """``(D0, D1, key tile, launch shapes)``: the head's two channel parts (see ``_offsets``) and the key tile."""
+    d0 = max(16, 1 << (head_dim.bit_length() - 1))  # the largest power of two in head_dim
+    d1 = max(16, triton.next_power_of_2(max(head_dim - d0, 1)))
     block_k = max(16, triton.next_power_of_2(max(max_k, 1)))
-    return max(16, triton.next_power_of_2(head_dim)), block_k, LAUNCH[block_k]
+    return d0, d1, block_k, LAUNCH[block_k]
 
 
-def _strides(*tensors: torch.Tensor) -> list[int]:
-    return [s for t in tensors for s in (t.stride(0), t.stride(1))]
+def _strides(*tensors: torch.Tensor) -> dict:
+    """The tensors' token strides (arguments: multiples of 16 are specialised on by Triton anyway) and head
+    strides (constants: with the head's offset a known multiple of 8 channels the loads are 16 bytes wide; as
+    arguments, a stride of 72 made them one element wide)."""
+    names = ["q", "k", "v", "o", "do"][: len(tensors)]
+    return {**{f"stride_{n}t": t.stride(0) for n, t in zip(names, tensors)},
+            **{f"stride_{n}h": t.stride(1) for n, t in zip(names, tensors)}}
 
 
 # The launches are custom operators: torch.compile keeps them whole in its graphs, with what they read and
@@ -151,12 +174,12 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: tor
     tokens, heads, head_dim = q.shape
     out = q.new_empty((tokens, heads, head_dim))
     lse = torch.empty((heads, tokens), dtype=torch.float32, device=q.device)
-    block_d, block_k, (block_q, warps, _, _) = _blocks(head_dim, max_k)
+    d0, d1, block_k, (block_q, warps, _, _) = _blocks(head_dim, max_k)
     segments = cu_q.shape[0] - 1
     if tokens and segments:
         _short_key_attn_forward[(triton.cdiv(max_q, block_q), segments, heads)](
-            q, k, v, out, lse, cu_q, cu_k, head_dim ** -0.5 * LOG2_E, tokens, *_strides(q, k, v, out),
-            D=head_dim, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps,
+            q, k, v, out, lse, cu_q, cu_k, head_dim ** -0.5 * LOG2_E, tokens, **_strides(q, k, v, out),
+            D=head_dim, D0=d0, D1=d1, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps,
         )
     return out, lse
 
@@ -172,14 +195,14 @@ def _launch_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
                      max_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens, heads, head_dim = q.shape
     grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    block_d, block_k, (_, _, block_q, warps) = _blocks(head_dim, max_k)
+    d0, d1, block_k, (_, _, block_q, warps) = _blocks(head_dim, max_k)
     segments = cu_q.shape[0] - 1
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if segments:
         _short_key_attn_backward[(segments, heads)](
             q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, cu_q, cu_k, head_dim ** -0.5 * LOG2_E,
-            head_dim ** -0.5, tokens, *_strides(q, k, v, out, grad_out), D=head_dim, H=heads, BLOCK_D=block_d,
+            head_dim ** -0.5, tokens, **_strides(q, k, v, out, grad_out), H=heads, D=head_dim, D0=d0, D1=d1,
             BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps,
         )
     return grad_q, grad_k, grad_v
