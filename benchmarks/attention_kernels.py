@@ -114,7 +114,8 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.sweep and short_keys.takes(*packed, params):
-            sweep += sweep_short_keys(name, without_accumulation(run_short_keys), sk, d, flops)
+            forward = lambda: short_keys.attention(*(t.detach() for t in packed), params)  # noqa: E731
+            sweep += sweep_short_keys(name, without_accumulation(run_short_keys), forward, sk, d, flops)
     (out / "attention_kernels.json").write_text(json.dumps({"torch": torch.__version__,
                                                             "device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=2))
@@ -123,9 +124,9 @@ def main() -> int:
     return 0
 
 
-def sweep_short_keys(name: str, step, keys: int, head_dim: int, flops: float) -> list[dict]:
-    """Forward + backward milliseconds of the short-key kernels for each forward launch shape (backward as set)
-    and each backward one (forward as set); the module's table is left as it was."""
+def sweep_short_keys(name: str, step, forward, keys: int, head_dim: int, flops: float) -> list[dict]:
+    """Forward + backward milliseconds (and the forward's alone) of the short-key kernels for each forward launch
+    shape (backward as set) and each backward one (forward as set); the module's table is left as it was."""
     block_k = short_keys._blocks(head_dim, keys)[2]
     kept = short_keys.LAUNCH[block_k]
     rows = []
@@ -137,7 +138,7 @@ def sweep_short_keys(name: str, step, keys: int, head_dim: int, flops: float) ->
                 row = {"shape": name, "block_k": block_k, "launch": shape, "varied": part}
                 try:
                     ms = kernel_milliseconds(step)
-                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                    row.update(ms=ms, tflops=flops / ms / 1e9, forward_ms=kernel_milliseconds(forward))
                 except Exception as exc:  # out of shared memory or registers: recorded, not fatal
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)

@@ -71,9 +71,10 @@ def test_short_key_attention_in_tritons_interpreter():
 
 @cuda
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_default_backend_takes_short_keys_and_matches_cudnn(compiled, monkeypatch):
-    """The ``torch`` backend runs cross-attention to at most 128 keys through the kernels, also compiled, and its
-    result and gradients agree with cuDNN's; longer keys still go to cuDNN."""
+def test_cuda_default_backend_picks_the_kernels_where_they_are_faster(compiled, monkeypatch):
+    """The ``torch`` backend runs segments of at most 64 keys, and unequal ones of at most 128, through the kernels
+    (also compiled), equal segments of 65-128 keys and anything longer through cuDNN or flash varlen; either way its
+    result and gradients agree with cuDNN's or flash varlen's."""
     from dfmkit.components.attention import short_keys, torch_backend
 
     calls = []
@@ -82,11 +83,12 @@ def test_cuda_default_backend_takes_short_keys_and_matches_cudnn(compiled, monke
     backend = torch_backend.build_auto(None)
     run = torch.compile(backend) if compiled else backend
     g = torch.Generator().manual_seed(1)
-    for keys, expect_kernel in [(77, True), (200, False)]:
+    for keys, expect_kernel in [([10] * 8, True), ([77] * 8, False), ([77, 60] * 4, True), ([200] * 8, False)]:
         calls.clear()
-        params = VarlenParams.from_host(list(range(0, 8 * 256 + 1, 256)), list(range(0, 8 * keys + 1, keys)), "cuda")
-        q, k, v = (torch.randn(8 * n, 16, 72, generator=g).cuda().bfloat16().requires_grad_()
-                   for n in (256, keys, keys))
+        cu_k = [0, *torch.tensor(keys).cumsum(0).tolist()]
+        params = VarlenParams.from_host(list(range(0, 8 * 256 + 1, 256)), cu_k, "cuda")
+        q, k, v = (torch.randn(n, 16, 72, generator=g).cuda().bfloat16().requires_grad_()
+                   for n in (8 * 256, cu_k[-1], cu_k[-1]))
         out = run(q, k, v, params)
         out.float().square().sum().backward()
         got = [out, q.grad, k.grad, v.grad]
@@ -95,4 +97,4 @@ def test_cuda_default_backend_takes_short_keys_and_matches_cudnn(compiled, monke
         ref.float().square().sum().backward()
         for a, b in zip(got, [ref, *(t.grad for t in leaves)]):
             assert float((a.float() - b.float()).abs().max() / b.float().abs().max()) < 2e-2
-        assert bool(calls) == expect_kernel
+        assert bool(calls) == expect_kernel, keys

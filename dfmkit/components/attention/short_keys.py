@@ -10,11 +10,16 @@ segment's query tiles: it recomputes the probabilities from the log-sum-exp, wri
 gradient in the inputs' dtype and sums the key and value gradients in registers, written once (no
 atomics: deterministic).
 
-Why: cuDNN's fused attention, the fastest library kernel for DiT-XL's cross-attention (128 images x 256
-tokens to 77 text tokens each), took 0.46 ms forward + backward a layer on an H200, where its bytes need
-about 0.1 ms. Its backward runs two extra passes over the queries' size, one for ``rowsum(dO * O)`` and
-one turning an fp32 query gradient into bf16 (8.9 ms of the XL step's 270 ms with self-attention's),
-which here are done in registers.
+Why: on short keys a library kernel's fixed costs dominate. cuDNN's backward runs two extra passes over the
+queries' size, one for ``rowsum(dO * O)`` and one turning an fp32 query gradient into bf16; here both happen in
+registers. Forward + backward of one DiT-XL layer's attention on an H200 (16 heads of 72 channels, bf16,
+benchmarks/attention_kernels.py):
+
+    cross-attention, 15 x 1024 tokens -> 10 text tokens each    0.122 ms   cuDNN 0.202, flash varlen 0.296
+    self-attention, 256 x 64 tokens (128-pixel images)          0.222 ms   cuDNN 0.362
+    cross-attention, 128 x 256 tokens -> 77 text tokens each    0.503 ms   cuDNN 0.460, flash varlen 0.712
+
+so the torch backend leaves equal-length segments of more than ``BEATS_CUDNN_UP_TO`` keys to cuDNN.
 
 Launch shapes are per key tile (``LAUNCH``), swept on an H200 by benchmarks/attention_kernels.py.
 :func:`takes` says where the kernels apply; the torch backend calls them there (see torch_backend).
@@ -34,9 +39,11 @@ except ImportError:  # CPU-only installs of torch come without Triton
 
 MAX_KEYS = 128  # keys per segment in one tile
 MAX_HEAD_DIM = 128
+# The torch backend prefers cuDNN for equal-length segments of more keys than this (see torch_backend).
+BEATS_CUDNN_UP_TO = 64
 
-# key tile -> (forward query tile, forward warps, backward query tile, backward warps)
-LAUNCH = {16: (128, 4, 128, 4), 32: (128, 4, 128, 4), 64: (128, 4, 64, 4), 128: (128, 8, 64, 8)}
+# key tile -> (forward query tile, forward warps, backward query tile, backward warps); swept on an H200
+LAUNCH = {16: (64, 4, 64, 4), 32: (128, 4, 128, 4), 64: (64, 4, 64, 4), 128: (64, 4, 128, 8)}
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: VarlenParams) -> bool:

@@ -2,9 +2,10 @@
 
 Registered names (pick with ``model.attention``):
 
-- ``torch``: the default. On CUDA with bf16/fp16 inputs: where no segment has more than 128 keys
-  (cross-attention to a caption), dfmkit's Triton kernels (:mod:`~dfmkit.components.attention.short_keys`);
-  otherwise cuDNN's fused attention as one batched call when
+- ``torch``: the default. On CUDA with bf16/fp16 inputs: where no segment has more than 64 keys (cross-attention
+  to a short caption, small images), or segments of unequal lengths have at most 128, dfmkit's Triton kernels
+  (:mod:`~dfmkit.components.attention.short_keys`, faster than cuDNN there and than flash varlen up to 128 keys;
+  cuDNN is faster for equal segments of 65-128 keys); otherwise cuDNN's fused attention as one batched call when
   every segment has the same length (a pack of equal-size images, or captions of one length), else
   flash-attention varlen (``aten._flash_attention_forward``, the kernel behind
   ``torch.nn.attention.varlen.varlen_attn``, called directly: its autograd is C++, the custom op's is
@@ -177,7 +178,8 @@ class AutoTorchAttention(torch.nn.Module):
     flash varlen otherwise where they run (CUDA, bf16/fp16), per-segment SDPA elsewhere."""
 
     def forward(self, q, k, v, params: VarlenParams):
-        if short_keys.takes(q, k, v, params):
+        if short_keys.takes(q, k, v, params) and (params.max_seqlen_k <= short_keys.BEATS_CUDNN_UP_TO
+                                                  or not (cudnn_available(q) and equal_segments(q, k, params))):
             return short_keys.attention(q, k, v, params)
         if varlen_available(q):
             return cudnn_or_varlen(q, k, v, params)
