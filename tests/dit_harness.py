@@ -127,13 +127,38 @@ def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
+# With overlapped reduction: megatron's buckets of this many elements split the tiny model's layer groups
+OVERLAP_BUCKET = 4000
+
+
+def _count_reductions_with_gradients_kept(ddp) -> dict:
+    """Counts, from now on in this process, megatron's bucket reductions started and the gradients of their
+    parameters that ``ddp()`` (a BatchedAccumulationDDP) still kept at that moment, not yet in ``main_grad``."""
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+
+    counts = {"started": 0, "kept": 0}
+    start = _ParamAndGradBucketGroup.start_grad_sync
+
+    def counted(bucket_group, *args, **kwargs):
+        kept = {param for pairs in ddp()._kept.values() for param, _ in pairs}
+        counts["started"] += 1
+        counts["kept"] += len(kept & bucket_group.params)
+        return start(bucket_group, *args, **kwargs)
+
+    _ParamAndGradBucketGroup.start_grad_sync = counted
+    return counts
+
+
 def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, outdir: str, name: str,
-               ddp: bool = False) -> None:
+               ddp: bool = False, overlap: bool = False) -> None:
     """One layout's forward and backward on this rank's pack shard; rank 0 saves loss and full gradients.
 
     ``ddp``: reduce gradients the way the training loop does, with its megatron DistributedDataParallel and
     finalize_model_grads, which SUM over data x context (the DiT's config sets calculate_per_token_loss), so
     each rank's loss is divided by DP to average the packs, instead of :func:`dfmkit.parallel.reduce_gradients`.
+    ``overlap``: with it, megatron's ``overlap_grad_reduce`` and small buckets, so the batched accumulation adds the
+    gradients of layer groups split by a bucket boundary before that bucket's reduction starts; rank 0 also saves
+    how many groups were split.
     """
     from megatron.core import parallel_state as ps
 
@@ -158,7 +183,10 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
 
         from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
 
-        model = BatchedAccumulationDDP(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                               bucket_size=OVERLAP_BUCKET if overlap else None)
+        reductions = _count_reductions_with_gradients_kept(lambda: model)
+        model = BatchedAccumulationDDP(model.config, config, model)
 
     packs = make_packs()
     seed = layout.dp_rank
@@ -167,6 +195,14 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
     shard, x = shard_for_context_parallel(batch, x, layout)
     if layout.cp_size > 1:
         target = target[shard_index(batch.cu_seqlens.tolist(), layout.cp_size, layout.cp_rank)]
+    if overlap:  # megatron overlaps the reductions from the second backward on: the first one learns their order
+        from megatron.core.distributed import finalize_model_grads
+
+        warm_up = masked_loss(model(x, c_noise, shard), target, shard.token_mask(), int(batch.seqlens.sum()))
+        (warm_up / layout.dp_size).backward()
+        finalize_model_grads([model])
+        model.zero_grad_buffer()
+        reductions.update(started=0, kept=0)
     out = model(x, c_noise, shard)
     loss = masked_loss(out, target, shard.token_mask(), int(batch.seqlens.sum()))
     if ddp:
@@ -188,7 +224,12 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
     if layout.tp_rank == 0 and layout.cp_rank == 0:
         torch.save(full_out, os.path.join(outdir, f"{name}-out{layout.dp_rank}.pt"))
     if layout.rank == 0:
-        torch.save({"loss": total, "grads": grads}, os.path.join(outdir, f"{name}.pt"))
+        saved = {"loss": total, "grads": grads}
+        if ddp:
+            saved["split_groups"] = sum(len({model.param_to_bucket_group[p] for p in params}) > 1
+                                        for params in model._groups.values())
+            saved["reductions"] = reductions
+        torch.save(saved, os.path.join(outdir, f"{name}.pt"))
     dist.barrier()
     ps.destroy_model_parallel()
 

@@ -31,6 +31,7 @@ LAYOUTS = {
     "cp2_recompute": (2, dict(tensor=1, sequence=False, context=2), 1, dict(recompute="full")),
     "tp2_cp2": (4, dict(tensor=2, sequence=False, context=2), 1, {}),
     "tp2_sp_cp2_ddp": (4, dict(tensor=2, sequence=True, context=2, ddp=True), 1, {}),
+    "dp2_ddp_overlap": (2, dict(tensor=1, sequence=False, context=1, ddp=True, overlap=True), 2, {}),
 }
 
 RTOL = 1e-5  # of each tensor's largest magnitude; fp32 reordering of sums gives about 5e-7
@@ -78,6 +79,16 @@ def test_layout_matches_single_process(results, references, name):
     for rank in range(dp):
         out = torch.load(results / f"{name}-out{rank}.pt")
         assert _close(out, ref["outputs"][rank]) < RTOL
+
+
+def test_overlapped_reduction_starts_with_every_gradient_added(results):
+    """With overlapped reduction (megatron starts a bucket's reduction in the backward from the second pass on)
+    some layer's parameters straddle two buckets, and no bucket starts its reduction while the batched
+    accumulation still keeps a gradient of one of its parameters (without the add before each start, 26 were kept
+    and the layout's gradients above were wrong)."""
+    saved = torch.load(results / "dp2_ddp_overlap.pt")
+    assert saved["split_groups"] > 0
+    assert saved["reductions"]["started"] > 1 and saved["reductions"]["kept"] == 0, saved["reductions"]
 
 
 def test_gradients_are_not_trivial(references):
