@@ -48,10 +48,11 @@ LAUNCH = {16: (64, 4, 64, 4), 32: (128, 4, 128, 4), 64: (64, 4, 64, 4), 128: (64
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: VarlenParams) -> bool:
     """Whether the kernels run this call: CUDA half precision, head dim <= 128, at most ``MAX_KEYS`` keys a
-    segment, channels contiguous."""
+    segment, channels contiguous, fewer than 65536 segments (a launch grid's second dimension)."""
     return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] <= MAX_HEAD_DIM
-            and params.max_seqlen_k <= MAX_KEYS and all(t.stride(-1) == 1 for t in (q, k, v)))
+            and params.max_seqlen_k <= MAX_KEYS and params.cu_seqlens_q.shape[0] <= 65536
+            and all(t.stride(-1) == 1 for t in (q, k, v)))
 
 
 if triton is not None:
