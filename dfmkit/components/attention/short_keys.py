@@ -165,9 +165,10 @@ def _blocks(head_dim: int, max_k: int) -> tuple[int, int, int, tuple[int, int, i
 
 
 def _strides(*tensors: torch.Tensor) -> dict:
-    """The tensors' token strides (arguments: multiples of 16 are specialised on by Triton anyway) and head
-    strides (constants: with the head's offset a known multiple of 8 channels the loads are 16 bytes wide; as
-    arguments, a stride of 72 made them one element wide)."""
+    """The tensors' token strides (arguments: Triton specialises on multiples of 16 anyway) and head strides
+    (constants: an argument of 72 is no multiple of 16, so Triton could not know a head's channels start
+    16-byte aligned and vectorise the loads; with this and the 64 + 16 split the kernels went from 0.77 to
+    0.50 ms at 128 x 256 -> 77 and from 0.20 to 0.12 ms at 15 x 1024 -> 10, H200)."""
     names = ["q", "k", "v", "o", "do"][: len(tensors)]
     return {**{f"stride_{n}t": t.stride(0) for n, t in zip(names, tensors)},
             **{f"stride_{n}h": t.stride(1) for n, t in zip(names, tensors)}}
