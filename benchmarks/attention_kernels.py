@@ -7,8 +7,8 @@ heads of 72 channels; self-attention over 256 or 1024 tokens, cross-attention to
 
     python benchmarks/attention_kernels.py --out results/ [--sweep]
 
-``--sweep`` also times the short-key kernels' launch shapes (query tile, warps; forward and backward each)
-on the shapes they take, and writes them to <out>/short_keys_sweep.json.
+``--sweep`` also times the short-key kernels' launch shapes (query tile, warps; forward, backward in one pass
+and in two) on the shapes they take, and writes them to <out>/short_keys_sweep.json.
 
 Writes <out>/attention_kernels.json; prints one line per (shape, kernel): milliseconds per forward +
 backward (the kernels' device time) and achieved TFLOP/s (2 * S_q * S_k * D multiply-adds per head and sample
@@ -126,24 +126,26 @@ def main() -> int:
 
 def sweep_short_keys(name: str, step, forward, keys: int, head_dim: int, flops: float) -> list[dict]:
     """Forward + backward milliseconds (and the forward's alone) of the short-key kernels for each forward launch
-    shape (backward as set) and each backward one (forward as set); the module's table is left as it was."""
+    shape (backward as set), each one-pass backward shape and each two-pass one (forward as set); the module's
+    table is left as it was."""
     block_k = short_keys._blocks(head_dim, keys)[2]
     kept = short_keys.LAUNCH[block_k]
+    shapes = [("forward", (q, w, *kept[2:])) for q in (16, 32, 64, 128) for w in (2, 4, 8)]
+    shapes += [("backward", (*kept[:2], q, w, 0)) for q in (16, 32, 64, 128) for w in (2, 4, 8)]
+    shapes += [("backward in two passes", (*kept[:2], q, w, second))
+               for q in (32, 64, 128) for w in (4, 8) for second in (16, 32, 64)]
     rows = []
-    for part in ("forward", "backward"):
-        for block_q in (16, 32, 64, 128):
-            for warps in (2, 4, 8):
-                shape = (block_q, warps, *kept[2:]) if part == "forward" else (*kept[:2], block_q, warps)
-                short_keys.LAUNCH[block_k] = shape
-                row = {"shape": name, "block_k": block_k, "launch": shape, "varied": part}
-                try:
-                    ms = kernel_milliseconds(step)
-                    row.update(ms=ms, tflops=flops / ms / 1e9, forward_ms=kernel_milliseconds(forward))
-                except Exception as exc:  # out of shared memory or registers: recorded, not fatal
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        short_keys.LAUNCH[block_k] = kept
+    for part, shape in shapes:
+        short_keys.LAUNCH[block_k] = shape
+        row = {"shape": name, "block_k": block_k, "launch": shape, "varied": part}
+        try:
+            ms = kernel_milliseconds(step)
+            row.update(ms=ms, tflops=flops / ms / 1e9, forward_ms=kernel_milliseconds(forward))
+        except Exception as exc:  # out of shared memory or registers: recorded, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    short_keys.LAUNCH[block_k] = kept
     return rows
 
 

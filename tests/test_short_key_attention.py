@@ -31,8 +31,19 @@ def _views(tokens: int, heads: int, head_dim: int, generator, device, dtype, par
 
 
 def check_short_keys(device: str, dtype: torch.dtype, tolerance: float) -> None:
+    """Both backward kernels: in one pass over the queries, and in two (second-pass query tiles of 32)."""
     from dfmkit.components.attention import short_keys
 
+    kept = dict(short_keys.LAUNCH)
+    try:
+        for second_pass in (0, 32):
+            short_keys.LAUNCH.update({tile: (*shape[:4], second_pass) for tile, shape in kept.items()})
+            _check_cases(short_keys, device, dtype, tolerance)
+    finally:
+        short_keys.LAUNCH.update(kept)
+
+
+def _check_cases(short_keys, device: str, dtype: torch.dtype, tolerance: float) -> None:
     g = torch.Generator().manual_seed(0)
     for lengths_q, lengths_k, heads, head_dim in CASES:
         cu_q = [0, *torch.tensor(lengths_q).cumsum(0).tolist()]
@@ -52,7 +63,7 @@ def check_short_keys(device: str, dtype: torch.dtype, tolerance: float) -> None:
         want = [want_out, leaves[0].grad, leaves[1].grad, leaves[2].grad]
         for name, a, b in zip(["out", "grad q", "grad k", "grad v"], got, want):
             error = float((a.detach().double() - b).abs().max() / b.abs().max())
-            assert error <= tolerance, (lengths_q, lengths_k, name, error)
+            assert error <= tolerance, (lengths_q, lengths_k, name, error, dict(short_keys.LAUNCH))
         empty = cu_k[lengths_q.index(0)] if 0 in lengths_q else None
         if empty is not None:  # keys nobody attends to get zero gradients, not leftovers of an empty tensor
             assert kv_whole.grad[empty].abs().max() == 0
