@@ -92,6 +92,30 @@ if triton is not None:
         tl.store(base + off1, part1.to(base.dtype.element_ty), mask=mask1)
 
     @triton.jit
+    def _segment_keys(CU_Q, CU_K, K, V, stride_kt, stride_vt, stride_kh: tl.constexpr, stride_vh: tl.constexpr, head,
+                      D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A backward program's segment (``program_id(0)``): its query range, and its keys and values for the head."""
+        segment = tl.program_id(0)
+        q_start, q_end = tl.load(CU_Q + segment), tl.load(CU_Q + segment + 1)
+        k_start, k_end = tl.load(CU_K + segment), tl.load(CU_K + segment + 1)
+        keys = k_start + tl.arange(0, BLOCK_K)
+        key_mask = keys < k_end
+        k0, k1 = _load(K, keys, key_mask, stride_kt, stride_kh, head, D, D0, D1)
+        v0, v1 = _load(V, keys, key_mask, stride_vt, stride_vh, head, D, D0, D1)
+        return q_start, q_end, keys, key_mask, k0, k1, v0, v1
+
+    @triton.jit
+    def _query_tile(Q, DO, O, rows, row_mask, stride_qt, stride_dot, stride_ot, stride_qh: tl.constexpr,
+                    stride_doh: tl.constexpr, stride_oh: tl.constexpr, head, D: tl.constexpr, D0: tl.constexpr,
+                    D1: tl.constexpr):
+        """A query tile's two parts of q and dO, and each row's ``rowsum(dO * O)`` in fp32."""
+        q0, q1 = _load(Q, rows, row_mask, stride_qt, stride_qh, head, D, D0, D1)
+        do0, do1 = _load(DO, rows, row_mask, stride_dot, stride_doh, head, D, D0, D1)
+        o0, o1 = _load(O, rows, row_mask, stride_ot, stride_oh, head, D, D0, D1)
+        delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1) + tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+        return q0, q1, do0, do1, delta
+
+    @triton.jit
     def _scores(q0, q1, k0, k1, key_mask, scale_log2):
         """``q k^T * scale`` in base 2; keys past the segment get -inf."""
         s = tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0))) * scale_log2
@@ -130,13 +154,9 @@ if triton is not None:
                                  stride_doh: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                                  D0: tl.constexpr, D1: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
         """One program per segment and head. ``DQ`` is laid out as ``Q`` is contiguous, ``DK``/``DV`` as ``K``."""
-        segment, head = tl.program_id(0), tl.program_id(1)
-        q_start, q_end = tl.load(CU_Q + segment), tl.load(CU_Q + segment + 1)
-        k_start, k_end = tl.load(CU_K + segment), tl.load(CU_K + segment + 1)
-        keys = k_start + tl.arange(0, BLOCK_K)
-        key_mask = keys < k_end
-        k0, k1 = _load(K, keys, key_mask, stride_kt, stride_kh, head, D, D0, D1)
-        v0, v1 = _load(V, keys, key_mask, stride_vt, stride_vh, head, D, D0, D1)
+        head = tl.program_id(1)
+        q_start, q_end, keys, key_mask, k0, k1, v0, v1 = _segment_keys(CU_Q, CU_K, K, V, stride_kt, stride_vt,
+                                                                       stride_kh, stride_vh, head, D, D0, D1, BLOCK_K)
         grad_k0 = tl.zeros([BLOCK_K, D0], tl.float32)
         grad_k1 = tl.zeros([BLOCK_K, D1], tl.float32)
         grad_v0 = tl.zeros([BLOCK_K, D0], tl.float32)
@@ -144,11 +164,8 @@ if triton is not None:
         for first in range(q_start, q_end, BLOCK_Q):
             rows = first + tl.arange(0, BLOCK_Q)
             row_mask = rows < q_end  # rows past the segment load as zeros: nothing of theirs reaches k and v
-            q0, q1 = _load(Q, rows, row_mask, stride_qt, stride_qh, head, D, D0, D1)
-            do0, do1 = _load(DO, rows, row_mask, stride_dot, stride_doh, head, D, D0, D1)
-            o0, o1 = _load(O, rows, row_mask, stride_ot, stride_oh, head, D, D0, D1)
-            delta = (tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
-                     + tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1))
+            q0, q1, do0, do1, delta = _query_tile(Q, DO, O, rows, row_mask, stride_qt, stride_dot, stride_ot,
+                                                  stride_qh, stride_doh, stride_oh, head, D, D0, D1)
             lse = tl.load(LSE + head.to(tl.int64) * n_queries + rows, mask=row_mask, other=0.0)
             p = tl.exp2(_scores(q0, q1, k0, k1, key_mask, scale_log2) - lse[:, None])
             p_t = tl.trans(p.to(do0.dtype))
@@ -175,22 +192,15 @@ if triton is not None:
         Triton's fused-attention tutorial: the first writes the query gradients (and each row's
         ``rowsum(dO * O)``), the second sums the key and value gradients from the transposed scores ``K Q^T``,
         so that no tile held in registers is transposed and neither pass holds the other's tiles."""
-        segment, head = tl.program_id(0), tl.program_id(1)
-        q_start, q_end = tl.load(CU_Q + segment), tl.load(CU_Q + segment + 1)
-        k_start, k_end = tl.load(CU_K + segment), tl.load(CU_K + segment + 1)
-        keys = k_start + tl.arange(0, BLOCK_K)
-        key_mask = keys < k_end
-        k0, k1 = _load(K, keys, key_mask, stride_kt, stride_kh, head, D, D0, D1)
-        v0, v1 = _load(V, keys, key_mask, stride_vt, stride_vh, head, D, D0, D1)
+        head = tl.program_id(1)
+        q_start, q_end, keys, key_mask, k0, k1, v0, v1 = _segment_keys(CU_Q, CU_K, K, V, stride_kt, stride_vt,
+                                                                       stride_kh, stride_vh, head, D, D0, D1, BLOCK_K)
         stats = head.to(tl.int64) * n_queries
         for first in range(q_start, q_end, BLOCK_Q):
             rows = first + tl.arange(0, BLOCK_Q)
             row_mask = rows < q_end
-            q0, q1 = _load(Q, rows, row_mask, stride_qt, stride_qh, head, D, D0, D1)
-            do0, do1 = _load(DO, rows, row_mask, stride_dot, stride_doh, head, D, D0, D1)
-            o0, o1 = _load(O, rows, row_mask, stride_ot, stride_oh, head, D, D0, D1)
-            delta = (tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
-                     + tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1))
+            q0, q1, do0, do1, delta = _query_tile(Q, DO, O, rows, row_mask, stride_qt, stride_dot, stride_ot,
+                                                  stride_qh, stride_doh, stride_oh, head, D, D0, D1)
             tl.store(DELTA + stats + rows, delta, mask=row_mask)
             lse = tl.load(LSE + stats + rows, mask=row_mask, other=0.0)
             p = tl.exp2(_scores(q0, q1, k0, k1, key_mask, scale_log2) - lse[:, None])
