@@ -3,6 +3,7 @@ multi-process worker of the parallel parity tests (run through torch.multiproces
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -131,9 +132,10 @@ def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 OVERLAP_BUCKET = 4000
 
 
-def _count_reductions_with_gradients_kept(ddp) -> dict:
-    """Counts, from now on in this process, megatron's bucket reductions started and the gradients of their
-    parameters that ``ddp()`` (a BatchedAccumulationDDP) still kept at that moment, not yet in ``main_grad``."""
+@contextlib.contextmanager
+def counting_reductions(ddp):
+    """Within it, counts megatron's bucket reductions started and the gradients of their parameters that ``ddp()``
+    (a BatchedAccumulationDDP) still kept at that moment, not yet in ``main_grad``."""
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
 
     counts = {"started": 0, "kept": 0}
@@ -146,7 +148,10 @@ def _count_reductions_with_gradients_kept(ddp) -> dict:
         return start(bucket_group, *args, **kwargs)
 
     _ParamAndGradBucketGroup.start_grad_sync = counted
-    return counts
+    try:
+        yield counts
+    finally:
+        _ParamAndGradBucketGroup.start_grad_sync = start
 
 
 def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, outdir: str, name: str,
@@ -158,8 +163,15 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
     each rank's loss is divided by DP to average the packs, instead of :func:`dfmkit.parallel.reduce_gradients`.
     ``overlap``: with it, megatron's ``overlap_grad_reduce`` and small buckets, so the batched accumulation adds the
     gradients of layer groups split by a bucket boundary before that bucket's reduction starts; rank 0 also saves
-    how many groups were split.
+    how many groups were split and how many gradients were still kept as each bucket's reduction started.
     """
+    with contextlib.ExitStack() as stack:
+        _run_layout(options, tensor, sequence, context, outdir, name, ddp, overlap, stack)
+
+
+def _run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, outdir: str, name: str,
+                ddp: bool, overlap: bool, stack: contextlib.ExitStack) -> None:
+    """:func:`run_layout`; the reduction counter of ``overlap`` stays installed until ``stack`` closes."""
     from megatron.core import parallel_state as ps
 
     from dfmkit.components.backbones import dit
@@ -185,7 +197,8 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
 
         config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
                                                bucket_size=OVERLAP_BUCKET if overlap else None)
-        reductions = _count_reductions_with_gradients_kept(lambda: model)
+        if overlap:
+            reductions = stack.enter_context(counting_reductions(lambda: model))
         model = BatchedAccumulationDDP(model.config, config, model)
 
     packs = make_packs()
@@ -225,7 +238,7 @@ def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, o
         torch.save(full_out, os.path.join(outdir, f"{name}-out{layout.dp_rank}.pt"))
     if layout.rank == 0:
         saved = {"loss": total, "grads": grads}
-        if ddp:
+        if overlap:
             saved["split_groups"] = sum(len({model.param_to_bucket_group[p] for p in params}) > 1
                                         for params in model._groups.values())
             saved["reductions"] = reductions

@@ -174,8 +174,9 @@ class CudnnEqualSegments(torch.nn.Module):
 
 
 class AutoTorchAttention(torch.nn.Module):
-    """dfmkit's short-key kernels for segments of at most 128 keys, else cuDNN for equal-length segments and
-    flash varlen otherwise where they run (CUDA, bf16/fp16), per-segment SDPA elsewhere."""
+    """dfmkit's short-key kernels where no segment has more than 64 keys (or unequal ones more than 128), else
+    cuDNN for equal-length segments and flash varlen otherwise where they run (CUDA, bf16/fp16), per-segment SDPA
+    elsewhere."""
 
     def forward(self, q, k, v, params: VarlenParams):
         if short_keys.takes(q, k, v, params) and (params.max_seqlen_k <= short_keys.BEATS_CUDNN_UP_TO
