@@ -77,7 +77,8 @@ if triton is not None:
     @triton.jit
     def _load_transposed(base, rows, row_mask, stride_t, stride_h, head, D: tl.constexpr, D0: tl.constexpr,
                          D1: tl.constexpr):
-        """``_load``'s two parts as ``[channels, rows]``."""
+        """``_load``'s two parts as ``[channels, rows]``, loaded so rather than ``tl.trans`` of ``_load``'s: a
+        transpose of a register tile goes through shared memory, which the two-pass backward is there to avoid."""
         column = rows[None, :].to(tl.int64) * stride_t + head * stride_h
         cols0, cols1 = tl.arange(0, D0), D0 + tl.arange(0, D1)
         part0 = tl.load(base + column + cols0[:, None], mask=(cols0 < D)[:, None] & row_mask[None, :], other=0.0)
