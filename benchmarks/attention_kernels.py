@@ -5,10 +5,10 @@ The DiT's packs of equal-size images can run attention as one batch ``[N, H, S, 
 varlen call; this measures which kernel is fastest for the shapes of the throughput cases (DiT-XL: 16
 heads of 72 channels; self-attention over 256 or 1024 tokens, cross-attention to 77 or 10 text tokens).
 
-    python benchmarks/attention_kernels.py --out results/ [--sweep]
+    python benchmarks/attention_kernels.py --out results/ [--sweep] [--shapes "cross 128x256->77,..."]
 
-``--sweep`` also times the short-key kernels' launch shapes (query tile, warps; forward, backward in one pass
-and in two) on the shapes they take, and writes them to <out>/short_keys_sweep.json.
+``--sweep`` also times the short-key kernels' launch shapes (query tile, warps; forward and backward) on the
+shapes they take, and writes them to <out>/short_keys_sweep.json.
 
 Writes <out>/attention_kernels.json; prints one line per (shape, kernel): milliseconds per forward +
 backward (the kernels' device time) and achieved TFLOP/s (2 * S_q * S_k * D multiply-adds per head and sample
@@ -46,11 +46,16 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="attention_results")
     parser.add_argument("--sweep", action="store_true", help="also time the short-key kernels' launch shapes")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES to time")
     args = parser.parse_args()
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}; choose from {list(SHAPES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, sweep = [], []
-    for name, (n, h, sq, sk, d) in SHAPES.items():
+    for name in args.shapes.split(","):
+        n, h, sq, sk, d = SHAPES[name]
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(n, h, sq, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
         k = torch.randn(n, h, sk, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
@@ -126,14 +131,12 @@ def main() -> int:
 
 def sweep_short_keys(name: str, step, forward, keys: int, head_dim: int, flops: float) -> list[dict]:
     """Forward + backward milliseconds (and the forward's alone) of the short-key kernels for each forward launch
-    shape (backward as set), each one-pass backward shape and each two-pass one (forward as set); the module's
+    shape (backward as set) and each backward shape (forward as set); the module's
     table is left as it was."""
     block_k = short_keys._blocks(head_dim, keys)[2]
     kept = short_keys.LAUNCH[block_k]
     shapes = [("forward", (q, w, *kept[2:])) for q in (16, 32, 64, 128) for w in (2, 4, 8)]
-    shapes += [("backward", (*kept[:2], q, w, 0)) for q in (16, 32, 64, 128) for w in (2, 4, 8)]
-    shapes += [("backward in two passes", (*kept[:2], q, w, second))
-               for q in (32, 64, 128) for w in (4, 8) for second in (16, 32, 64)]
+    shapes += [("backward", (*kept[:2], q, w)) for q in (16, 32, 64, 128) for w in (2, 4, 8)]
     rows = []
     for part, shape in shapes:
         short_keys.LAUNCH[block_k] = shape

@@ -19,7 +19,10 @@ benchmarks/attention_kernels.py):
     self-attention, 256 x 64 tokens (128-pixel images)          0.222 ms   cuDNN 0.362
     cross-attention, 128 x 256 tokens -> 77 text tokens each    0.503 ms   cuDNN 0.460, flash varlen 0.712
 
-so the torch backend leaves equal-length segments of more than ``BEATS_CUDNN_UP_TO`` keys to cuDNN.
+so the torch backend leaves equal-length segments of more than ``BEATS_CUDNN_UP_TO`` keys to cuDNN. A backward in
+two passes over the queries (query gradients, then key and value gradients from the transposed scores, as in
+Triton's fused-attention tutorial) was no faster at 77 keys: 0.516 ms at its best launch shape against 0.505
+(same H200), and was removed (it is in the history at 54bfb63).
 
 Launch shapes are per key tile (``LAUNCH``), swept on an H200 by benchmarks/attention_kernels.py.
 :func:`takes` says where the kernels apply; the torch backend calls them there (see torch_backend).
@@ -42,10 +45,8 @@ MAX_HEAD_DIM = 128
 # The torch backend prefers cuDNN for equal-length segments of more keys than this (see torch_backend).
 BEATS_CUDNN_UP_TO = 64
 
-# key tile -> (forward query tile, forward warps, backward query tile, backward warps, second-pass query tile);
-# swept on an H200. A second-pass tile of 0 runs the backward in one pass over the queries, else in two
-# (``_short_key_attn_backward_in_two_passes``: not yet measured against the one pass, so off).
-LAUNCH = {16: (64, 4, 64, 4, 0), 32: (128, 4, 128, 4, 0), 64: (64, 4, 64, 4, 0), 128: (64, 4, 128, 8, 0)}
+# key tile -> (forward query tile, forward warps, backward query tile, backward warps); swept on an H200.
+LAUNCH = {16: (64, 4, 64, 4), 32: (128, 4, 128, 4), 64: (64, 4, 64, 4), 128: (64, 4, 128, 8)}
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: VarlenParams) -> bool:
@@ -73,17 +74,6 @@ if triton is not None:
     def _load(base, rows, row_mask, stride_t, stride_h, head, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
         off0, off1, mask0, mask1 = _offsets(rows, row_mask, stride_t, stride_h, head, D, D0, D1)
         return tl.load(base + off0, mask=mask0, other=0.0), tl.load(base + off1, mask=mask1, other=0.0)
-
-    @triton.jit
-    def _load_transposed(base, rows, row_mask, stride_t, stride_h, head, D: tl.constexpr, D0: tl.constexpr,
-                         D1: tl.constexpr):
-        """``_load``'s two parts as ``[channels, rows]``, loaded so rather than ``tl.trans`` of ``_load``'s: a
-        transpose of a register tile goes through shared memory, which the two-pass backward is there to avoid."""
-        column = rows[None, :].to(tl.int64) * stride_t + head * stride_h
-        cols0, cols1 = tl.arange(0, D0), D0 + tl.arange(0, D1)
-        part0 = tl.load(base + column + cols0[:, None], mask=(cols0 < D)[:, None] & row_mask[None, :], other=0.0)
-        part1 = tl.load(base + column + cols1[:, None], mask=(cols1 < D)[:, None] & row_mask[None, :], other=0.0)
-        return part0, part1
 
     @triton.jit
     def _store(base, rows, row_mask, stride_t, stride_h, head, part0, part1, D: tl.constexpr, D0: tl.constexpr,
@@ -182,61 +172,11 @@ if triton is not None:
         _store(DK, keys, key_mask, H * D, D, head, grad_k0 * scale, grad_k1 * scale, D, D0, D1)
         _store(DV, keys, key_mask, H * D, D, head, grad_v0, grad_v1, D, D0, D1)
 
-    @triton.jit(do_not_specialize=["n_queries"])
-    def _short_key_attn_backward_in_two_passes(
-            Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, scale_log2, scale, n_queries, stride_qt, stride_kt,
-            stride_vt, stride_ot, stride_dot, stride_qh: tl.constexpr, stride_kh: tl.constexpr,
-            stride_vh: tl.constexpr, stride_oh: tl.constexpr, stride_doh: tl.constexpr, H: tl.constexpr,
-            D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_QT: tl.constexpr,
-            BLOCK_K: tl.constexpr):
-        """The same gradients as ``_short_key_attn_backward`` in two passes over the segment's queries, as in
-        Triton's fused-attention tutorial: the first writes the query gradients (and each row's
-        ``rowsum(dO * O)``), the second sums the key and value gradients from the transposed scores ``K Q^T``,
-        so that no tile held in registers is transposed and neither pass holds the other's tiles."""
-        head = tl.program_id(1)
-        q_start, q_end, keys, key_mask, k0, k1, v0, v1 = _segment_keys(CU_Q, CU_K, K, V, stride_kt, stride_vt,
-                                                                       stride_kh, stride_vh, head, D, D0, D1, BLOCK_K)
-        stats = head.to(tl.int64) * n_queries
-        for first in range(q_start, q_end, BLOCK_Q):
-            rows = first + tl.arange(0, BLOCK_Q)
-            row_mask = rows < q_end
-            q0, q1, do0, do1, delta = _query_tile(Q, DO, O, rows, row_mask, stride_qt, stride_dot, stride_ot,
-                                                  stride_qh, stride_doh, stride_oh, head, D, D0, D1)
-            tl.store(DELTA + stats + rows, delta, mask=row_mask)
-            lse = tl.load(LSE + stats + rows, mask=row_mask, other=0.0)
-            p = tl.exp2(_scores(q0, q1, k0, k1, key_mask, scale_log2) - lse[:, None])
-            grad_p = tl.dot(do1, tl.trans(v1), tl.dot(do0, tl.trans(v0)))
-            grad_s = (p * (grad_p - delta[:, None])).to(q0.dtype)
-            _store(DQ, rows, row_mask, H * D, D, head, tl.dot(grad_s, k0) * scale, tl.dot(grad_s, k1) * scale,
-                   D, D0, D1)
-        tl.debug_barrier()  # the second pass reads deltas that other threads of this program wrote
-        grad_k0 = tl.zeros([BLOCK_K, D0], tl.float32)
-        grad_k1 = tl.zeros([BLOCK_K, D1], tl.float32)
-        grad_v0 = tl.zeros([BLOCK_K, D0], tl.float32)
-        grad_v1 = tl.zeros([BLOCK_K, D1], tl.float32)
-        for first in range(q_start, q_end, BLOCK_QT):
-            rows = first + tl.arange(0, BLOCK_QT)
-            row_mask = rows < q_end  # rows past the segment load as zeros: nothing of theirs reaches k and v
-            q0_t, q1_t = _load_transposed(Q, rows, row_mask, stride_qt, stride_qh, head, D, D0, D1)
-            do0, do1 = _load(DO, rows, row_mask, stride_dot, stride_doh, head, D, D0, D1)
-            lse = tl.load(LSE + stats + rows, mask=row_mask, other=0.0)
-            delta = tl.load(DELTA + stats + rows, mask=row_mask, other=0.0)
-            # keys past the segment get probabilities too; their gradients are never stored
-            p_t = tl.exp2(tl.dot(k1, q1_t, tl.dot(k0, q0_t)) * scale_log2 - lse[None, :])
-            grad_v0 = tl.dot(p_t.to(do0.dtype), do0, grad_v0)
-            grad_v1 = tl.dot(p_t.to(do0.dtype), do1, grad_v1)
-            grad_p_t = tl.dot(v1, tl.trans(do1), tl.dot(v0, tl.trans(do0)))
-            grad_s_t = (p_t * (grad_p_t - delta[None, :])).to(q0_t.dtype)
-            grad_k0 = tl.dot(grad_s_t, tl.trans(q0_t), grad_k0)
-            grad_k1 = tl.dot(grad_s_t, tl.trans(q1_t), grad_k1)
-        _store(DK, keys, key_mask, H * D, D, head, grad_k0 * scale, grad_k1 * scale, D, D0, D1)
-        _store(DV, keys, key_mask, H * D, D, head, grad_v0, grad_v1, D, D0, D1)
-
 
 LOG2_E = 1.4426950408889634
 
 
-def _blocks(head_dim: int, max_k: int) -> tuple[int, int, int, tuple[int, int, int, int, int]]:
+def _blocks(head_dim: int, max_k: int) -> tuple[int, int, int, tuple[int, int, int, int]]:
     """``(D0, D1, key tile, launch shapes)``: the head's two channel parts (see ``_offsets``) and the key tile."""
     d0 = max(16, 1 << (head_dim.bit_length() - 1))  # the largest power of two in head_dim
     d1 = max(16, triton.next_power_of_2(max(head_dim - d0, 1)))
@@ -284,25 +224,17 @@ def _launch_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
                      max_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens, heads, head_dim = q.shape
     grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    d0, d1, block_k, (_, _, block_q, warps, second_pass) = _blocks(head_dim, max_k)
+    d0, d1, block_k, (_, _, block_q, warps) = _blocks(head_dim, max_k)
     segments = cu_q.shape[0] - 1
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if not segments:
         return grad_q, grad_k, grad_v
-    shared = dict(H=heads, D=head_dim, D0=d0, D1=d1, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps,
-                  **_strides(q, k, v, out, grad_out))
-    if second_pass:
-        delta = torch.empty_like(lse)
-        _short_key_attn_backward_in_two_passes[(segments, heads)](
-            q, k, v, out, grad_out, lse, delta, grad_q, grad_k, grad_v, cu_q, cu_k, head_dim ** -0.5 * LOG2_E,
-            head_dim ** -0.5, tokens, BLOCK_QT=second_pass, **shared,
-        )
-    else:
-        _short_key_attn_backward[(segments, heads)](
-            q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, cu_q, cu_k, head_dim ** -0.5 * LOG2_E,
-            head_dim ** -0.5, tokens, **shared,
-        )
+    _short_key_attn_backward[(segments, heads)](
+        q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, cu_q, cu_k, head_dim ** -0.5 * LOG2_E,
+        head_dim ** -0.5, tokens, H=heads, D=head_dim, D0=d0, D1=d1, BLOCK_Q=block_q, BLOCK_K=block_k,
+        num_warps=warps, **_strides(q, k, v, out, grad_out),
+    )
     return grad_q, grad_k, grad_v
 
 

@@ -159,13 +159,16 @@ if triton is not None:
             if COPIED:
                 copy_a, copy_b = _load_halves(GRAD_COPY + out_base, out, mask, HALF)
                 _store_halves(grad_src + NORMED * D, source, mask, copy_a, copy_b, HALF)
+        # Partials laid out [weight channel, program]: their sum over programs then reads contiguous rows (laid
+        # out [program, channel], that sum took 15 us a call, 1.2 ms of an H200's DiT-XL step in 84 calls).
+        programs = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_HALF)
-        parts = GRAD_W_PARTS + program * (NORMED * D) + cols
+        parts = GRAD_W_PARTS + cols * programs + program
         tl.store(parts, tl.sum(tl.sum(w0_a, 1), 0), mask=cols < HALF)
-        tl.store(parts + HALF, tl.sum(tl.sum(w0_b, 1), 0), mask=cols < HALF)
+        tl.store(parts + HALF * programs, tl.sum(tl.sum(w0_b, 1), 0), mask=cols < HALF)
         if NORMED == 2:
-            tl.store(parts + D, tl.sum(tl.sum(w1_a, 1), 0), mask=cols < HALF)
-            tl.store(parts + D + HALF, tl.sum(tl.sum(w1_b, 1), 0), mask=cols < HALF)
+            tl.store(parts + D * programs, tl.sum(tl.sum(w1_a, 1), 0), mask=cols < HALF)
+            tl.store(parts + (D + HALF) * programs, tl.sum(tl.sum(w1_b, 1), 0), mask=cols < HALF)
 
 
 def _constants(heads: int, head_dim: int, normed: int, copied: bool, rope: bool) -> dict:
@@ -214,7 +217,7 @@ def _launch_backward(src: torch.Tensor, weights: list[torch.Tensor], copied: boo
     tokens, head_dim, _ = _shapes(src, heads, weights, copied)
     programs = triton.cdiv(tokens, TOKENS_PER_TILE * TILES_PER_PROGRAM)
     grad_src = torch.empty_like(src)
-    grad_w_parts = torch.empty((programs, len(weights), head_dim), dtype=torch.float32, device=src.device)
+    grad_w_parts = torch.empty((len(weights), head_dim, programs), dtype=torch.float32, device=src.device)
     grads = [g.contiguous() for g in grads]
     rope = cos is not None
     _backward[(programs,)](
@@ -222,7 +225,7 @@ def _launch_backward(src: torch.Tensor, weights: list[torch.Tensor], copied: boo
         grads[1] if len(weights) == 2 else grads[0], grads[-1], grad_src, grad_w_parts, tokens,
         TILES=TILES_PER_PROGRAM, **_constants(heads, head_dim, len(weights), copied, rope), num_warps=BACKWARD_WARPS,
     )
-    return [grad_src, grad_w_parts.sum(0).to(weights[0].dtype)]
+    return [grad_src, grad_w_parts.sum(-1).to(weights[0].dtype)]
 
 
 @_launch_backward.register_fake
