@@ -55,78 +55,89 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, sweep = [], []
     for name in args.shapes.split(","):
-        n, h, sq, sk, d = SHAPES[name]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(n, h, sq, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
-        k = torch.randn(n, h, sk, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
-        v = torch.randn(n, h, sk, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
-        grad = torch.randn(n, h, sq, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        flops = 3.5 * 4 * n * h * sq * sk * d
-        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-
-        def run_batched(backend):
-            def step():
-                with sdpa_kernel([backend]):
-                    out = F.scaled_dot_product_attention(q, k, v)
-                out.backward(grad)
-                return out
-            return step
-
-        packed = [t.detach().transpose(1, 2).reshape(-1, h, d).requires_grad_() for t in (q, k, v)]
-        packed_grad = grad.transpose(1, 2).reshape(-1, h, d)  # made once: a copy in the step would be timed
-        params = VarlenParams.from_host(list(range(0, n * sq + 1, sq)), list(range(0, n * sk + 1, sk)), "cuda")
-
-        def run_varlen():
-            out = _varlen_fn()(*packed, params)
-            out.backward(packed_grad)
-            return out.view(n, sq, h, d).transpose(1, 2)
-
-        # The layout the DiT hands over: [N, S, H, D] memory viewed as [N, H, S, D] (q, k, v split from one projection).
-        strided = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
-        strided_grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
-
-        def run_cudnn_strided():
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                out = F.scaled_dot_product_attention(*strided)
-            out.backward(strided_grad)
-            return out
-
-        def run_short_keys():
-            out = short_keys.attention(*packed, params)
-            out.backward(packed_grad)
-            return out.view(n, sq, h, d).transpose(1, 2)
-
-        kernels = [("flash-varlen", run_varlen)] + [(b, run_batched(e)) for b, e in BACKENDS.items()]
-        if short_keys.takes(*packed, params):
-            kernels.append(("dfmkit-short-keys", run_short_keys))
-
-        def without_accumulation(step):  # gradients land in fresh tensors, not added to the last call's
-            def run():
-                for t in (q, k, v, *packed, *strided):
-                    t.grad = None
-                return step()
-            return run
-
-        for kernel, step in kernels + [("sdpa-cudnn-bshd", run_cudnn_strided)]:
-            row = {"shape": name, "kernel": kernel}
-            step = without_accumulation(step)
-            try:
-                error = (step().float() - reference).abs().max().item()
-                ms = kernel_milliseconds(step)
-                row.update(ms=ms, tflops=flops / ms / 1e9, max_error=error)
-            except Exception as exc:  # a backend that does not support the shape: recorded, not fatal
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        if args.sweep and short_keys.takes(*packed, params):
-            forward = lambda: short_keys.attention(*(t.detach() for t in packed), params)  # noqa: E731
-            sweep += sweep_short_keys(name, without_accumulation(run_short_keys), forward, sk, d, flops)
+        shape_rows, sweep_shape = time_shape(name, *SHAPES[name])
+        rows += shape_rows
+        if args.sweep and sweep_shape is not None:
+            sweep += sweep_shape()
     (out / "attention_kernels.json").write_text(json.dumps({"torch": torch.__version__,
                                                             "device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=2))
     if args.sweep:
         (out / "short_keys_sweep.json").write_text(json.dumps(sweep, indent=2))
     return 0
+
+
+def time_shape(name: str, n: int, h: int, sq: int, sk: int, d: int):
+    """``(rows, sweep)``: a row per kernel with its milliseconds per forward + backward (or the error it raised) on
+    ``n`` segments of ``sq`` queries and ``sk`` keys, ``h`` heads of ``d`` channels; ``sweep()`` times the short-key
+    kernels' launch shapes where they take the shape (else ``sweep`` is None)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(n, h, sq, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    k = torch.randn(n, h, sk, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    v = torch.randn(n, h, sk, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    grad = torch.randn(n, h, sq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    flops = 3.5 * 4 * n * h * sq * sk * d
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+    def run_batched(backend):
+        def step():
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(q, k, v)
+            out.backward(grad)
+            return out
+        return step
+
+    packed = [t.detach().transpose(1, 2).reshape(-1, h, d).requires_grad_() for t in (q, k, v)]
+    packed_grad = grad.transpose(1, 2).reshape(-1, h, d)  # made once: a copy in the step would be timed
+    params = VarlenParams.from_host(list(range(0, n * sq + 1, sq)), list(range(0, n * sk + 1, sk)), "cuda")
+
+    def run_varlen():
+        out = _varlen_fn()(*packed, params)
+        out.backward(packed_grad)
+        return out.view(n, sq, h, d).transpose(1, 2)
+
+    # The layout the DiT hands over: [N, S, H, D] memory viewed as [N, H, S, D] (q, k, v split from one projection).
+    strided = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    strided_grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def run_cudnn_strided():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = F.scaled_dot_product_attention(*strided)
+        out.backward(strided_grad)
+        return out
+
+    def run_short_keys():
+        out = short_keys.attention(*packed, params)
+        out.backward(packed_grad)
+        return out.view(n, sq, h, d).transpose(1, 2)
+
+    kernels = [("flash-varlen", run_varlen)] + [(b, run_batched(e)) for b, e in BACKENDS.items()]
+    if short_keys.takes(*packed, params):
+        kernels.append(("dfmkit-short-keys", run_short_keys))
+
+    def without_accumulation(step):  # gradients land in fresh tensors, not added to the last call's
+        def run():
+            for t in (q, k, v, *packed, *strided):
+                t.grad = None
+            return step()
+        return run
+
+    rows = []
+    for kernel, step in kernels + [("sdpa-cudnn-bshd", run_cudnn_strided)]:
+        row = {"shape": name, "kernel": kernel}
+        step = without_accumulation(step)
+        try:
+            error = (step().float() - reference).abs().max().item()
+            ms = kernel_milliseconds(step)
+            row.update(ms=ms, tflops=flops / ms / 1e9, max_error=error)
+        except Exception as exc:  # a backend that does not support the shape: recorded, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if not short_keys.takes(*packed, params):
+        return rows, None
+    forward = lambda: short_keys.attention(*(t.detach() for t in packed), params)  # noqa: E731
+    return rows, lambda: sweep_short_keys(name, without_accumulation(run_short_keys), forward, sk, d, flops)
 
 
 def sweep_short_keys(name: str, step, forward, keys: int, head_dim: int, flops: float) -> list[dict]:

@@ -18,19 +18,13 @@ from pathlib import Path
 
 import torch
 
-from dfmkit.bench.timing import kernel_milliseconds
+from dfmkit.bench.timing import copy_bandwidth, kernel_milliseconds
 from dfmkit.components.backbones import adaln_kernels, qkv_kernels
 from dfmkit.components.backbones.dit import Segments, rope3d
 
 
 def seconds(fn) -> float:
     return kernel_milliseconds(fn) / 1e3
-
-
-def copy_bandwidth(numel: int) -> float:
-    src = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / seconds(lambda: dst.copy_(src))
 
 
 def adaln_case(tokens: int, hidden: int, samples: int, residual: bool):

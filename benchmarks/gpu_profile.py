@@ -24,13 +24,9 @@ from pathlib import Path
 import torch
 
 from dfmkit.bench.flops import DiTShape, mfu, training_flops
-from dfmkit.bench.matrix import Layout, make_trainer, time_steps
+from dfmkit.bench.matrix import THROUGHPUT_CASES as CASES, Layout, make_trainer, time_steps
 from dfmkit.bench.timing import gpu_kernels
 
-CASES = {
-    "a": dict(seq_length=32768, latent_shape=(16, 1, 32, 32), text_tokens=77, samples_per_pack=128),
-    "b": dict(seq_length=15360, latent_shape=(16, 1, 64, 64), text_tokens=10, samples_per_pack=15),
-}
 
 
 def measure(trainer, label: str, steps: int) -> dict:

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from dfmkit.bench.matrix import Layout, run_case, to_markdown
+from dfmkit.bench.matrix import THROUGHPUT_CASES, Layout, run_case, to_markdown
 from dfmkit.bench.sampling import sampling_latency
 
-CASE_A = dict(seq_length=32768, latent_shape=(16, 1, 32, 32), text_tokens=77, samples_per_pack=128)
-CASE_B = dict(seq_length=15360, latent_shape=(16, 1, 64, 64), text_tokens=10, samples_per_pack=15)
+CASE_A, CASE_B = THROUGHPUT_CASES["a"], THROUGHPUT_CASES["b"]
 
 
 def train_case(preset: str, case: dict, attention: str, steps: int, model: dict,

@@ -31,6 +31,12 @@ from dfmkit.bench.flops import DiTShape, mfu, training_flops
 from dfmkit.errors import DfmkitError
 
 H100_BF16_DENSE_TFLOPS = 989.0
+# The DiT-XL training cases of the throughput figures (issue 9): (a) 128 images of 256 latent tokens with 77 text
+# tokens each, (b) butterfly-shaped packs of 15 images of 1024 tokens with 10 text tokens each.
+THROUGHPUT_CASES = {
+    "a": dict(seq_length=32768, latent_shape=(16, 1, 32, 32), text_tokens=77, samples_per_pack=128),
+    "b": dict(seq_length=15360, latent_shape=(16, 1, 64, 64), text_tokens=10, samples_per_pack=15),
+}
 _LAYOUT = re.compile(r"^(?:tp(?P<tp>\d+))?(?P<sp>\+sp)?(?:cp(?P<cp>\d+))?$")
 
 

@@ -43,3 +43,11 @@ def kernel_milliseconds(fn: Callable[[], object], repeats: int = 20, warmup: int
             fn()
         torch.cuda.synchronize()
     return sum(e.device_time_total for e in gpu_kernels(prof.events())) / 1e3 / repeats
+
+
+def copy_bandwidth(numel: int = 2**29) -> float:
+    """Bytes per second a device-to-device copy of ``numel`` bf16 elements moves (bytes read + written), from its
+    kernel's device time: the bandwidth ceiling that bandwidth-bound kernels are held against."""
+    src = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / (kernel_milliseconds(lambda: dst.copy_(src)) / 1e3)
