@@ -87,6 +87,7 @@ def floor(preset: str, case: dict, bandwidth: float) -> dict:
 
 
 def measured_step(preset: str, case: dict, graphs: bool) -> dict:
+    torch.cuda.empty_cache()  # the floor's operands are not to crowd the step's memory
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(preset, Layout(), text_dim=1024, attention="torch", workdir=workdir, steps=1000,
                                model={"compile": True, "cuda_graphs": graphs}, **case)

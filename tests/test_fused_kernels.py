@@ -46,10 +46,12 @@ def check_adaln(device: str, dtype: torch.dtype, tolerance: float) -> None:
         ((m * grad_m.to(device)).sum() + residual * (x_new * grad_x_new.to(device)).sum()).backward()
         want = {"m": m.detach(), "x_new": x_new.detach(), **{"grad " + k: ref[k].grad for k in names}}
 
-        # the per-sample vectors keep the adaLN output's row stride, as in the model
+        # the per-sample vectors keep their adaLN output's row stride, as in the model: shift and scale are rows of
+        # one output, the gate a row of another one of another width (the MLP gate of the layer before)
         mod_k = mod.to(device, dtype).requires_grad_()
+        gate_k = torch.cat([mod[:, :width], mod[:, :width]], 1).to(device, dtype).requires_grad_()
         leaves = {"x": x.to(device, dtype).requires_grad_(), "h": h.to(device, dtype).requires_grad_()}
-        per_sample = dict(gate=mod_k[:, :width], shift=mod_k[:, width : 2 * width], scale=mod_k[:, 5 * width : 6 * width])
+        per_sample = dict(gate=gate_k[:, :width], shift=mod_k[:, width : 2 * width], scale=mod_k[:, 5 * width : 6 * width])
         for t in per_sample.values():
             t.retain_grad()
         samples = dit.Segments(ids, n)

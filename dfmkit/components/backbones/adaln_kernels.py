@@ -47,7 +47,7 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit(do_not_specialize=["n_rows"])  # pack sizes: no recompile when their divisibility changes
-    def _forward(X, H, IDS, GATE, SHIFT, SCALE, X_OUT, M_OUT, MEAN, RSTD, n_rows, mod_stride, eps,
+    def _forward(X, H, IDS, GATE, SHIFT, SCALE, X_OUT, M_OUT, MEAN, RSTD, n_rows, mod_stride, gate_stride, eps,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RESIDUAL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
@@ -59,7 +59,7 @@ if triton is not None:
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
         if RESIDUAL:
             h = tl.load(H + offsets, mask=mask, other=0.0).to(tl.float32)
-            gate = tl.load(GATE + per_sample, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(GATE + sample[:, None] * gate_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             x_new = (x + gate * h).to(X_OUT.dtype.element_ty)  # rounded as the stored residual stream is
             tl.store(X_OUT + offsets, x_new, mask=mask)
             x = x_new.to(tl.float32)
@@ -98,7 +98,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_rows", "n_slots"])  # pack sizes: no recompile when their divisibility changes
     def _backward(GRAD_M, GRAD_X_NEW, X_NEW, H, IDS, GATE, SCALE, MEAN, RSTD, GRAD_X, GRAD_H, PARTS, n_rows,
-                  n_slots, mod_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+                  n_slots, mod_stride, gate_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
                   RESIDUAL: tl.constexpr):
         # Program p takes tokens [p * ROWS, (p + 1) * ROWS) one at a time, loading the next token while it
         # works on this one, and sums the per-sample gradients in registers; the sums of sample s go to
@@ -113,7 +113,7 @@ if triton is not None:
         scale = tl.load(SCALE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
         gate = scale
         if RESIDUAL:
-            gate = tl.load(GATE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+            gate = tl.load(GATE + current * gate_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc_shift = tl.zeros([BLOCK_D], tl.float32)
         acc_scale = tl.zeros([BLOCK_D], tl.float32)
         acc_gate = tl.zeros([BLOCK_D], tl.float32)
@@ -133,7 +133,7 @@ if triton is not None:
                 current = sample
                 scale = tl.load(SCALE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
                 if RESIDUAL:
-                    gate = tl.load(GATE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+                    gate = tl.load(GATE + current * gate_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
             mask = col_mask & valid
             rstd = tl.load(RSTD + row, mask=valid, other=0.0)
             x_hat = tl.where(col_mask, (x - tl.load(MEAN + row, mask=valid, other=0.0)) * rstd, 0.0)
@@ -188,7 +188,8 @@ def _launch_forward(x: torch.Tensor, h: torch.Tensor | None, gate: torch.Tensor 
     residual = h is not None
     _forward[(triton.cdiv(n_rows, block_m),)](
         x, h if residual else x, ids, gate if residual else scale, shift, scale, x_new, m, mean, rstd, n_rows,
-        scale.stride(0), eps, D=width, BLOCK_D=block_d, BLOCK_M=block_m, RESIDUAL=residual, num_warps=FORWARD_WARPS,
+        scale.stride(0), gate.stride(0) if residual else 0, eps, D=width, BLOCK_D=block_d, BLOCK_M=block_m,
+        RESIDUAL=residual, num_warps=FORWARD_WARPS,
     )
     return [x_new, m, mean, rstd] if residual else [m, mean, rstd]
 
@@ -220,8 +221,8 @@ def _launch_backward(grad_m: torch.Tensor, grad_x_new: torch.Tensor | None, x_ne
         grad_x_new = grad_x_new.contiguous()
     _backward[(programs,)](
         grad_m, grad_x_new if residual else grad_m, x_new, h if residual else x_new, ids, gate if residual else scale,
-        scale, mean, rstd, grad_x, grad_h, parts, n_rows, n_slots, scale.stride(0), D=width, BLOCK_D=_block_d(width),
-        ROWS=BACKWARD_ROWS, RESIDUAL=residual, num_warps=BACKWARD_WARPS,
+        scale, mean, rstd, grad_x, grad_h, parts, n_rows, n_slots, scale.stride(0), gate.stride(0) if residual else 0,
+        D=width, BLOCK_D=_block_d(width), ROWS=BACKWARD_ROWS, RESIDUAL=residual, num_warps=BACKWARD_WARPS,
     )
     per_sample = torch.empty((sums, n_samples, width), dtype=scale.dtype, device=x_new.device)
     block = 256
@@ -267,12 +268,18 @@ class _ResidualNormModulate(torch.autograd.Function):
         return grad_x, grad_h, grad_gate, grad_shift, grad_scale, None, None, None
 
 
+def _same_stride(shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels index shift and scale with one sample stride (both are chunks of one adaLN output as a rule)."""
+    return (shift, scale) if shift.stride(0) == scale.stride(0) else (shift.contiguous(), scale.contiguous())
+
+
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg, eps: float) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale[sample]) + shift[sample]``; see the module docstring. Only where :func:`available`."""
-    return _NormModulate.apply(x, shift, scale, seg.ids, seg.bounds, eps)
+    return _NormModulate.apply(x, *_same_stride(shift, scale), seg.ids, seg.bounds, eps)
 
 
 def residual_norm_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                            scale: torch.Tensor, seg, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x + gate[sample] * h, norm_modulate(that))``; see the module docstring. Only where :func:`available`."""
-    return _ResidualNormModulate.apply(x, h.contiguous(), gate, shift, scale, seg.ids, seg.bounds, eps)
+    """``(x + gate[sample] * h, norm_modulate(that))``; see the module docstring. Only where :func:`available`.
+    ``gate`` may come from another adaLN output than ``shift`` and ``scale`` (the last layer's MLP gate)."""
+    return _ResidualNormModulate.apply(x, h.contiguous(), gate, *_same_stride(shift, scale), seg.ids, seg.bounds, eps)
