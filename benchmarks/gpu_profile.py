@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from dfmkit.bench.flops import DiTShape, mfu, training_flops
 from dfmkit.bench.matrix import THROUGHPUT_CASES as CASES, Layout, make_trainer, time_steps
 from dfmkit.bench.timing import gpu_kernels
-
 
 
 def measure(trainer, label: str, steps: int) -> dict:
@@ -36,8 +36,6 @@ def measure(trainer, label: str, steps: int) -> dict:
     batch = trainer.data.batches[0]
     flops = training_flops(DiTShape.from_options(trainer.recipe.model.options), batch.seqlens.tolist(),
                            batch.seqlens_kv.tolist())
-    from torch._dynamo.utils import counters
-
     # Allocator retries (a full cache freed and cudaMalloc tried again) synchronise the host with the GPU: a step
     # near the memory limit can lose more to them than any kernel change wins.
     row = {"variant": label, "step_ms": 1000 * seconds, "mfu": mfu(flops / seconds),
@@ -155,6 +153,7 @@ def main() -> int:
                     trainer = None
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
+                    counters.clear()
                     trainer = build(variant)
                     rows.append(measure(trainer, variant, args.steps))
                 elif variant == "profile":

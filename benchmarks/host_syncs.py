@@ -23,7 +23,6 @@ import torch
 from dfmkit.bench.matrix import THROUGHPUT_CASES as CASES, Layout, make_trainer
 
 
-
 def call_site() -> str:
     """The innermost three dfmkit or megatron frames of the sync; else the innermost three of any code
     (torch's own, say), and where there is no Python frame at all, the thread: a backward op runs on
