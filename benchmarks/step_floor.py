@@ -57,10 +57,13 @@ def parameter_count(preset: str) -> int:
 
 
 def floor(preset: str, case: dict, bandwidth: float) -> dict:
-    shape = DiTShape.preset(preset)
+    from dfmkit.components.backbones.options import DiTOptions
+
+    options = DiTOptions(preset=preset)
+    shape = DiTShape.from_options(options)
     samples = case["samples_per_pack"]
-    _, _, height, width = case["latent_shape"]
-    tokens_each = height * width // 4  # patch 2 x 2
+    _, frames, height, width = case["latent_shape"]
+    tokens_each = (frames // options.patch_temporal) * (height // options.patch_spatial) * (width // options.patch_spatial)
     lengths, texts = [tokens_each] * samples, [case["text_tokens"]] * samples
     cache: dict = {}
     products = {}
