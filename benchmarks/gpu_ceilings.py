@@ -4,8 +4,8 @@
 
 A large bf16 product (8192^3, cuBLAS, timed with CUDA events after a warm-up) and a 1 GiB device-to-device copy
 (bytes read + written, its kernel's device time: dfmkit.bench.timing.copy_bandwidth). MFU figures are against
-the datasheet's 989 TFLOP/s; these are what the machine actually reaches, and a quick check that a lent machine is healthy before benchmarking on it
-(exit status 3 when the product runs below ``--min-tflops``).
+the datasheet's 989 TFLOP/s; these are what the machine actually reaches, and a quick check that a lent machine
+is healthy before benchmarking on it (exit status 3 when the product runs below ``--min-tflops``).
 """
 
 from __future__ import annotations
