@@ -1,15 +1,29 @@
-# The two set-up commands of the README. Each installs what it needs (CPU build of torch, pinned so
-# pip does not fetch the CUDA wheels) and then runs.
-PYTHON ?= python3
-PIP_INSTALL = $(PYTHON) -m pip install --disable-pip-version-check -q torch==2.13.0
+# The README's two set-up commands, and the one that updates constraints.txt. Each makes a virtual environment
+# (.venv, or VENV=path) when there is none and installs dfmkit into it at the versions CI tests (constraints.txt pins
+# every dependency, torch at the CPU build 2.13.0, so pip does not fetch the CUDA wheels), then runs.
+VENV ?= .venv
+PYTHON = $(VENV)/bin/python
+PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: quickstart test install
-install:
-	$(PIP_INSTALL) -e .
+.PHONY: quickstart test install constraints
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+install: $(PYTHON)
+	$(PIP) -c constraints.txt -e .
 
 quickstart: install
-	dfmkit run quickstart_digits
+	$(VENV)/bin/dfmkit run quickstart_digits
 
-test:
-	$(PIP_INSTALL) -e ".[test]"
+test: $(PYTHON)
+	$(PIP) -c constraints.txt -e ".[test]"
 	$(PYTHON) -m pytest -q
+
+# Resolve the newest versions in a fresh environment and pin them (torch stays at the CPU build 2.13.0).
+constraints:
+	rm -rf .constraints-venv && python3 -m venv .constraints-venv
+	.constraints-venv/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0 -e ".[test]"
+	{ sed -n '1,3p' constraints.txt; .constraints-venv/bin/python -m pip freeze --exclude-editable \
+	  | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .constraints-venv

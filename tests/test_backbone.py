@@ -3,6 +3,7 @@ null text, attention backends, recomputation, and the errors bad input gets."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -133,9 +134,20 @@ def _equal_size_pack():
     return pack(H.make_samples(5, [(1, 4, 4)] * 3 + [(2, 2, 4)], [5, 9, 1, 3]), 2, 1)  # four samples of 4 tokens
 
 
+@contextlib.contextmanager
+def ieee_fp32_matmuls():
+    """fp32 matrix products in full precision (no TF32 on a GPU) inside the block, through torch's precision API."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
+@ieee_fp32_matmuls()  # the one-hot per-sample sums of the gather path are fp32 products
 def test_equal_length_samples_broadcast_like_the_gather_path(monkeypatch):
     """Packs of equal-length samples take the reshape path; it must equal the general (gather) path."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 one-hot sums on a GPU
     torch.manual_seed(0)
     model = dit.build(H.tiny_options())
     H.randomize_(model)

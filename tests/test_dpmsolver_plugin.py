@@ -38,7 +38,8 @@ def site(tmp_path_factory) -> Path:
 
 def run(site: Path, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    paths = [str(site), str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(paths).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-c", textwrap.dedent(script)] if script else [sys.executable, "-m", "dfmkit.cli", *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -67,7 +68,7 @@ from dfmkit.errors import RecipeError
 from dfmkit.job import Job
 from dfmkit.plugins import PluginManager
 from dfmkit.recipe import load_recipe
-from tests.conftest import TOY_SECTIONS, ToyComponents
+from toys import TOY_SECTIONS, ToyComponents
 
 torch.set_num_threads(1)
 plugins = PluginManager(extra=[(ToyComponents(), "toy-dist 1.0")])  # entry points included

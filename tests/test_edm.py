@@ -14,7 +14,7 @@ from dfmkit.batch import PackedBatch, Sample, pack
 from dfmkit.diffusion import EDM, LossTerms, drop_condition
 from dfmkit.diffusion.analytic import GaussianMixture
 from dfmkit.recipe import DiffusionConfig, load_recipe
-from tests.conftest import TOY_SECTIONS
+from toys import TOY_SECTIONS
 
 TEXT_DIM = 8
 
@@ -91,7 +91,7 @@ def test_from_config_and_the_reference_noise_levels():
 
 def _toy_registries():
     from dfmkit.plugins import PluginManager
-    from tests.conftest import ToyComponents
+    from toys import ToyComponents
 
     return PluginManager(entry_points=False, extra=[(ToyComponents(), "toy-dist 1.0")]).registries
 

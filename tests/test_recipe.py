@@ -10,7 +10,7 @@ import tomllib
 
 from dfmkit.errors import RecipeError
 from dfmkit.recipe import apply_overrides, dump_recipe, load_recipe
-from tests.conftest import TOY_SECTIONS
+from toys import TOY_SECTIONS
 
 
 def load(data, overrides=(), plugins=None):

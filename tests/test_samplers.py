@@ -16,8 +16,8 @@ from dfmkit.diffusion.analytic import GaussianMixture, convergence_order
 from dfmkit.errors import DfmkitError, RecipeError
 from dfmkit.plugins import PluginManager
 from dfmkit.recipe import dump_recipe, load_recipe
-from tests.conftest import TOY_SECTIONS, ToyComponents
-from tests.test_edm import make_pack
+from toys import TOY_SECTIONS, ToyComponents
+from test_edm import make_pack
 
 GAUSSIAN = GaussianMixture.gaussian(0.3, 0.7)
 MIXTURE = GaussianMixture(means=(-1.0, 0.5, 2.0), stds=(0.3, 0.2, 0.5), weights=(0.3, 0.5, 0.2))

@@ -85,7 +85,7 @@ if triton is not None:
     def _load_row(GRAD_M, GRAD_X_NEW, X_NEW, H, row, n_rows, cols, col_mask, D: tl.constexpr,
                   RESIDUAL: tl.constexpr):
         """One token's output gradients and inputs (zeros past the end), as fp32."""
-        mask = col_mask & (row < n_rows)
+        mask = cols < tl.where(row < n_rows, D, 0)  # one comparison: Triton 3.9's interpreter makes `&` of masks int32
         offsets = row.to(tl.int64) * D + cols
         grad_m = tl.load(GRAD_M + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X_NEW + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -134,7 +134,7 @@ if triton is not None:
                 scale = tl.load(SCALE + current * mod_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
                 if RESIDUAL:
                     gate = tl.load(GATE + current * gate_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
-            mask = col_mask & valid
+            mask = cols < tl.where(valid, D, 0)
             rstd = tl.load(RSTD + row, mask=valid, other=0.0)
             x_hat = tl.where(col_mask, (x - tl.load(MEAN + row, mask=valid, other=0.0)) * rstd, 0.0)
             grad_x_hat = grad_m * (1.0 + scale)

@@ -1,0 +1,44 @@
+"""Small stand-in components of each kind, for tests of the recipe machinery (imported as ``toys``)."""
+
+from __future__ import annotations
+
+import attrs
+
+from dfmkit.hookspecs import hookimpl
+
+
+@attrs.define(kw_only=True)
+class ToySamplerOptions:
+    """A sampler's options, for recipe tests."""
+
+    num_steps: int = 35
+    sigma_max: float = 80.0
+
+
+@attrs.define(kw_only=True)
+class ToyBackboneOptions:
+    """A backbone's options, for recipe tests."""
+
+    num_layers: int = 2
+    attention: str = "torch"
+    widths: list[int] = attrs.Factory(lambda: [8, 16])
+
+
+class ToyComponents:
+    """A plugin that registers one component of each kind under names prefixed 'toy-'."""
+
+    @hookimpl
+    def dfmkit_register(self, registries):
+        registries.backbone.register("toy-backbone", dict, options=ToyBackboneOptions)
+        registries.sampler.register("toy-sampler", dict, options=ToySamplerOptions)
+        registries.text_encoder.register("toy-text", dict)
+        registries.task_encoder.register("toy-packer", dict)
+
+
+TOY_SECTIONS = {
+    "model": {"name": "toy-backbone"},
+    "sampler": {"name": "toy-sampler"},
+    "tokenizer": {"name": "identity"},
+    "text_encoder": {"name": "toy-text"},
+    "task_encoder": {"name": "toy-packer"},
+}
