@@ -1,4 +1,5 @@
-"""Which torch device a ``device`` option names ("auto", "cpu" or "cuda"), or one clear error."""
+"""Which torch device a ``device`` option names ("auto", "cpu" or "cuda"), and which dtype a ``precision`` option
+names ("auto", "bf16" or "fp32") on it, or one clear error."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def resolve_device(device: str | torch.device, option: str = "device", fix: str 
     if device != "cpu":
         raise DeviceError(f"{option} must be auto, cpu or cuda, got {device!r}")
     return torch.device("cpu")
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device, option: str = "precision") -> torch.dtype:
+    """The model's dtype for a ``precision`` option on ``device``: "auto" is bf16 on a GPU and fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise DeviceError(f"{option} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32

@@ -40,7 +40,7 @@ from typing import Any
 import attrs
 import torch
 
-from dfmkit.devices import resolve_device
+from dfmkit.devices import resolve_device, resolve_precision
 from dfmkit.errors import DfmkitError
 from dfmkit.job import Job
 from dfmkit.recipe import ParallelConfig, Recipe, load_recipe
@@ -649,11 +649,8 @@ def load(
     layout = generation_parallel(tensor, context)
     recipe = attrs.evolve(recipe, parallel=layout)
     env = parallel.initialize(layout, device, seed=recipe.train.seed)
-    precision = recipe.train.precision if precision == "auto" else precision
-    if precision not in ("auto", "bf16", "fp32"):
-        raise GenerateError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    model_dtype = torch.bfloat16 if bf16 else torch.float32
+    model_dtype = resolve_precision(recipe.train.precision if precision == "auto" else precision, device,
+                                    "--precision")
 
     job = Job(recipe, plugins)
     model = job.components["model"].build(recipe=recipe).to(device)

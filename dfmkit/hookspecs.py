@@ -32,5 +32,6 @@ def dfmkit_register(registries: Registries) -> None:
     ``sampler``, ``tokenizer``, ``text_encoder``, ``task_encoder`` and ``attention``.
     Register with ``registries.sampler.register("my-sampler", build, options=MyOptions)``
     where ``MyOptions`` is an attrs class of the options the recipe section may set and
-    ``build(options, **context)`` returns the component.
+    ``build(options, **context)`` returns the component; ``context`` holds what the caller has (``recipe``, the
+    job's ``registries``, ...), so factories take ``**context`` and ignore what they do not use.
     """

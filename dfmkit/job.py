@@ -10,18 +10,24 @@ import attrs
 
 from dfmkit.plugins import PluginManager, default_plugins
 from dfmkit.recipe import COMPONENT_SECTIONS, Recipe, load_recipe
-from dfmkit.registry import Component
+from dfmkit.registry import Component, Registries
 
 
 @attrs.frozen
 class ResolvedComponent:
-    """The component a recipe section names, with that section's validated options."""
+    """The component a recipe section names, with that section's validated options.
+
+    ``build`` hands the factory the job's ``registries`` in its context, so a component that builds other
+    components (a backbone its attention backend) takes them from the job's plugins, not process-wide ones."""
 
     section: str
     component: Component
     options: Any
+    registries: Registries | None = None
 
     def build(self, **context: Any) -> Any:
+        if self.registries is not None:
+            context.setdefault("registries", self.registries)
         return self.component.build(self.options, **context)
 
 
@@ -35,7 +41,7 @@ class Job:
         for section, section_type in COMPONENT_SECTIONS.items():
             chosen = getattr(recipe, section)
             entry = plugins.registries[section_type.kind].get(chosen.name)
-            self.components[section] = ResolvedComponent(section, entry, chosen.options)
+            self.components[section] = ResolvedComponent(section, entry, chosen.options, plugins.registries)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={c.component.name}" for k, c in self.components.items())

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dfmkit.batch import PackedBatch
-from dfmkit.devices import resolve_device
+from dfmkit.devices import resolve_device, resolve_precision
 from dfmkit.diffusion.edm import EDM, LossTerms, NoiseDraw
 from dfmkit.errors import DfmkitError, RecipeError
 from dfmkit.job import Job
@@ -90,9 +90,8 @@ class Trainer:
         if mock and not recipe.data.mock:
             self.recipe = recipe = attrs.evolve(recipe, data=attrs.evolve(recipe.data, mock=True))
         self.device = resolve_device(recipe.train.device, "train.device", "use train.device=cpu")
-        precision = recipe.train.precision
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.model_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.model_dtype = resolve_precision(recipe.train.precision, self.device, "train.precision")
+        self.bf16 = self.model_dtype == torch.bfloat16
         check_schedule(recipe.optim, recipe.train.train_iters)
         if data is None:
             self._check_data_path()
