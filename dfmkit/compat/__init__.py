@@ -25,6 +25,7 @@ from types import ModuleType
 
 #: The compat modules, by library area (``dfmkit.compat.<name>``).
 MODULES: tuple[str, ...] = (
+    "energon",
     "megatron_cpu",
     "torch_dcp",
 )
