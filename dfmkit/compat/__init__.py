@@ -27,7 +27,9 @@ from types import ModuleType
 MODULES: tuple[str, ...] = (
     "energon",
     "megatron_cpu",
+    "megatron_optimizer",
     "torch_dcp",
+    "torch_optim",
 )
 
 

@@ -164,7 +164,8 @@ class _CPUTorchProxy:
         return value
 
 
-_CUDA_LITERAL_MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils")
+_CUDA_LITERAL_MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
+                         "megatron.core.utils")
 
 
 def _patch_cuda_factories() -> None:
