@@ -355,7 +355,7 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from dfmkit.components.backbones import dit
-    from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
+    from dfmkit.compat.megatron_ddp import BatchedAccumulationDDP
 
     torch.manual_seed(0)
     model = dit.build(H.tiny_options())  # megatron's DDP keeps its buffers on the GPU when there is one
@@ -396,16 +396,16 @@ def test_batched_adds_do_not_start_a_cuda_graph_step():
     the backward, put it back, and still add."""
     from torch._dynamo.mutation_guard import GenerationTracker
 
-    from dfmkit.train import grad_accumulation as ga
+    from dfmkit.compat import megatron_ddp
 
     mains, grads = [torch.zeros(3), torch.zeros(2, 2)], [torch.ones(3).bfloat16(), torch.ones(2, 2).bfloat16()]
-    adds = ga.compile_adds()
+    adds = megatron_ddp.compile_adds()
     adds(mains, grads)  # compiled (and its generation step taken) here
     before = GenerationTracker.generation
     adds(mains, grads)
     assert GenerationTracker.generation != before
     before = GenerationTracker.generation
-    ga.add_within_the_step(adds, mains, grads)
+    megatron_ddp.add_within_the_step(adds, mains, grads)
     assert GenerationTracker.generation == before
     assert torch.equal(mains[1], torch.full((2, 2), 3.0))
 

@@ -27,6 +27,7 @@ from types import ModuleType
 MODULES: tuple[str, ...] = (
     "energon",
     "megatron_cpu",
+    "megatron_ddp",
     "megatron_optimizer",
     "torch_dcp",
     "torch_optim",

@@ -118,7 +118,7 @@ class Trainer:
 
         from megatron.core.distributed import DistributedDataParallelConfig
 
-        from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
+        from dfmkit.compat.megatron_ddp import BatchedAccumulationDDP
 
         distributed_optimizer = {"on": True, "off": False, "auto": self.device.type == "cuda"}[
             recipe.parallel.distributed_optimizer]
