@@ -31,6 +31,7 @@ MODULES: tuple[str, ...] = (
     "megatron_optimizer",
     "torch_dcp",
     "torch_optim",
+    "torch_tensor",
 )
 
 
