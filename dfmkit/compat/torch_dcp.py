@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dfmkit.compat import missing_attributes, missing_parameters
+from dfmkit.compat import missing_attributes, missing_parameters, replace
 from dfmkit.errors import CheckpointError
 
 CHECKED_ON = {"torch": "2.13.0", "megatron-core": "0.16.1"}
@@ -65,7 +65,7 @@ def restricted_metadata() -> Iterator[None]:
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
-    FileSystemReader.read_metadata = read_metadata
+    replace(FileSystemReader, "read_metadata", read_metadata)
     try:
         yield
     finally:
