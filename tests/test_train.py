@@ -413,8 +413,8 @@ def test_batched_adds_do_not_start_a_cuda_graph_step():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_distributed_optimizer_writes_its_master_weights_into_the_model(tmp_path):
     """megatron's distributed optimizer (on by default on CUDA) with dfmkit's multi-tensor copy of its fp32 master
-    weights (compat.megatron_optimizer.copy_main_params_with_foreach): after two steps every model weight is its master weight rounded
-    to the model's dtype, and the weights have moved."""
+    weights (compat.megatron_optimizer.copy_main_params_with_foreach): after two steps every model weight is its
+    master weight rounded to the model's dtype, and the weights have moved."""
     from dfmkit.compat.megatron_optimizer import copy_main_params_with_foreach
 
     trainer = Trainer(dfmkit.build(tiny_recipe(tmp_path)))
