@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dfmkit.compat.torch_tensor import version
 from dfmkit.errors import DfmkitError
 
 
@@ -52,8 +53,8 @@ class PackedBatch:
         batch was made there: :meth:`to` carries the lists over to the moved batch)."""
         tensor = getattr(self, name)
         cached = self._host.get(name)
-        if cached is None or cached[0] is not tensor or cached[1] != tensor._version:
-            cached = self._host[name] = (tensor, tensor._version, tensor.tolist())
+        if cached is None or cached[0] is not tensor or cached[1] != version(tensor):
+            cached = self._host[name] = (tensor, version(tensor), tensor.tolist())
         return cached[2]
 
     @property
@@ -99,7 +100,7 @@ class PackedBatch:
         result = type(self)(**moved)
         for name, values in host.items():
             tensor = getattr(result, name)
-            result._host[name] = (tensor, tensor._version, values)
+            result._host[name] = (tensor, version(tensor), values)
         return result
 
     def with_text(self, text: torch.Tensor) -> PackedBatch:

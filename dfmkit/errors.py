@@ -36,6 +36,10 @@ class PluginError(DfmkitError):
     """A plugin that could not be loaded or that failed while registering."""
 
 
+class CheckpointError(DfmkitError):
+    """A checkpoint that is missing, incomplete, or does not fit the model (:mod:`dfmkit.train.checkpoint`)."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """The closest of ``choices`` to ``word``, or None when nothing is close."""
     matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

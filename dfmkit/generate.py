@@ -285,7 +285,8 @@ def read_checkpoint_states(
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from dfmkit.train.checkpoint import CheckpointError, restricted_metadata
+    from dfmkit.compat.torch_dcp import restricted_metadata
+    from dfmkit.errors import CheckpointError
 
     sharded = {k: v for k, v in _flatten(model.sharded_state_dict(prefix="model."), {}).items()
                if isinstance(v, ShardedTensor)}

@@ -193,7 +193,7 @@ def _run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, 
     if ddp:
         from megatron.core.distributed import DistributedDataParallelConfig
 
-        from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
+        from dfmkit.compat.megatron_ddp import BatchedAccumulationDDP
 
         config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
                                                bucket_size=OVERLAP_BUCKET if overlap else None)

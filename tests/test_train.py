@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import dfmkit
+from dfmkit.compat.megatron_optimizer import torch_adams
 from dfmkit.errors import RecipeError
 from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.loop import TrainingStopped, Trainer, train
-from dfmkit.train.optim import torch_adams
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
@@ -259,7 +259,7 @@ def test_megatron_multi_tensor_fallbacks_give_the_same_norm_and_scaling():
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
 
-    from dfmkit.train import optim
+    from dfmkit.compat import megatron_optimizer as optim
 
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(n, generator=g) for n in (3, 70, 1)] + [torch.randn(5, 4, generator=g).bfloat16()]
@@ -355,7 +355,7 @@ def test_batched_gradient_accumulation_leaves_megatrons_main_grads(compiled):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from dfmkit.components.backbones import dit
-    from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
+    from dfmkit.compat.megatron_ddp import BatchedAccumulationDDP
 
     torch.manual_seed(0)
     model = dit.build(H.tiny_options())  # megatron's DDP keeps its buffers on the GPU when there is one
@@ -396,16 +396,16 @@ def test_batched_adds_do_not_start_a_cuda_graph_step():
     the backward, put it back, and still add."""
     from torch._dynamo.mutation_guard import GenerationTracker
 
-    from dfmkit.train import grad_accumulation as ga
+    from dfmkit.compat import megatron_ddp
 
     mains, grads = [torch.zeros(3), torch.zeros(2, 2)], [torch.ones(3).bfloat16(), torch.ones(2, 2).bfloat16()]
-    adds = ga.compile_adds()
+    adds = megatron_ddp.compile_adds()
     adds(mains, grads)  # compiled (and its generation step taken) here
     before = GenerationTracker.generation
     adds(mains, grads)
     assert GenerationTracker.generation != before
     before = GenerationTracker.generation
-    ga.add_within_the_step(adds, mains, grads)
+    megatron_ddp.add_within_the_step(adds, mains, grads)
     assert GenerationTracker.generation == before
     assert torch.equal(mains[1], torch.full((2, 2), 3.0))
 
@@ -413,9 +413,9 @@ def test_batched_adds_do_not_start_a_cuda_graph_step():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_distributed_optimizer_writes_its_master_weights_into_the_model(tmp_path):
     """megatron's distributed optimizer (on by default on CUDA) with dfmkit's multi-tensor copy of its fp32 master
-    weights (optim.copy_main_params_with_foreach): after two steps every model weight is its master weight rounded
-    to the model's dtype, and the weights have moved."""
-    from dfmkit.train.optim import copy_main_params_with_foreach
+    weights (compat.megatron_optimizer.copy_main_params_with_foreach): after two steps every model weight is its
+    master weight rounded to the model's dtype, and the weights have moved."""
+    from dfmkit.compat.megatron_optimizer import copy_main_params_with_foreach
 
     trainer = Trainer(dfmkit.build(tiny_recipe(tmp_path)))
     assert copy_main_params_with_foreach(trainer.optimizer) >= 1

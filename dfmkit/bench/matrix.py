@@ -187,7 +187,7 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
         # memory taken (DiT-XL's weights, master weights, moments, gradients and EMA: about 15 GiB).
         del trainer
         if cuda:
-            torch._dynamo.reset()
+            torch.compiler.reset()
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

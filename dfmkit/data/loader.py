@@ -19,7 +19,7 @@ batches. ``data.num_workers`` worker processes per rank (0: in the main process)
 Reading never crashes on bad data: besides the checks of the task encoder, a shard that cannot be
 read at a sample (a tar truncated after it was indexed, a damaged header) makes that sample a
 counted ``unreadable`` skip (Energon's tar readers are wrapped so a read error skips the sample
-instead of ending the epoch), shards that the index left out (see
+instead of ending the epoch: :func:`dfmkit.compat.energon.harden_readers`), shards that the index left out (see
 :func:`dfmkit.data.prepare.index_dataset`) are counted once by DP rank 0, and any other error in a
 sample is counted as ``error``.
 
@@ -44,17 +44,16 @@ import numpy as np
 import torch
 
 from dfmkit.batch import PackedBatch
+from dfmkit.compat.energon import harden_readers, shutdown_workers
+from dfmkit.data import DataError, check_fits_model
+from dfmkit.data.mock import MockLoader
 from dfmkit.data.shards import read_dataset_info
 from dfmkit.data.skips import SkipCounter
-from dfmkit.errors import DfmkitError
+from dfmkit.parallel.context import required_pad_multiple
 
 log = logging.getLogger("dfmkit.data")
 
 STATE_FORMAT = "dfmkit-loader-state/1"
-
-
-class DataError(DfmkitError):
-    """A dataset folder that cannot be loaded (missing, not prepared, empty split)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,57 +187,6 @@ def _error_handler(skips: SkipCounter):
     return handle
 
 
-class _TolerantReader:
-    """Wraps an Energon tar reader: a sample that cannot be read becomes None (Energon skips it)."""
-
-    def __init__(self, inner: Any, skips: SkipCounter):
-        self._inner = inner
-        self._skips = skips
-
-    def __getitem__(self, index: Any) -> Any:
-        try:
-            return self._inner[index]
-        except Exception as exc:
-            shard = ""
-            try:
-                shard = self._inner.tar_filenames[self._inner._get_itar_sample_pointer(index).tar_file_id]
-            except Exception:
-                pass
-            self._skips.count("unreadable", f"{shard}#{index}", f"{type(exc).__name__}: {exc}")
-            return None
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_inner", "_skips"):
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-
-def _harden_readers(dataset: Any, skips: SkipCounter) -> int:
-    """Wrap the tar readers of every Energon webdataset sample loader inside ``dataset``."""
-    from megatron.energon.flavors.webdataset.sample_loader import WebdatasetSampleLoaderDataset
-
-    wrapped, stack, seen = 0, [dataset], set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, WebdatasetSampleLoaderDataset):
-            node.join_readers = [r if isinstance(r, _TolerantReader) else _TolerantReader(r, skips)
-                                 for r in node.join_readers]
-            wrapped += 1
-            continue
-        inner = getattr(node, "dataset", None)
-        if inner is not None:
-            stack.append(inner)
-        for item in getattr(node, "datasets", None) or ():
-            stack.append(item[0] if isinstance(item, tuple) else item)
-    return wrapped
-
-
 def _check_dataset(path: str, split: str) -> dict[str, Any] | None:
     root = Path(path)
     if not path:
@@ -250,21 +198,6 @@ def _check_dataset(path: str, split: str) -> dict[str, Any] | None:
         raise DataError(f"'{path}' has no Energon index (.nv-meta/split.yaml); `dfmkit prepare` writes it, or run "
                         "dfmkit.data.prepare.index_dataset on the folder")
     return read_dataset_info(root)
-
-
-def _check_fits_model(recipe: Any, info: Mapping[str, Any], what: str, hint: str = "") -> None:
-    """A clear error when the data's latent channels or text width differ from what the backbone takes."""
-    from dfmkit.data import model_dims
-
-    channels, width = model_dims(recipe)
-    problems = []
-    if channels and info.get("latent_channels") and int(info["latent_channels"]) != channels:
-        problems.append(f"{what} has {info['latent_channels']}-channel latents but model.in_channels = {channels}")
-    if width and info.get("text_dim") and int(info["text_dim"]) != width:
-        problems.append(f"{what} has text states of width {info['text_dim']} but model.text_dim = {width}")
-    if problems:
-        hint = hint or "prepare the data with this recipe's tokenizer and text encoder, or change the model options"
-        raise DataError("; ".join(problems) + f" ({hint})")
 
 
 def split_samples(path: str, split: str) -> int:
@@ -318,7 +251,7 @@ class EnergonLoader:
         self.shuffle = shuffle
         self.num_workers = data.num_workers if num_workers is None else int(num_workers)
         self.dataset_info = _check_dataset(self.path, split)
-        _check_fits_model(recipe, self.dataset_info or {}, f"the dataset '{self.path}'")
+        check_fits_model(recipe, self.dataset_info or {}, f"the dataset '{self.path}'")
         if not split_samples(self.path, split):
             raise DataError(f"the '{split}' split of '{self.path}' holds no samples (see .nv-meta/split.yaml)")
         self.skips = SkipCounter()
@@ -367,7 +300,7 @@ class EnergonLoader:
                 self.path, split_part=self.split, worker_config=worker_config, batch_size=None,
                 packing_buffer_size=data.packing_buffer_size, task_encoder=task_encoder,
             )
-        if not _harden_readers(dataset, self.skips):
+        if not harden_readers(dataset, self.skips):
             log.warning("no Energon webdataset reader found to guard against unreadable shards")
         self.task_encoder = task_encoder
         self._loader = get_savable_loader(dataset)
@@ -426,10 +359,7 @@ class EnergonLoader:
         iterator, self._iterator = self._iterator, None
         if iterator is not None and hasattr(iterator, "close"):
             iterator.close()
-        loader = self._loader
-        shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        shutdown_workers(self._loader)
 
 
 def build_train_loader(
@@ -453,8 +383,6 @@ def build_train_loader(
     if pad_multiple is None:
         pad_multiple = default_pad_multiple(recipe)
     if recipe.data.mock:
-        from dfmkit.data.mock import MockLoader
-
         return MockLoader(recipe, dp_rank=dp_rank, dp_size=dp_size, pad_multiple=pad_multiple)
     return EnergonLoader(recipe, dp_rank=dp_rank, dp_size=dp_size, pad_multiple=pad_multiple,
                          task_encoder=component, split=split, repeat=repeat, num_workers=num_workers)
@@ -475,8 +403,6 @@ def build_validation_batches(
     if count <= 0:
         return []
     if recipe.data.mock:
-        from dfmkit.data.mock import MockLoader
-
         loader = MockLoader(recipe, dp_rank=dp_rank, dp_size=dp_size, pad_multiple=pad_multiple,
                             seed=int(getattr(recipe.train, "seed", 0)) + 7919)
         return [next(loader) for _ in range(count)]
@@ -495,6 +421,4 @@ def build_validation_batches(
 
 def default_pad_multiple(recipe: Any) -> int:
     """The per-sample token multiple the recipe's parallel layout needs (:func:`dfmkit.parallel.required_pad_multiple`)."""
-    from dfmkit.parallel.context import required_pad_multiple
-
     return required_pad_multiple(recipe.parallel)

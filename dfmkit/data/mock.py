@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dfmkit.batch import PackedBatch, Sample, pack, round_up
-from dfmkit.data import model_dims, patch_sizes
+from dfmkit.data import check_fits_model, model_dims, patch_sizes
 from dfmkit.data.skips import SkipCounter
 from dfmkit.errors import DfmkitError
 
@@ -37,11 +37,9 @@ class MockLoader:
         self.latent_shape = (c or channels or 16, t, h, w)
         self.text_tokens, self.text_dim = int(data.mock_text_tokens), int(data.mock_text_dim) or width or 1024
         self.seed = int(getattr(recipe.train, "seed", 0) if seed is None else seed)
-        from dfmkit.data.loader import _check_fits_model
-
-        _check_fits_model(recipe, {"latent_channels": self.latent_shape[0], "text_dim": self.text_dim},
-                          "mock data", hint="set data.mock_latent_shape = [0, ...] and data.mock_text_dim = 0 "
-                                            "to take the model's sizes")
+        check_fits_model(recipe, {"latent_channels": self.latent_shape[0], "text_dim": self.text_dim},
+                         "mock data", hint="set data.mock_latent_shape = [0, ...] and data.mock_text_dim = 0 "
+                                           "to take the model's sizes")
         c, t, h, w = self.latent_shape
         p, pt = self.patch_spatial, self.patch_temporal
         if t % pt or h % p or w % p:

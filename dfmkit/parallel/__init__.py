@@ -1,4 +1,4 @@
-"""Parallelism: megatron-core process groups, context-parallel packing, gradient reduction, CPU compat.
+"""Parallelism: megatron-core process groups, context-parallel packing, gradient reduction.
 
 - :func:`initialize` / :func:`destroy`: torch.distributed (NCCL on GPU, gloo on CPU) and megatron's
   parallel_state from a recipe's ``[parallel]`` (tensor, sequence, context; data = the rest).
@@ -8,7 +8,9 @@
 - :func:`all_reduce_context_parallel`, :func:`data_and_context_group`, :func:`barrier`: the reductions a
   loss needs.
 - :func:`reduce_gradients`: the gradient reduction a parallel layout needs after ``backward()``.
-- :mod:`dfmkit.parallel.cpu_compat`: the only place megatron is adapted to CPU-only machines.
+
+megatron is adapted to CPU-only machines (gloo runs) in :mod:`dfmkit.compat.megatron_cpu`, which
+:func:`initialize` applies when there is no GPU.
 """
 
 from dfmkit.parallel.context import (

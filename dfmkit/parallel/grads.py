@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def is_tensor_parallel_partial(name: str, param: torch.nn.Parameter) -> bool:
@@ -29,12 +28,12 @@ def is_tensor_parallel_partial(name: str, param: torch.nn.Parameter) -> bool:
 def _all_reduce(grads: list[torch.Tensor], group, op, scale: float = 1.0) -> None:
     if not grads:
         return
-    flat = _flatten_dense_tensors(grads)
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
     dist.all_reduce(flat, op=op, group=group)
     if scale != 1.0:
         flat.mul_(scale)
-    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    for grad, synced in zip(grads, flat.split([grad.numel() for grad in grads])):
+        grad.copy_(synced.view_as(grad))
 
 
 def reduce_gradients(model: torch.nn.Module) -> None:

@@ -3,7 +3,7 @@
 Ranks are laid out as megatron does by default ("tp-cp-ep-dp-pp"): tensor-parallel peers are
 neighbours, then context-parallel peers, and data parallelism takes the remaining factor
 ``world_size / (tensor * context)``. The torch.distributed backend is NCCL on a GPU machine and
-gloo on a CPU one (where :mod:`dfmkit.parallel.cpu_compat` is applied first).
+gloo on a CPU one (where :mod:`dfmkit.compat.megatron_cpu` is applied first).
 
 A process started without a launcher (no ``RANK``/``WORLD_SIZE`` in the environment) gets a
 one-process world whose rendezvous store lives in memory, so single-process training, sampling
@@ -20,8 +20,8 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from dfmkit.compat import megatron_cpu
 from dfmkit.errors import DfmkitError
-from dfmkit.parallel import cpu_compat
 
 if TYPE_CHECKING:
     from dfmkit.recipe import ParallelConfig
@@ -90,7 +90,7 @@ def initialize(
     tensor = parallel.tensor if parallel is not None else 1
     context = parallel.context if parallel is not None else 1
     sequence = bool(parallel.sequence) if parallel is not None else False
-    cpu_compat.apply()
+    megatron_cpu.apply()
     if not dist.is_initialized():
         _init_world(backend or default_backend(device), datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()

@@ -14,33 +14,27 @@ point leaves ``latest`` naming a checkpoint that loads. Per-rank state that is n
 
 Loading never runs arbitrary pickle either: megatron reads its ``common.pt`` with ``torch.load``'s
 weights-only unpickler, and torch.distributed.checkpoint's ``.metadata`` (a pickle) is read inside
-:func:`restricted_metadata`, which admits only the classes such a file is made of.
+:func:`dfmkit.compat.torch_dcp.restricted_metadata`, which admits only the classes such a file is made of.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import pickle
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dfmkit.errors import DfmkitError
+from dfmkit.compat.torch_dcp import MetadataUnpickler, restricted_metadata
+from dfmkit.errors import CheckpointError
 
 MARKER = "dfmkit.json"
 LATEST = "latest"
 _ITER = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(DfmkitError):
-    """A checkpoint that is missing, incomplete, or does not fit the model."""
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -134,54 +128,6 @@ def save_checkpoint(
     return final
 
 
-_METADATA_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                     "torch.distributed.checkpoint.filesystem"}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a torch.distributed.checkpoint ``.metadata``: its dataclasses and enums, ``torch.Size``,
-    dtypes and layouts, and nothing else (a pickle can otherwise call any importable function)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = None
-        if name.isidentifier():
-            if module in _METADATA_MODULES:
-                found = super().find_class(module, name)
-                found = found if isinstance(found, type) and found.__module__ == module else None
-            elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
-                found = super().find_class(module, name)
-            elif (module, name) == ("torch.serialization", "_get_layout"):  # how torch pickles a layout
-                found = super().find_class(module, name)
-        if found is None:
-            raise CheckpointError(f"a checkpoint's .metadata refers to {module}.{name}, which torch's checkpoint "
-                                  "metadata never holds; not loading it (the file is foreign or was altered)")
-        return found
-
-
-@contextlib.contextmanager
-def restricted_metadata() -> Iterator[None]:
-    """Inside the block torch.distributed.checkpoint reads ``.metadata`` files with
-    :class:`_MetadataUnpickler` (torch's own reader is a plain ``pickle.load``)."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    original = FileSystemReader.read_metadata
-
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
-            metadata = _MetadataUnpickler(stream).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-    FileSystemReader.read_metadata = read_metadata
-    try:
-        yield
-    finally:
-        FileSystemReader.read_metadata = original
-
-
 def load_checkpoint(checkpoint: Path, sharded_state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the sharded state and this rank's JSON state from a complete checkpoint."""
     from megatron.core import dist_checkpointing
@@ -195,7 +141,7 @@ def load_checkpoint(checkpoint: Path, sharded_state_dict: dict[str, Any]) -> tup
     metadata = checkpoint / ".metadata"
     if metadata.is_file():  # read here first: an error inside torch's loader comes back wrapped per rank
         with open(metadata, "rb") as stream:
-            _MetadataUnpickler(stream).load()
+            MetadataUnpickler(stream).load()
     with restricted_metadata():
         state = dist_checkpointing.load(sharded_state_dict, str(checkpoint))
     return state, json.loads(rank_file.read_text())

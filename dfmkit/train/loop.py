@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dfmkit.batch import PackedBatch
+from dfmkit.compat.megatron_optimizer import fill_empty_adam_state
 from dfmkit.devices import resolve_device, resolve_precision
 from dfmkit.diffusion.edm import EDM, LossTerms, NoiseDraw
 from dfmkit.errors import DfmkitError, RecipeError
@@ -40,7 +41,7 @@ from dfmkit.recipe import dump_recipe
 from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.ema import EMA, ema_decay
 from dfmkit.train.logger import MetricsLogger
-from dfmkit.train.optim import build_optimizer, check_schedule, fill_empty_adam_state, main_grad_norm, step_on_device
+from dfmkit.train.optim import build_optimizer, check_schedule, main_grad_norm, step_on_device
 
 log = logging.getLogger("dfmkit")
 
@@ -117,7 +118,7 @@ class Trainer:
 
         from megatron.core.distributed import DistributedDataParallelConfig
 
-        from dfmkit.train.grad_accumulation import BatchedAccumulationDDP
+        from dfmkit.compat.megatron_ddp import BatchedAccumulationDDP
 
         distributed_optimizer = {"on": True, "off": False, "auto": self.device.type == "cuda"}[
             recipe.parallel.distributed_optimizer]

@@ -1,11 +1,14 @@
-"""The one place where megatron-core is adapted to a machine without a GPU.
+"""megatron-core on a machine without a GPU: the CUDA assumptions dfmkit's CPU (gloo) runs reach, neutralised.
 
-megatron-core assumes CUDA in a few places that dfmkit reaches on CPU (gloo) runs: the CUDA RNG
-tracker, ``torch.cuda.current_device()`` as the device of communication buffers, and ``device="cuda"``
-literals in the optimizer and gradient-clipping code. :func:`apply` neutralises them, and only when
-``torch.cuda.is_available()`` is False; on a GPU machine it does nothing. No other module of dfmkit
-patches megatron for the CPU (:mod:`dfmkit.train.optim` adapts megatron's optimizer fallbacks on every
-device). (../shared/CPU_STACK_FINDINGS.md section 2 lists each failure and why.)
+Checked on megatron-core 0.16.1, torch 2.13.0 (CPU build); on a GPU machine nothing here is applied.
+
+megatron-core assumes CUDA in a few places that dfmkit reaches on CPU runs: the CUDA RNG tracker,
+``torch.cuda.current_device()`` as the device of communication buffers, and ``device="cuda"`` literals in the
+optimizer and gradient-clipping code. :func:`apply` (called by :func:`dfmkit.parallel.initialize`) neutralises
+them, and only when ``torch.cuda.is_available()`` is False; on a GPU machine it does nothing. Patches of
+megatron that apply on every device live in the other ``dfmkit.compat`` modules (the optimizer's multi-tensor
+fallbacks: :mod:`dfmkit.compat.megatron_optimizer`). (../shared/CPU_STACK_FINDINGS.md section 2 lists each
+failure and why.)
 
 What is patched, and why:
 
@@ -35,9 +38,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 from typing import Any
 
 import torch
+
+from dfmkit.compat import missing_attributes, missing_parameters, replace
+
+CHECKED_ON = {"megatron-core": "0.16.1", "torch": "2.13.0"}
 
 _applied = False
 
@@ -58,13 +66,9 @@ def apply() -> bool:
     _patch_rng_tracker()
     _patch_cuda_factories()
     _patch_clip_grads()
-    torch.cuda.synchronize = lambda *args, **kwargs: None
+    replace(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     _applied = True
     return True
-
-
-def is_applied() -> bool:
-    return _applied
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,13 +114,13 @@ def _patch_rng_tracker() -> None:
     def set_state(new_state, device=-1, graph_safe=False):
         torch.set_rng_state(new_state)
 
-    mp_random._get_cuda_rng_state = get_state
-    mp_random._set_cuda_rng_state = set_state
-    previous = mp_random._CUDA_RNG_STATE_TRACKER
-    mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+    replace(mp_random, "_get_cuda_rng_state", get_state)
+    replace(mp_random, "_set_cuda_rng_state", set_state)
+    previous, tracker = mp_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker()
     if previous is not None and previous.is_initialized():
-        mp_random._CUDA_RNG_STATE_TRACKER.set_states(previous.get_states())
-    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+        tracker.set_states(previous.get_states())
+    replace(mp_random, "_CUDA_RNG_STATE_TRACKER", tracker)
+    replace(mp_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +129,7 @@ def _patch_rng_tracker() -> None:
 
 
 def _patch_current_device() -> None:
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    replace(torch.cuda, "current_device", lambda: torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,17 +164,19 @@ class _CPUTorchProxy:
         return value
 
 
-def _patch_cuda_factories() -> None:
-    import importlib
+_CUDA_LITERAL_MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
+                         "megatron.core.utils")
 
+
+def _patch_cuda_factories() -> None:
     proxy = _CPUTorchProxy()
-    for module_name in ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils"):
+    for module_name in _CUDA_LITERAL_MODULES:
         try:
             module = importlib.import_module(module_name)
         except ImportError:  # a megatron-core without that module: nothing to patch there
             continue
         if getattr(module, "torch", None) is torch:
-            module.torch = proxy
+            replace(module, "torch", proxy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,5 +196,37 @@ def _patch_clip_grads() -> None:
             grads = [p.decoupled_grad if use_decoupled_grad else p.grad for p in parameters]
             torch._foreach_mul_([g for g in grads if g is not None], coefficient)
 
-    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
-    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    replace(clip_grads, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
+    replace(optimizer, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
+
+
+def check() -> list[str]:
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.tensor_parallel import random as mp_random
+
+    rng = "CPU RNG tracker"
+    problems = missing_attributes(rng, mp_random, "CudaRNGStatesTracker", "_MODEL_PARALLEL_RNG_TRACKER_NAME",
+                                  "_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED")
+    problems += missing_parameters(rng, mp_random, "_get_cuda_rng_state", "device", "clone", "graph_safe")
+    problems += missing_parameters(rng, mp_random, "_set_cuda_rng_state", "new_state", "device", "graph_safe")
+    if hasattr(mp_random, "CudaRNGStatesTracker"):  # the state CPURNGStatesTracker keeps in megatron's attributes
+        tracker = mp_random.CudaRNGStatesTracker()
+        problems += missing_attributes(rng, mp_random.CudaRNGStatesTracker, "add", "fork", "get_states",
+                                       "set_states", "is_initialized")
+        problems += [f"{rng}: a CudaRNGStatesTracker has no '{name}'"
+                     for name in ("states_", "seeds_", "_current_state_name", "_is_initialized")
+                     if not hasattr(tracker, name)]
+    problems += missing_attributes("current_device on the CPU", torch.cuda, "current_device")
+    problems += missing_attributes("synchronize on the CPU", torch.cuda, "synchronize")
+    for module_name in _CUDA_LITERAL_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            problems.append(f"device=\"cuda\" literals on the CPU: there is no module {module_name}")
+            continue
+        problems += missing_attributes("device=\"cuda\" literals on the CPU", module, "torch")
+    for module in (clip_grads, optimizer):
+        problems += missing_parameters("clip_grad_by_total_norm_fp32 without the CUDA assertion", module,
+                                       "clip_grad_by_total_norm_fp32", "parameters", "max_norm", "total_norm",
+                                       "use_decoupled_grad")
+    return problems
