@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Sequence
 
 from dfmkit.errors import DfmkitError
+from dfmkit.version import __version__
 
 log = logging.getLogger("dfmkit")
 
@@ -96,8 +97,6 @@ def cmd_recipe_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dfmkit import __version__
-
     parser = argparse.ArgumentParser(
         prog="dfmkit",
         description="Train and sample Diffusion Transformers (EDM) on megatron-core.",
