@@ -8,6 +8,7 @@ samples ``validation.prompts`` with the recipe's sampler and writes PNG/MP4 file
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,8 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from dfmkit.inference import sample_latents, save_outputs, to_uint8_frames
+from dfmkit.generation.outputs import save_media, to_uint8_frames
+from dfmkit.generation.sampling import sample_latents
 
 if TYPE_CHECKING:
     from dfmkit.train.loop import Trainer
@@ -96,7 +98,14 @@ class Validator:
         settings = {"step": step, "guidance": config.guidance, "num_steps": getattr(self.sampler, "num_steps", None),
                     "sampler": trainer.recipe.sampler.name, "seed": config.seed, "weights": "ema",
                     "height": config.height, "width": config.width, "frames": config.frames}
-        written = save_outputs(pixels, config.prompts, out_dir, settings)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for index, (video, prompt) in enumerate(zip(pixels, config.prompts)):
+            stem = out_dir / f"{index:03d}"
+            path = save_media(to_uint8_frames(video), stem)
+            stem.with_suffix(".json").write_text(json.dumps({**settings, "prompt": prompt, "index": index,
+                                                              "file": path.name}, indent=2))
+            written.append(path)
         trainer.logger.images(step, "validation/generated", [to_uint8_frames(p)[0] for p in pixels])
         return written
 
