@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from dfmkit.errors import DfmkitError
 
@@ -90,9 +92,6 @@ def recipe_data(config: dict[str, Any]) -> dict[str, Any]:
 
 def load_weights(path: str | os.PathLike[str], config: dict[str, Any], weights: str = "ema") -> dict[str, torch.Tensor]:
     """The full weights ("ema" or "model") of the export at ``path``, by ``model.state_dict()`` name."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     name = config.get("weights", WEIGHT_FILES).get(weights)
     if name is None:
         raise ExportError(f"the export {path} has no '{weights}' weights (it has {sorted(config.get('weights', {}))})")

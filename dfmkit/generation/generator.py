@@ -30,6 +30,7 @@ from dfmkit.generation.prompts import Request, encode_prompts, make_requests
 from dfmkit.generation.sampling import SamplingModel, build_sampler
 from dfmkit.generation.sizes import latent_shape_for, model_patches
 from dfmkit.job import Job
+from dfmkit.parallel import ParallelLayout
 from dfmkit.recipe import ParallelConfig, Recipe
 from dfmkit.version import __version__
 
@@ -58,7 +59,7 @@ class Generator:
     """
 
     def __init__(self, job: Job, model: torch.nn.Module, *, source: dict[str, Any], weights: str,
-                 device: torch.device, model_dtype: torch.dtype, env: Any, overrides: Sequence[str] = (),
+                 device: torch.device, model_dtype: torch.dtype, env: ParallelLayout, overrides: Sequence[str] = (),
                  keep_text_encoder: bool = True):
         self.job = job
         self.recipe: Recipe = job.recipe
@@ -94,7 +95,7 @@ class Generator:
         batch = batch if batch.text.dtype == self.model_dtype else batch.to(self.device, self.model_dtype)
         return self.model(x.to(self.model_dtype), c_noise, batch)
 
-    def sampling_model(self) -> SamplingModel:
+    def _sampling_model(self) -> SamplingModel:
         p, pt = model_patches(self.recipe.model.options)
         pad = parallel.required_pad_multiple(ParallelConfig(tensor=self.env.tp_size, context=self.env.cp_size))
         return SamplingModel(self._model_fn, self.edm, self.env, self.device, self.model_dtype, p, pt, pad)
@@ -133,7 +134,7 @@ class Generator:
         if max_tokens < 0:
             raise GenerateError(f"max_tokens must be >= 0, got {max_tokens}")
         sampler_name, sampler_obj, sampler_options = build_sampler(self.job, sampler, steps)
-        sampling = self.sampling_model()
+        sampling = self._sampling_model()
         shapes = [latent_shape_for(self.tokenizer, sampling.patch_spatial, sampling.patch_temporal, r.frames,
                                    r.height, r.width, self.recipe.tokenizer.name) for r in requests]
         texts = self.encode_prompts([r.prompt for r in requests])

@@ -10,7 +10,6 @@ samples ``validation.prompts`` with the recipe's sampler through the same code a
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -21,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from dfmkit import parallel
+from dfmkit.batch import PackedBatch
 from dfmkit.data.loader import build_validation_batches
-from dfmkit.diffusion.edm import EDM, ModelFn
+from dfmkit.diffusion.edm import EDM, ModelFn, NoiseDraw
 from dfmkit.errors import GenerateError
 from dfmkit.generation.outputs import decode, sample_settings, sampler_settings, to_uint8_frames, write_output
 from dfmkit.generation.prompts import encode_prompts, make_requests
@@ -33,9 +33,9 @@ from dfmkit.parallel import ParallelLayout
 from dfmkit.train.ema import EMA
 from dfmkit.train.logger import MetricsLogger
 
-log = logging.getLogger("dfmkit")
-
 VIDEO_FPS = 24
+
+ShardDrawFn = Callable[[PackedBatch, NoiseDraw], tuple[PackedBatch, NoiseDraw]]
 
 
 @contextlib.contextmanager
@@ -70,7 +70,7 @@ class Validator:
     ``env``, the device and dtype, the pack padding, the folder for generated files and the logger."""
 
     def __init__(self, job: Job, *, model_fn: ModelFn, ema_weights: Callable[[], AbstractContextManager[Any]],
-                 shard_draw: Callable[..., Any], env: ParallelLayout, device: torch.device, model_dtype: torch.dtype,
+                 shard_draw: ShardDrawFn, env: ParallelLayout, device: torch.device, model_dtype: torch.dtype,
                  pad_multiple: int, out_dir: Path, logger: MetricsLogger):
         self.job = job
         self.config = job.recipe.validation
