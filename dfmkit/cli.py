@@ -8,8 +8,10 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from dfmkit.errors import DfmkitError
+from dfmkit.version import __version__
 
 log = logging.getLogger("dfmkit")
 
@@ -60,6 +62,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dfmkit.generation import GenerateError, load, read_prompt_file  # imports torch and megatron: only when used
+
+    prompts: list[str | dict[str, Any]] = list(args.prompt)
+    if args.prompt_file:
+        prompts += read_prompt_file(args.prompt_file)
+    if not prompts:
+        raise GenerateError("no prompts: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    generator = load(args.checkpoint, weights=args.weights, overrides=args.overrides, device=args.device,
+                     precision=args.precision, tensor=args.tensor, context=args.context, keep_text_encoder=False)
+    outputs = generator.generate(prompts, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+                                 guidance=args.guidance, sampler=args.sampler, seed=args.seed, out=args.out,
+                                 fps=args.fps, max_tokens=args.max_tokens)
+    if generator.env.rank == 0:
+        for output in outputs:
+            size = f"{output.frames}x{output.height}x{output.width}"
+            print(f"{output.path}  seed {output.seed}  {size}  {output.prompt!r}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from dfmkit.generation.export import export
+    from dfmkit.generation.export_format import read_config
+
+    out = export(args.checkpoint, args.out, overwrite=args.overwrite, device=args.device)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        config = read_config(out)
+        print(f"exported iteration {config['iteration']} ({config['parameters']:,} parameters) to {out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -96,8 +131,6 @@ def cmd_recipe_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dfmkit import __version__
-
     parser = argparse.ArgumentParser(
         prog="dfmkit",
         description="Train and sample Diffusion Transformers (EDM) on megatron-core.",
@@ -145,12 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="a dotted recipe override (repeatable), e.g. --set text_encoder.path=/models/t5-11b")
 
-    def run_generate(args: argparse.Namespace) -> int:
-        from dfmkit.generate import cmd_generate
-
-        return cmd_generate(args)
-
-    generate.set_defaults(func=run_generate)
+    generate.set_defaults(func=cmd_generate)
 
     export = commands.add_parser("export", help="write a checkpoint as safetensors (EMA and raw) + config.json")
     export.add_argument("--checkpoint", required=True, help="a checkpoint.dir of `dfmkit run` or one iter_* folder")
@@ -159,12 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the checkpoint is loaded (the files are the same)")
 
-    def run_export(args: argparse.Namespace) -> int:
-        from dfmkit.export import cmd_export
-
-        return cmd_export(args)
-
-    export.set_defaults(func=run_export)
+    export.set_defaults(func=cmd_export)
 
     prepare = commands.add_parser("prepare", help="encode a dataset into WebDataset shards for training")
     _add_recipe_arguments(prepare)

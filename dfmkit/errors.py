@@ -24,6 +24,10 @@ class RecipeError(DfmkitError):
             super().__init__(f"{where}{len(self.problems)} problems in the recipe:\n{body}")
 
 
+class GenerateError(DfmkitError):
+    """Generation settings, prompts or sources that cannot work (the message says what to change)."""
+
+
 class UnknownComponentError(DfmkitError):
     """A component name that no registry entry has."""
 

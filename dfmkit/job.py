@@ -32,7 +32,10 @@ class ResolvedComponent:
 
 
 class Job:
-    """What :func:`dfmkit.build` returns: the recipe and its resolved components."""
+    """What :func:`dfmkit.build` returns: the recipe and its resolved components.
+
+    Train it with :func:`dfmkit.train.loop.train`; sample its trained weights with
+    :func:`dfmkit.generation.generate_for_job`."""
 
     def __init__(self, recipe: Recipe, plugins: PluginManager):
         self.recipe = recipe
@@ -46,15 +49,6 @@ class Job:
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={c.component.name}" for k, c in self.components.items())
         return f"Job({parts})"
-
-    def generate(self, prompts: Any, *, checkpoint: str | os.PathLike[str] | None = None, **options: Any) -> list:
-        """Images/videos for ``prompts`` from this recipe's trained weights (``checkpoint``, default: the recipe's
-        ``checkpoint.load``, else ``checkpoint.dir``; a checkpoint or an export). Options as
-        :func:`dfmkit.generate.generate` (height, width, frames, steps, guidance, sampler, seed, out, weights,
-        ...); returns :class:`dfmkit.generate.Output` objects."""
-        from dfmkit.generate import generate_for_job
-
-        return generate_for_job(self, prompts, checkpoint=checkpoint, **options)
 
 
 def build(

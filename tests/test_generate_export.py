@@ -24,9 +24,17 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import dfmkit
-from dfmkit import export as export_module
 from dfmkit.cli import main as cli_main
-from dfmkit.generate import GenerateError, latent_shape_for, load, make_requests, read_prompt_file
+from dfmkit.generation import (
+    GenerateError,
+    generate_for_job,
+    latent_shape_for,
+    load,
+    make_requests,
+    read_prompt_file,
+)
+from dfmkit.generation.export import export
+from dfmkit.generation.export_format import is_export
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]
 SIZES = dict(height=[8, 16], width=[8, 12])  # two sizes in one pack: 16 and 48 latent tokens (patch 2)
@@ -76,7 +84,7 @@ def from_checkpoint(trained):
 @pytest.fixture(scope="module")
 def exported(trained):
     out = trained["root"] / "export"
-    assert export_module.export(trained["root"] / "ckpt", out) == out
+    assert export(trained["root"] / "ckpt", out) == out
     return out
 
 
@@ -150,9 +158,9 @@ def test_settings_override_the_recipe(from_checkpoint):
         generator.generate([PROMPTS[0]], steps=0)
 
 
-def test_job_generate_uses_the_recipe_checkpoint(trained, from_checkpoint):
+def test_generate_for_job_uses_the_recipe_checkpoint(trained, from_checkpoint):
     _, outputs = from_checkpoint
-    again = trained["job"].generate(PROMPTS, **SIZES, seed=5)
+    again = generate_for_job(trained["job"], PROMPTS, **SIZES, seed=5)
     for a, b in zip(again, outputs):
         assert torch.equal(a.latent, b.latent) and torch.equal(a.pixels, b.pixels)
 
@@ -249,7 +257,7 @@ def test_cli_generate_and_export(trained, exported, tmp_path, capsys):
     iteration = trained["root"] / "ckpt" / "iter_0000002"
     assert cli_main(["export", "--checkpoint", str(iteration), "--out", str(again)]) == 0
     assert "exported iteration 2" in capsys.readouterr().out
-    assert export_module.is_export(again)
+    assert is_export(again)
     assert cli_main(["export", "--checkpoint", str(trained["root"] / "ckpt"), "--out", str(again)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert cli_main(["export", "--checkpoint", str(trained["root"] / "ckpt"), "--out", str(again), "--overwrite"]) == 0
@@ -273,7 +281,7 @@ def test_incomplete_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     rc = cli_main(["generate", "--checkpoint", str(incomplete), "--prompt", "x", "--out", str(tmp_path / "o")])
     assert rc == 2 and "no complete checkpoint" in capsys.readouterr().err
     with pytest.raises(GenerateError, match="holds no complete checkpoint"):
-        export_module.export(incomplete, tmp_path / "export")
+        export(incomplete, tmp_path / "export")
 
 
 def test_checkpoint_that_does_not_fit_its_recipe(trained, tmp_path):
@@ -367,7 +375,7 @@ def test_context_and_tensor_parallel_generation_match_one_process(trained, expor
 
     _, outputs = from_checkpoint
     sources = {"cp2_export": (str(exported), 1, 2), "tp2_checkpoint": (str(trained["root"] / "ckpt"), 2, 1)}
-    multiprocessing.set_forkserver_preload(["dfmkit.generate", "dfmkit.components.backbones.dit"])
+    multiprocessing.set_forkserver_preload(["dfmkit.generation", "dfmkit.components.backbones.dit"])
     mp.start_processes(_parallel_worker, args=(2, _free_port(), sources, str(tmp_path)), nprocs=2,
                        start_method="forkserver")
     for name in sources:

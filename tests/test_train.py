@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import dfmkit
 from dfmkit.compat.megatron_optimizer import torch_adams
-from dfmkit.errors import RecipeError
+from dfmkit.errors import GenerateError, RecipeError
+from dfmkit.generation import latent_shape_for, load
 from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.loop import TrainingStopped, Trainer, train
 
@@ -212,19 +215,55 @@ def test_clipping_on_the_device_matches_clipping_on_the_host(tmp_path):
 def test_validation_writes_loss_and_images(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    recipe = tiny_recipe(tmp_path / "val", train={"train_iters": 2}, optim={"warmup_iters": 1},
+    # A large learning rate moves the EMA well away from the raw weights, so that sampling with the wrong ones shows.
+    recipe = tiny_recipe(tmp_path / "val", train={"train_iters": 2}, optim={"warmup_iters": 1, "lr": 3e-2},
                          validation={"interval": 2, "prompts": ["a handwritten digit 3", "a handwritten digit 7"],
                                      "height": 8, "width": 8, "loss_batches": 1, "loss_sigmas": [0.5, 2.0],
                                      "guidance": 2.0})
     train(dfmkit.build(recipe))
     step_dir = tmp_path / "val" / "validation_generation" / "step_2"
     assert sorted(p.name for p in step_dir.iterdir()) == ["000.json", "000.png", "001.json", "001.png"]
-    assert json.loads((step_dir / "001.json").read_text())["prompt"] == "a handwritten digit 7"
+    settings = json.loads((step_dir / "001.json").read_text())
+    assert settings["prompt"] == "a handwritten digit 7" and settings["step"] == 2 and settings["weights"] == "ema"
+    assert settings["num_steps"] == 4  # the sampler's steps (was null: read from the sampler, not its options)
+    assert settings["sampler"] == {"name": "edm-euler", "num_steps": 4, "sigma_min": 0.002, "sigma_max": 80.0,
+                                   "rho": 7.0}
+    assert settings["guidance"] == 2.0 and settings["latent_shape"] == [3, 1, 8, 8]
     events = EventAccumulator(str(tmp_path / "val" / "tensorboard"))
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert {"val/loss_sigma_0.5", "val/loss_sigma_2", "val/loss_mean", "train/loss", "train/lr"} <= set(scalars)
     assert len(events.Tags()["images"]) == 2
+
+    # Validation samples with the code of `dfmkit generate`: the same prompts, sizes, seed and sampler from
+    # the checkpoint saved at that step (whose EMA weights validation used) give the same files.
+    generated = tmp_path / "generated"
+    load(tmp_path / "val").generate(recipe["validation"]["prompts"], out=generated)
+    for index in range(2):
+        np.testing.assert_array_equal(np.asarray(Image.open(step_dir / f"00{index}.png")),
+                                      np.asarray(Image.open(generated / f"00{index}.png")))
+        ours = json.loads((step_dir / f"00{index}.json").read_text())
+        theirs = json.loads((generated / f"00{index}.json").read_text())
+        shared = ("index", "prompt", "seed", "base_seed", "height", "width", "frames", "latent_shape", "sampler",
+                  "num_steps", "guidance", "weights", "file")
+        assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
+        assert ours["seed"] == ours["base_seed"] + index
+
+
+def test_validation_size_that_does_not_fit_is_the_error_of_generate(tmp_path):
+    """A validation size whose latent does not divide into the patches fails when the trainer is built, with the
+    message `dfmkit generate` gives that size (naming the nearest sizes that fit)."""
+    recipe = tiny_recipe(tmp_path / "val", validation={"interval": 1, "prompts": ["a digit"], "height": 9,
+                                                       "width": 8})
+    job = dfmkit.build(recipe)
+    tokenizer = job.components["tokenizer"].build(recipe=job.recipe)
+    with pytest.raises(GenerateError) as generate_error:
+        latent_shape_for(tokenizer, job.recipe.model.options.patch_spatial, job.recipe.model.options.patch_temporal,
+                         1, 9, 8, "identity")
+    assert "height 9 -> 8 or 10" in str(generate_error.value)
+    with pytest.raises(GenerateError) as validation_error:
+        Trainer(job)
+    assert str(validation_error.value) == f"validation.frames/height/width: {generate_error.value}"
 
 
 def test_bad_input_fails_before_any_work(tmp_path):

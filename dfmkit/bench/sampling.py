@@ -16,9 +16,9 @@ def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 6
     """Seconds per image and model TFLOP/s of sampling ``images`` prompts together (random weights)."""
     import dfmkit
     from dfmkit import parallel
-    from dfmkit.diffusion.edm import EDM
-    from dfmkit.inference import sample_latents
     from dfmkit.devices import resolve_device
+    from dfmkit.diffusion.edm import EDM
+    from dfmkit.generation.sampling import sample_latents
 
     job = dfmkit.build({
         "model": {"name": "dit", "preset": preset, "in_channels": latent_shape[0], "text_dim": text_dim,

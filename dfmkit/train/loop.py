@@ -150,9 +150,13 @@ class Trainer:
                                     start_step=self.step)
         self.validator = None
         if recipe.validation.interval > 0:
-            from dfmkit.train.validation import Validator
+            from dfmkit.train.validation import Validator, ema_evaluation
 
-            self.validator = Validator(self)
+            self.validator = Validator(
+                job, model_fn=self._model_fn, ema_weights=lambda: ema_evaluation(self.model, self.ema),
+                shard_draw=self.shard_draw, env=self.env, device=self.device, model_dtype=self.model_dtype,
+                pad_multiple=self.pad_multiple, out_dir=self.checkpoint_dir / "validation_generation",
+                logger=self.logger)
 
     # -- set-up helpers --------------------------------------------------------------------
 

@@ -2,70 +2,123 @@
 
 The loss uses the same few batches, the same noise and every sample conditioned, at each
 ``validation.loss_sigmas`` level, so the numbers are comparable across steps and runs. Generation
-samples ``validation.prompts`` with the recipe's sampler and writes PNG/MP4 files under
+samples ``validation.prompts`` with the recipe's sampler through the same code as ``dfmkit generate``
+(:mod:`dfmkit.generation`) and writes its files (``NNN.png``/``NNN.mp4`` + ``NNN.json``) under
 ``<checkpoint.dir>/validation_generation/step_<n>/``, and logs them to TensorBoard (and W&B).
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import attrs
 import torch
 import torch.distributed as dist
 
-from dfmkit.inference import sample_latents, save_outputs, to_uint8_frames
+from dfmkit import parallel
+from dfmkit.batch import PackedBatch
+from dfmkit.data.loader import build_validation_batches
+from dfmkit.diffusion.edm import EDM, ModelFn, NoiseDraw
+from dfmkit.errors import GenerateError
+from dfmkit.generation.outputs import decode, sample_settings, sampler_settings, to_uint8_frames, write_output
+from dfmkit.generation.prompts import encode_prompts, make_requests
+from dfmkit.generation.sampling import SamplingModel, build_sampler
+from dfmkit.generation.sizes import latent_shape_for, model_patches
+from dfmkit.job import Job
+from dfmkit.parallel import ParallelLayout
+from dfmkit.train.ema import EMA
+from dfmkit.train.logger import MetricsLogger
 
-if TYPE_CHECKING:
-    from dfmkit.train.loop import Trainer
+VIDEO_FPS = 24
 
-log = logging.getLogger("dfmkit")
+ShardDrawFn = Callable[[PackedBatch, NoiseDraw], tuple[PackedBatch, NoiseDraw]]
+
+
+@contextlib.contextmanager
+def ema_evaluation(model: torch.nn.Module, ema: EMA) -> Iterator[None]:
+    """Inside the block ``model`` is in eval mode with the EMA weights; after it, trained weights in train mode."""
+    model.eval()
+    try:
+        with ema.applied():
+            yield
+    finally:
+        model.train()
+
+
+def validation_shape(job: Job, tokenizer: Any) -> tuple[int, int, int, int]:
+    """The latent shape of ``validation.frames/height/width``, or the :class:`GenerateError` ``dfmkit generate``
+    gives a size that does not fit the tokenizer and the backbone's patches (naming the nearest ones that do)."""
+    config = job.recipe.validation
+    p, pt = model_patches(job.recipe.model.options)
+    try:
+        return latent_shape_for(tokenizer, p, pt, config.frames, config.height, config.width,
+                                job.recipe.tokenizer.name)
+    except GenerateError as exc:
+        raise GenerateError(f"validation.frames/height/width: {exc}") from None
 
 
 class Validator:
-    def __init__(self, trainer: Trainer):
-        from dfmkit.data.loader import build_validation_batches
+    """Validation of a training run: :meth:`run` at a step computes the loss and generates the prompts.
 
-        self.trainer = trainer
-        recipe = trainer.recipe
-        self.config = recipe.validation
+    It sees the run through what it needs: ``model_fn(x, c_noise, batch)`` (the live model's call),
+    ``ema_weights()`` (a context in which the model holds its EMA weights, in eval mode), ``shard_draw``
+    (a batch and its noise draw to this rank's context-parallel shard, on the device), the parallel
+    ``env``, the device and dtype, the pack padding, the folder for generated files and the logger."""
+
+    def __init__(self, job: Job, *, model_fn: ModelFn, ema_weights: Callable[[], AbstractContextManager[Any]],
+                 shard_draw: ShardDrawFn, env: ParallelLayout, device: torch.device, model_dtype: torch.dtype,
+                 pad_multiple: int, out_dir: Path, logger: MetricsLogger):
+        self.job = job
+        self.config = job.recipe.validation
+        self.model_fn = model_fn
+        self.ema_weights = ema_weights
+        self.shard_draw = shard_draw
+        self.env = env
+        self.device = device
+        self.model_dtype = model_dtype
+        self.out_dir = out_dir
+        self.logger = logger
+        self.edm = EDM.from_config(job.recipe.diffusion)
         self.batches = build_validation_batches(
-            trainer.job, dp_rank=trainer.env.dp_rank, dp_size=trainer.env.dp_size,
-            pad_multiple=trainer.pad_multiple, count=self.config.loss_batches,
+            job, dp_rank=env.dp_rank, dp_size=env.dp_size, pad_multiple=pad_multiple, count=self.config.loss_batches,
         ) if self.config.loss_batches else []
-        self.prompt_states: list[torch.Tensor] = []
-        self.tokenizer = None
-        self.sampler = None
-        if self.config.prompts and trainer.env.dp_rank == 0:
-            self.sampler = trainer.job.components["sampler"].build(recipe=recipe)
-            self.tokenizer = trainer.job.components["tokenizer"].build(recipe=recipe)
+        p, pt = model_patches(job.recipe.model.options)
+        self.sampling = SamplingModel(model_fn, self.edm, env, device, model_dtype, p, pt, pad_multiple)
+        self.prompt_states: list[torch.Tensor] = []  # generation runs on the ranks that hold them
+        self.requests, self.tokenizer, self.latent_shape = [], None, None
+        self.sampler_name, self.sampler, self.sampler_options = None, None, None
+        if self.config.prompts and env.dp_rank == 0:
+            self.requests = make_requests(self.config.prompts, height=None, width=None, frames=None,
+                                          defaults=(self.config.frames, self.config.height, self.config.width))
+            self.tokenizer = job.components["tokenizer"].build(recipe=job.recipe)
+            self.latent_shape = validation_shape(job, self.tokenizer)
+            self.sampler_name, self.sampler, self.sampler_options = build_sampler(job)
             # Encode the prompts once; the (possibly very large) text encoder is not kept.
-            encoder = trainer.job.components["text_encoder"].build(recipe=recipe)
-            self.prompt_states = [s.float().cpu() for s in encoder.encode(self.config.prompts)]
+            encoder = job.components["text_encoder"].build(recipe=job.recipe)
+            self.prompt_states = encode_prompts(encoder, self.config.prompts, job.recipe)
             del encoder
 
     @torch.no_grad()
     def validation_loss(self) -> dict[str, float]:
-        from dfmkit import parallel
-
-        trainer = self.trainer
         results = {}
         for sigma in self.config.loss_sigmas:
-            total = torch.zeros(2, device=trainer.device, dtype=torch.float64)  # sum of per-sample losses, samples
+            total = torch.zeros(2, device=self.device, dtype=torch.float64)  # sum of per-sample losses, samples
             for index, batch in enumerate(self.batches):
                 generator = torch.Generator().manual_seed(self.config.seed + index)
-                draw = trainer.edm.draw(batch, generator)
+                draw = self.edm.draw(batch, generator)
                 draw = attrs.evolve(draw, sigma=torch.full_like(draw.sigma, sigma),
                                     keep_text=torch.ones_like(draw.keep_text))
-                local_batch, local_draw = trainer.shard_draw(batch, draw)
-                terms = trainer.edm.loss_terms(trainer._model_fn, local_batch, local_draw, trainer.model_dtype)
-                counts = parallel.all_reduce_context_parallel(terms.token_count.clone(), trainer.env)
+                local_batch, local_draw = self.shard_draw(batch, draw)
+                terms = self.edm.loss_terms(self.model_fn, local_batch, local_draw, self.model_dtype)
+                counts = parallel.all_reduce_context_parallel(terms.token_count.clone(), self.env)
                 total[0] += (terms.sq_err_sum / counts.clamp(min=1)).sum().double()
-                if trainer.env.cp_rank == 0:
+                if self.env.cp_rank == 0:
                     total[1] += (counts > 0).sum()
-            dist.all_reduce(total, group=parallel.data_and_context_group(trainer.env))
+            dist.all_reduce(total, group=parallel.data_and_context_group(self.env))
             results[f"val/loss_sigma_{sigma:g}"] = float(total[0] / total[1].clamp(min=1))
         if results:
             results["val/loss_mean"] = sum(results.values()) / len(results)
@@ -73,44 +126,33 @@ class Validator:
 
     @torch.no_grad()
     def generate(self, step: int) -> list[Path]:
-        from dfmkit import parallel
-
-        trainer = self.trainer
+        """Sample the validation prompts (the ranks of data-parallel group 0 together); rank 0 writes
+        ``step_<step>/NNN.png``/``.mp4`` + ``NNN.json`` and logs the first frames. Returns the written files."""
         if not self.prompt_states:
             return []
         config = self.config
-        options = trainer.model_options
-        shape = self.tokenizer.latent_shape(config.frames, config.height, config.width)
-        latents = sample_latents(
-            trainer._model_fn, trainer.edm, self.sampler, self.prompt_states, [shape] * len(self.prompt_states),
-            guidance=config.guidance, seed=config.seed, patch_spatial=options.patch_spatial,
-            patch_temporal=options.patch_temporal, pad_multiple=trainer.pad_multiple, device=trainer.device,
-            model_dtype=trainer.model_dtype,
-            shard=lambda batch, noise: parallel.shard_for_context_parallel(batch, noise, trainer.env),
-            gather=parallel.gather_from_context_parallel,
-        )
-        if trainer.env.rank != 0:
+        shapes = [self.latent_shape] * len(self.requests)
+        latents = self.sampling.sample(self.sampler, self.prompt_states, shapes, guidance=config.guidance,
+                                       seed=config.seed)
+        if self.env.rank != 0:
             return []
-        pixels = [self.tokenizer.decode(latent[None].to(trainer.device))[0].float().cpu() for latent in latents]
-        out_dir = trainer.checkpoint_dir / "validation_generation" / f"step_{step}"
-        settings = {"step": step, "guidance": config.guidance, "num_steps": getattr(self.sampler, "num_steps", None),
-                    "sampler": trainer.recipe.sampler.name, "seed": config.seed, "weights": "ema",
-                    "height": config.height, "width": config.width, "frames": config.frames}
-        written = save_outputs(pixels, config.prompts, out_dir, settings)
-        trainer.logger.images(step, "validation/generated", [to_uint8_frames(p)[0] for p in pixels])
+        out_dir = self.out_dir / f"step_{step}"
+        common = {"step": step, "weights": "ema", **sampler_settings(self.sampler_name, self.sampler_options),
+                  "guidance": config.guidance, "base_seed": config.seed}
+        pixels, written = [], []
+        for index, (request, shape, latent) in enumerate(zip(self.requests, shapes, latents)):
+            pixels.append(decode(self.tokenizer, latent))
+            settings = {**common, **sample_settings(index, request, config.seed + index, shape, VIDEO_FPS)}
+            written.append(write_output(out_dir, index, pixels[-1], settings, VIDEO_FPS))
+        self.logger.images(step, "validation/generated", [to_uint8_frames(p)[0] for p in pixels])
         return written
 
     def run(self, step: int) -> dict[str, float]:
-        trainer = self.trainer
-        trainer.model.eval()
-        try:
-            with trainer.ema.applied():
-                losses = self.validation_loss()
-                written = self.generate(step)
-        finally:
-            trainer.model.train()
-        trainer.logger.scalars(step, losses)
+        with self.ema_weights():
+            losses = self.validation_loss()
+            written = self.generate(step)
+        self.logger.scalars(step, losses)
         if losses:
-            trainer.logger.message(f"step {step}: validation loss {losses['val/loss_mean']:.4f}"
-                                   + (f", {len(written)} samples in {written[0].parent}" if written else ""))
+            self.logger.message(f"step {step}: validation loss {losses['val/loss_mean']:.4f}"
+                                + (f", {len(written)} samples in {written[0].parent}" if written else ""))
         return losses

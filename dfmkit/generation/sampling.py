@@ -1,0 +1,144 @@
+"""Sampling: text states and latent shapes -> packed sequences -> the sampler with guidance -> latents.
+
+Used by ``dfmkit generate`` (:class:`dfmkit.generation.Generator`) and by validation during training. Each
+sample's starting noise is drawn from its own generator (``seed + index``), so a sample does not depend on
+what else shares its pack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from dfmkit import parallel
+from dfmkit.batch import PackedBatch, Sample, pack, round_up, unpack
+from dfmkit.diffusion.edm import EDM, ModelFn
+from dfmkit.diffusion.guidance import guided_denoiser
+from dfmkit.errors import GenerateError
+from dfmkit.job import Job
+from dfmkit.parallel import ParallelLayout
+
+ShardFn = Callable[[PackedBatch, torch.Tensor], tuple[PackedBatch, torch.Tensor]]
+GatherFn = Callable[[torch.Tensor, PackedBatch], torch.Tensor]
+
+
+def starting_noise(batch: PackedBatch, seed: int) -> torch.Tensor:
+    """Unit Gaussian ``[L, F]``, sample i drawn from a generator seeded with ``seed + i``; zero on padding."""
+    noise = torch.zeros_like(batch.latents, dtype=torch.float32)
+    for i, (start, n) in enumerate(zip(batch.cu_seqlens.tolist(), batch.seqlens.tolist())):
+        generator = torch.Generator().manual_seed(seed + i)
+        noise[start : start + n] = torch.randn(n, batch.latents.shape[1], generator=generator)
+    return noise
+
+
+@torch.no_grad()
+def sample_latents(
+    model_fn: ModelFn,
+    edm: EDM,
+    sampler: Any,
+    texts: Sequence[torch.Tensor],
+    latent_shapes: Sequence[Sequence[int]],
+    *,
+    guidance: float,
+    seed: int,
+    patch_spatial: int,
+    patch_temporal: int,
+    pad_multiple: int = 1,
+    device: torch.device | str = "cpu",
+    model_dtype: torch.dtype | None = None,
+    shard: ShardFn | None = None,
+    gather: GatherFn | None = None,
+) -> list[torch.Tensor]:
+    """Latents ``[C, T, H, W]`` for each (text states, latent shape), all sampled in one packed sequence.
+
+    ``shard(batch, noise)`` splits the pack across context-parallel ranks and ``gather(x, shard)`` puts the
+    result back in the full pack's order.
+    """
+    samples = [Sample(torch.zeros(*(int(s) for s in shape)), text.float().cpu(), f"sample_{i}")
+               for i, (text, shape) in enumerate(zip(texts, latent_shapes))]
+    batch = pack(samples, patch_spatial, patch_temporal, pad_multiple)
+    noise = starting_noise(batch, seed)
+    local_batch, local_noise = shard(batch, noise) if shard else (batch, noise)
+    local_batch = local_batch.to(device)
+    denoise = guided_denoiser(model_fn, edm, local_batch, guidance, model_dtype)
+    generator = torch.Generator().manual_seed(seed)
+    x0 = sampler.sample(denoise, local_noise.to(device), generator=generator)
+    x0 = gather(x0, local_batch) if gather else x0
+    return unpack(batch, x0.float().cpu(), patch_spatial, patch_temporal)
+
+
+def split_packs(shapes: Sequence[Sequence[int]], patch_spatial: int, patch_temporal: int, max_tokens: int,
+                pad_multiple: int) -> list[list[int]]:
+    """Indices of the latents of each pack: in order, at most ``max_tokens`` latent tokens each (0: one pack)."""
+    packs: list[list[int]] = [[]]
+    used = 0
+    for i, (_, t, h, w) in enumerate(shapes):
+        tokens = round_up((t // patch_temporal) * (h // patch_spatial) * (w // patch_spatial), pad_multiple)
+        if max_tokens and packs[-1] and used + tokens > max_tokens:
+            packs.append([])
+            used = 0
+        packs[-1].append(i)
+        used += tokens
+    return packs
+
+
+@attrs.frozen
+class SamplingModel:
+    """A model as sampling sees it: its call ``model_fn(x, c_noise, batch)``, the EDM preconditioning, where it
+    runs, and the parallel layout (``env``) its packs are split over (context parallelism)."""
+
+    model_fn: ModelFn
+    edm: EDM
+    env: ParallelLayout
+    device: torch.device
+    dtype: torch.dtype
+    patch_spatial: int
+    patch_temporal: int
+    pad_multiple: int
+
+    def _shard(self, batch: PackedBatch, noise: torch.Tensor) -> tuple[PackedBatch, torch.Tensor]:
+        return parallel.shard_for_context_parallel(batch, noise, self.env)
+
+    @torch.no_grad()
+    def sample(self, sampler: Any, texts: Sequence[torch.Tensor], shapes: Sequence[Sequence[int]], *,
+               guidance: float, seed: int, max_tokens: int = 0) -> list[torch.Tensor]:
+        """Latents ``[C, T, H, W]`` (float32, CPU, on every rank) for each (text states, latent shape); latent i
+        starts from noise seeded with ``seed + i``. ``max_tokens`` > 0 samples packs of at most that many
+        latent tokens, one after the other (0: one pack)."""
+        latents: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
+        for indices in split_packs(shapes, self.patch_spatial, self.patch_temporal, max_tokens, self.pad_multiple):
+            pack_latents = sample_latents(
+                self.model_fn, self.edm, sampler, [texts[i] for i in indices], [shapes[i] for i in indices],
+                guidance=guidance, seed=seed + indices[0], patch_spatial=self.patch_spatial,
+                patch_temporal=self.patch_temporal, pad_multiple=self.pad_multiple, device=self.device,
+                model_dtype=self.dtype, shard=self._shard, gather=parallel.gather_from_context_parallel,
+            )
+            for i, latent in zip(indices, pack_latents):
+                latents[i] = latent
+        return latents
+
+
+def build_sampler(job: Job, name: str | None = None, steps: int | None = None) -> tuple[str, Any, Any]:
+    """(name, sampler, options): the job's sampler, or the registered sampler ``name`` (keeping the schedule
+    options both have), with ``num_steps = steps`` when given."""
+    section = job.recipe.sampler
+    name = name or section.name
+    component = job.plugins.registries.sampler.get(name)
+    options = section.options
+    if name != section.name:
+        target = attrs.fields_dict(component.options)
+        shared = {f.name: getattr(options, f.name) for f in attrs.fields(type(options)) if f.name in target}
+    else:
+        shared = attrs.asdict(options, recurse=False)
+    if steps is not None:
+        if "num_steps" not in attrs.fields_dict(component.options):
+            raise GenerateError(f"sampler '{name}' has no num_steps option; leave --steps out")
+        shared["num_steps"] = steps
+    try:
+        options = component.options(**shared)
+    except (TypeError, ValueError) as exc:
+        raise GenerateError(f"sampler '{name}': {exc}") from None
+    return name, component.build(options, recipe=job.recipe, registries=job.plugins.registries), options
