@@ -59,9 +59,10 @@ from torch import nn
 
 from dfmkit.batch import BatchError, PackedBatch
 from dfmkit.components.attention.base import VarlenParams
-from dfmkit.components.backbones import adaln_kernels, qkv_kernels
 from dfmkit.components.backbones.options import DiTOptions
 from dfmkit.errors import DfmkitError
+from dfmkit.kernels import adaln as adaln_kernels
+from dfmkit.kernels import qkv as qkv_kernels
 from dfmkit.parallel.context import ContextParallelBatch, shard_index
 
 # ============================================================================================
