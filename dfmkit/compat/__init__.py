@@ -19,7 +19,7 @@ import importlib
 from types import ModuleType
 
 #: The compat modules, by library area (``dfmkit.compat.<name>``).
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = ("megatron_linear",)
 
 
 def modules() -> list[ModuleType]:
