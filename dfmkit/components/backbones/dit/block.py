@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
 from dfmkit.compat.megatron_linear import RowParallelLinear
 from dfmkit.components.backbones.dit.attention import AttentionSubmodules, CrossAttention, SelfAttention
-from dfmkit.components.backbones.dit.layers import AdaLN, RMSNorm, norm_modulate, residual_norm_modulate
+from dfmkit.components.backbones.dit.layers import AdaLN, RMSNorm, add_norm_modulate
 from dfmkit.components.backbones.dit.layout import PackedLayout
 from dfmkit.registry import Registry
 
@@ -78,16 +78,16 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor, layout: PackedLayout,
                 mlp_residual: tuple[torch.Tensor, torch.Tensor] | None = None):
-        sa, ca, mlp = self.modulations(c)
-        # x += g3 * MLP(...) of the layer before (none before the first); m = mod(LN x), self-attention's input
-        x, m = self.add_norm_modulate(x, mlp_residual, sa, layout)
-        # x += g1 * SA(mod(LN x))
-        x, m = self.add_norm_modulate(x, (self.self_attention(m, layout), sa.gate), ca, layout)
-        # x += g2 * CA(mod(LN x), text)
-        x, m = self.add_norm_modulate(x, (self.cross_attention(m, context, layout), ca.gate), mlp, layout)
-        # x += g3 * MLP(mod(LN x)): left to the next layer's first kernel. The gate as a tensor of its own: a
-        # compiled layer returning a view of its adaLN output would have torch.compile rebuild that view outside
-        # the graph at every call, and its gradient in the backward.
+        sa, ca, mlp = self.modulations(c)  # each branch's per-sample (shift, scale, gate)
+        # x += g3 * MLP(...) of the layer before (none before the first); m = mod(LN x) for self-attention
+        x, m = self.residual_and_input(x, mlp_residual, sa, layout)
+        # x += g1 * SA(m); m = mod(LN x) for cross-attention
+        x, m = self.residual_and_input(x, (self.self_attention(m, layout), sa.gate), ca, layout)
+        # x += g2 * CA(m, text); m = mod(LN x) for the MLP
+        x, m = self.residual_and_input(x, (self.cross_attention(m, context, layout), ca.gate), mlp, layout)
+        # x += g3 * MLP(m): left to the next layer's first kernel. The gate as a tensor of its own: a compiled
+        # layer returning a view of its adaLN output would have torch.compile rebuild that view outside the graph
+        # at every call, and its gradient in the backward.
         h, _ = self.mlp(m)
         return x, h, mlp.gate.contiguous()
 
@@ -99,14 +99,12 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         vectors = mod.chunk(9, dim=-1)
         return Modulation(*vectors[0:3]), Modulation(*vectors[3:6]), Modulation(*vectors[6:9])
 
-    def add_norm_modulate(self, x: torch.Tensor, residual: tuple[torch.Tensor, torch.Tensor] | None,
-                          next_branch: Modulation, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    def residual_and_input(self, x: torch.Tensor, residual: tuple[torch.Tensor, torch.Tensor] | None,
+                           next_branch: Modulation, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """``x += gate * h`` for ``residual = (h, gate)`` (when given), then the next branch's input
         ``mod(LN x)``: ``(x, input)``, one kernel each way where the fused kernels run."""
-        seg, eps, fused = layout.sp_samples, self.eps, self.fused_kernels
-        if residual is None:
-            return x, norm_modulate(x, next_branch.shift, next_branch.scale, seg, eps, fused)
-        return residual_norm_modulate(x, *residual, next_branch.shift, next_branch.scale, seg, eps, fused)
+        return add_norm_modulate(x, residual, next_branch.shift, next_branch.scale, layout.sp_samples, self.eps,
+                                 self.fused_kernels)
 
 
 def dit_layer_spec(attention: str = "torch", adaln_lora_rank: int = 256, text_dim: int = 1024,

@@ -143,6 +143,15 @@ def residual_norm_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor,
     return x, norm_modulate(x, shift, scale, seg, eps)
 
 
+def add_norm_modulate(x: torch.Tensor, residual: tuple[torch.Tensor, torch.Tensor] | None, shift: torch.Tensor,
+                      scale: torch.Tensor, seg: Segments, eps: float, fused: bool = False):
+    """``x += gate * h`` for ``residual = (h, gate)`` when there is one, then the next branch's input
+    ``norm_modulate(x)``: ``(x, input)``."""
+    if residual is None:
+        return x, norm_modulate(x, shift, scale, seg, eps, fused)
+    return residual_norm_modulate(x, *residual, shift, scale, seg, eps, fused)
+
+
 # --------------------------------------------------------------------------------------------
 # Positions: 3D RoPE, 3D sin-cos
 # --------------------------------------------------------------------------------------------

@@ -34,9 +34,8 @@ from dfmkit.components.backbones.dit.block import dit_layer_spec
 from dfmkit.components.backbones.dit.layers import (
     Segments,
     TimestepEmbedding,
+    add_norm_modulate,
     gated_residual,
-    norm_modulate,
-    residual_norm_modulate,
     sincos3d,
 )
 from dfmkit.components.backbones.dit.layout import PackedLayout, build_layout
@@ -70,10 +69,7 @@ class FinalLayer(nn.Module):
                 mlp_residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``mlp_residual``: the last layer's (MLP output, gate), added to ``x`` first (see :class:`DiTLayer`)."""
         shift, scale = self.adaln(c).chunk(2, dim=-1)
-        if mlp_residual is None:
-            x = norm_modulate(x, shift, scale, seg, self.eps, self.fused_kernels)
-        else:
-            _, x = residual_norm_modulate(x, *mlp_residual, shift, scale, seg, self.eps, self.fused_kernels)
+        _, x = add_norm_modulate(x, mlp_residual, shift, scale, seg, self.eps, self.fused_kernels)
         return self.linear(x.squeeze(1))
 
 
