@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dfmkit.bench.timing import kernel_milliseconds
-from dfmkit.components.attention import short_keys
+from dfmkit.kernels import short_keys
 from dfmkit.components.attention.base import VarlenParams
 from dfmkit.components.attention.torch_backend import _varlen_fn
 

@@ -1,4 +1,4 @@
-"""Time the DiT's Triton kernels (adaln_kernels, qkv_kernels) alone on DiT-XL shapes over a sweep of launch
+"""Time the DiT's Triton kernels (dfmkit.kernels.adaln, .qkv) alone on DiT-XL shapes over a sweep of launch
 shapes, as bandwidth against a device copy: the figures behind the launch settings at the top of each module.
 
 Each kernel's bytes are what it must move at the least (bf16 tensors read and written once); per-sample
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dfmkit.bench.timing import copy_bandwidth, kernel_milliseconds
-from dfmkit.components.backbones import adaln_kernels, qkv_kernels
+from dfmkit import kernels
 from dfmkit.components.backbones.dit import Segments, rope3d
 
 
@@ -37,10 +37,10 @@ def adaln_case(tokens: int, hidden: int, samples: int, residual: bool):
     h = torch.randn(tokens, 1, hidden, **bf16, requires_grad=True)
     one = tokens * hidden * 2
     if residual:
-        forward = lambda: adaln_kernels.residual_norm_modulate(x, h, gate, shift, scale, seg, 1e-6)  # noqa: E731
+        forward = lambda: kernels.adaln.residual_norm_modulate(x, h, gate, shift, scale, seg, 1e-6)  # noqa: E731
         outs, inputs, moved = forward(), (x, h, gate, shift, scale), (4 * one, 6 * one)
     else:
-        forward = lambda: (adaln_kernels.norm_modulate(x, shift, scale, seg, 1e-6),)  # noqa: E731
+        forward = lambda: (kernels.adaln.norm_modulate(x, shift, scale, seg, 1e-6),)  # noqa: E731
         outs, inputs, moved = forward(), (x, shift, scale), (2 * one, 3 * one)
     grads = [torch.randn_like(o) for o in outs]
     backward = lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True)  # noqa: E731
@@ -55,7 +55,7 @@ def qkv_case(tokens: int, hidden: int, heads: int):
     side = int(round((tokens // 128) ** 0.5))
     pos = torch.stack([torch.zeros(tokens), torch.arange(tokens) // side % side, torch.arange(tokens) % side], 1)
     rope = rope3d(pos.long().cuda(), head_dim, 10000.0, torch.bfloat16)
-    forward = lambda: qkv_kernels.split_qkv(qkv, heads, wq, wk, 1e-6, rope)  # noqa: E731
+    forward = lambda: kernels.qkv.split_qkv(qkv, heads, wq, wk, 1e-6, rope)  # noqa: E731
     outs = forward()
     grads = [torch.randn_like(o) for o in outs]
     backward = lambda: torch.autograd.grad(outs, (qkv, wq, wk), grads, retain_graph=True)  # noqa: E731
@@ -68,7 +68,7 @@ def cross_query_case(tokens: int, hidden: int, heads: int):
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, 1, hidden, **bf16, requires_grad=True)
     weight = torch.ones(hidden // heads, **bf16, requires_grad=True)
-    forward = lambda: (qkv_kernels.norm_heads(x, heads, weight, 1e-6),)  # noqa: E731
+    forward = lambda: (kernels.qkv.norm_heads(x, heads, weight, 1e-6),)  # noqa: E731
     outs = forward()
     grads = [torch.randn_like(o) for o in outs]
     backward = lambda: torch.autograd.grad(outs, (x, weight), grads, retain_graph=True)  # noqa: E731
@@ -77,10 +77,10 @@ def cross_query_case(tokens: int, hidden: int, heads: int):
 
 
 SWEEPS = {
-    "adaln": (adaln_kernels, {"FORWARD_ELEMENTS": [2048, 4096, 8192, 16384], "FORWARD_WARPS": [2, 4, 8],
+    "adaln": (kernels.adaln, {"FORWARD_ELEMENTS": [2048, 4096, 8192, 16384], "FORWARD_WARPS": [2, 4, 8],
                               "BACKWARD_WARPS": [1, 2, 4, 8],
                               "BACKWARD_ROWS": [16, 32, 64, 128]}),
-    "qkv": (qkv_kernels, {"TOKENS_PER_TILE": [1, 2, 4, 8], "FORWARD_WARPS": [2, 4, 8],
+    "qkv": (kernels.qkv, {"TOKENS_PER_TILE": [1, 2, 4, 8], "FORWARD_WARPS": [2, 4, 8],
                           "BACKWARD_WARPS": [1, 2, 4, 8], "TILES_PER_PROGRAM": [2, 4, 8, 16]}),
 }
 

@@ -49,7 +49,7 @@ def measure(trainer, label: str, steps: int) -> dict:
 
 # Kernel families by name, first match wins: cuBLAS/CUTLASS products, attention (cuDNN, flash), the
 # optimizer's multi-tensor kernels, inductor's generated kernels (GELU apart), dfmkit's own Triton kernels
-# (adaln_kernels, qkv_kernels: their jit functions are named _forward, _backward, _sum_partials), the rest.
+# (dfmkit.kernels.adaln, .qkv: their jit functions are named _forward, _backward, _sum_partials), the rest.
 KERNEL_FAMILIES = [
     ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
     ("attention", ("cudnn", "flash", "fmha", "attn", "sdpa")),

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dfmkit.components.backbones import adaln_kernels as adaln
-from dfmkit.components.backbones import qkv_kernels as qkv
+from dfmkit.kernels import adaln, qkv
 from dfmkit.components.backbones.dit import rope3d
 
 

@@ -155,7 +155,7 @@ def test_equal_length_samples_broadcast_like_the_gather_path(monkeypatch):
     assert model.layout(batch).samples.equal
     out, grads = _forward_backward(model, batch)
     general = dit.build_layout
-    monkeypatch.setattr(dit, "build_layout", lambda *a, **k: dataclasses.replace(
+    monkeypatch.setattr(dit.model, "build_layout", lambda *a, **k: dataclasses.replace(  # where DiT.layout looks
         layout := general(*a, **k), samples=(seg := dit.Segments(layout.samples.ids, layout.samples.num_samples)),
         sp_samples=seg))
     assert not model.layout(batch).samples.equal
@@ -336,6 +336,45 @@ def test_unknown_backend_is_named():
 
     with pytest.raises(UnknownComponentError, match="unknown attention 'torch-sdp'; did you mean 'torch-sdpa'"):
         dit.build(H.tiny_options(attention="torch-sdp"))
+
+
+def test_attention_backend_comes_from_the_jobs_plugins():
+    """A backend a job's plugin registers is the one the job's model attends with, though the process-wide
+    plugins (what a direct ``dit.build`` falls back to) do not know its name."""
+    from dfmkit.errors import UnknownComponentError
+    from dfmkit.hookspecs import hookimpl
+    from dfmkit.job import Job
+    from dfmkit.plugins import default_plugins
+    from dfmkit.recipe import load_recipe
+
+    calls = []
+
+    class CountedSDPA(SDPASegments):
+        def forward(self, q, k, v, params):
+            calls.append(q.shape)
+            return super().forward(q, k, v, params)
+
+    class Plugin:
+        @hookimpl
+        def dfmkit_register(self, registries):
+            registries.attention.register("counted-sdpa", lambda options, **context: CountedSDPA())
+
+    plugins = PluginManager(entry_points=False, extra=[(Plugin(), "tests")])
+    model_section = {"name": "dit", "preset": "tiny", "in_channels": H.CHANNELS, "text_dim": H.TEXT_DIM,
+                     "adaln_lora_rank": 16, "attention": "counted-sdpa"}
+    job = Job(load_recipe({"model": model_section}, registries=plugins.registries), plugins)
+    model = job.components["model"].build(recipe=job.recipe)
+    assert "counted-sdpa" not in default_plugins().registries.attention
+    with pytest.raises(UnknownComponentError, match="unknown attention 'counted-sdpa'"):
+        dit.build(job.recipe.model.options)
+
+    batch = H.make_packs()[0]
+    with torch.no_grad():
+        out, _, _ = run(model, batch)
+    layers = model.config.num_layers
+    assert len(calls) == 2 * layers  # self- and cross-attention of every layer
+    assert all(shape[0] == batch.num_tokens for shape in calls)
+    assert torch.isfinite(out).all()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The DiT's Triton kernels (adaln_kernels, qkv_kernels) against the torch code they replace: outputs and
+"""The DiT's Triton kernels (dfmkit.kernels.adaln, .qkv) against the torch code they replace: outputs and
 every input gradient, on packs whose samples straddle kernel programs, start mid-sample (a sequence-parallel
 share) or have no tokens; and the whole model with the kernels on against off, eager and compiled.
 
@@ -25,7 +25,7 @@ def _relative_errors(got: dict, want: dict) -> dict:
 
 
 def check_adaln(device: str, dtype: torch.dtype, tolerance: float) -> None:
-    from dfmkit.components.backbones import adaln_kernels
+    from dfmkit import kernels
 
     g = torch.Generator().manual_seed(0)
     # 40 and 70 tokens span several 32-token backward programs; 0 tokens: a sample absent from this share
@@ -56,12 +56,12 @@ def check_adaln(device: str, dtype: torch.dtype, tolerance: float) -> None:
             t.retain_grad()
         samples = dit.Segments(ids, n)
         if residual:
-            x_new_k, m_k = adaln_kernels.residual_norm_modulate(leaves["x"], leaves["h"], per_sample["gate"],
+            x_new_k, m_k = kernels.adaln.residual_norm_modulate(leaves["x"], leaves["h"], per_sample["gate"],
                                                                 per_sample["shift"], per_sample["scale"], samples, 1e-6)
             ((m_k.float() * grad_m.to(device)).sum() + (x_new_k.float() * grad_x_new.to(device)).sum()).backward()
         else:
             x_new_k = leaves["x"]
-            m_k = adaln_kernels.norm_modulate(leaves["x"], per_sample["shift"], per_sample["scale"], samples, 1e-6)
+            m_k = kernels.adaln.norm_modulate(leaves["x"], per_sample["shift"], per_sample["scale"], samples, 1e-6)
             (m_k.float() * grad_m.to(device)).sum().backward()
         got = {"m": m_k, "x_new": x_new_k, **{"grad " + k: (leaves.get(k) if k in leaves else per_sample[k]).grad
                                               for k in names}}
@@ -70,7 +70,7 @@ def check_adaln(device: str, dtype: torch.dtype, tolerance: float) -> None:
 
 
 def check_qkv(device: str, dtype: torch.dtype, tolerance: float) -> None:
-    from dfmkit.components.backbones import qkv_kernels
+    from dfmkit import kernels
 
     g = torch.Generator().manual_seed(0)
     for tokens, heads, head_dim, rope in [(37, 3, 72, True), (50, 2, 16, False), (300, 4, 24, True)]:
@@ -91,7 +91,7 @@ def check_qkv(device: str, dtype: torch.dtype, tolerance: float) -> None:
 
         kernel_leaves = [t.to(device, dtype).requires_grad_() for t in (qkv, *weights)]
         rope_k = tuple(t.to(dtype) for t in cos_sin) if rope else None
-        q_k, k_k, v_k = qkv_kernels.split_qkv(kernel_leaves[0], heads, kernel_leaves[1], kernel_leaves[2], 1e-6, rope_k)
+        q_k, k_k, v_k = kernels.qkv.split_qkv(kernel_leaves[0], heads, kernel_leaves[1], kernel_leaves[2], 1e-6, rope_k)
         assert all(t.is_contiguous() and t.shape == (tokens, heads, head_dim) for t in (q_k, k_k, v_k))
         sum((t.float() * grad).sum() for t, grad in zip((q_k, k_k, v_k), grads)).backward()
         got = {"q": q_k, "k": k_k, "v": v_k, "grad qkv": kernel_leaves[0].grad,
@@ -102,7 +102,7 @@ def check_qkv(device: str, dtype: torch.dtype, tolerance: float) -> None:
 
 def check_cross(device: str, dtype: torch.dtype, tolerance: float) -> None:
     """Cross-attention's pieces: the per-head query norm, and the text projection into normed keys and values."""
-    from dfmkit.components.backbones import qkv_kernels
+    from dfmkit import kernels
 
     g = torch.Generator().manual_seed(1)
     for tokens, heads, head_dim, copied in [(37, 3, 72, False), (21, 2, 16, True), (300, 4, 24, True)]:
@@ -120,9 +120,9 @@ def check_cross(device: str, dtype: torch.dtype, tolerance: float) -> None:
 
         kernel_leaves = [t.to(device, dtype).requires_grad_() for t in (src, weight)]
         if copied:
-            outs_k = qkv_kernels.split_kv(kernel_leaves[0], heads, kernel_leaves[1], 1e-6)
+            outs_k = kernels.qkv.split_kv(kernel_leaves[0], heads, kernel_leaves[1], 1e-6)
         else:
-            outs_k = (qkv_kernels.norm_heads(kernel_leaves[0], heads, kernel_leaves[1], 1e-6),)
+            outs_k = (kernels.qkv.norm_heads(kernel_leaves[0], heads, kernel_leaves[1], 1e-6),)
         assert all(t.is_contiguous() and t.shape == (tokens, heads, head_dim) for t in outs_k)
         sum((t.float() * grad).sum() for t, grad in zip(outs_k, grads)).backward()
         got = {**{f"out {i}": t for i, t in enumerate(outs_k)}, "grad src": kernel_leaves[0].grad,
@@ -170,11 +170,11 @@ def _model_run(options, cpu_batch, dtype):
 def test_cuda_model_with_fused_kernels_matches_fp32_torch_code(equal_sizes, compiled, monkeypatch):
     """bf16 with the kernels lands as close to the fp32 torch code as bf16 without them, and they do run."""
     from dfmkit.batch import pack
-    from dfmkit.components.backbones import adaln_kernels, qkv_kernels
+    from dfmkit import kernels
 
     calls = []
-    for module, name in [(adaln_kernels, "residual_norm_modulate"), (qkv_kernels, "split_qkv"),
-                         (qkv_kernels, "norm_heads"), (qkv_kernels, "split_kv")]:
+    for module, name in [(kernels.adaln, "residual_norm_modulate"), (kernels.qkv, "split_qkv"),
+                         (kernels.qkv, "norm_heads"), (kernels.qkv, "split_kv")]:
         def spy(*args, _original=getattr(module, name), _name=name):
             calls.append(_name)
             return _original(*args)

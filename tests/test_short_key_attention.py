@@ -1,4 +1,4 @@
-"""The short-key attention kernels (dfmkit.components.attention.short_keys) against per-segment SDPA in fp32:
+"""The short-key attention kernels (dfmkit.kernels.short_keys) against per-segment SDPA in fp32:
 output and the q, k, v gradients, on packs with segments of mixed lengths (query tiles straddling segment
 ends, segments without queries, one key, the full 128), q/k/v as strided views of one projection, and each
 key tile size. On CUDA in bf16 (and through the default ``torch`` backend, eager and compiled); without a GPU
@@ -31,7 +31,7 @@ def _views(tokens: int, heads: int, head_dim: int, generator, device, dtype, par
 
 
 def check_short_keys(device: str, dtype: torch.dtype, tolerance: float) -> None:
-    from dfmkit.components.attention import short_keys
+    from dfmkit.kernels import short_keys
 
     g = torch.Generator().manual_seed(0)
     for lengths_q, lengths_k, heads, head_dim in CASES:
@@ -75,7 +75,8 @@ def test_cuda_default_backend_picks_the_kernels_where_they_are_faster(compiled, 
     """The ``torch`` backend runs segments of at most 64 keys, and unequal ones of at most 128, through the kernels
     (also compiled), equal segments of 65-128 keys and anything longer through cuDNN or flash varlen; either way its
     result and gradients agree with cuDNN's or flash varlen's."""
-    from dfmkit.components.attention import short_keys, torch_backend
+    from dfmkit.components.attention import torch_backend
+    from dfmkit.kernels import short_keys
 
     calls = []
     original = short_keys.attention

@@ -28,6 +28,7 @@ MODULES: tuple[str, ...] = (
     "energon",
     "megatron_cpu",
     "megatron_ddp",
+    "megatron_linear",
     "megatron_optimizer",
     "torch_dcp",
     "torch_optim",

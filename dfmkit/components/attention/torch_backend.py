@@ -4,7 +4,7 @@ Registered names (pick with ``model.attention``):
 
 - ``torch``: the default. On CUDA with bf16/fp16 inputs: where no segment has more than 64 keys (cross-attention
   to a short caption, small images), or segments of unequal lengths have at most 128, dfmkit's Triton kernels
-  (:mod:`~dfmkit.components.attention.short_keys`, faster than cuDNN there and than flash varlen up to 128 keys;
+  (:mod:`~dfmkit.kernels.short_keys`, faster than cuDNN there and than flash varlen up to 128 keys;
   cuDNN is faster for equal segments of 65-128 keys); otherwise cuDNN's fused attention as one batched call when
   every segment has the same length (a pack of equal-size images, or captions of one length), else
   flash-attention varlen (``aten._flash_attention_forward``, the kernel behind
@@ -30,7 +30,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dfmkit.components.attention import short_keys
+from dfmkit.kernels import short_keys
 from dfmkit.components.attention.base import VarlenParams
 from dfmkit.errors import DfmkitError
 

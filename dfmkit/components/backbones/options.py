@@ -70,7 +70,7 @@ class DiTOptions:
     # for GPUs: on the CPU the per-sample attention loop of mixed-size packs recompiles for each new pack.
     compile: bool = False
     # Triton kernels on CUDA in bf16/fp16 for the adaLN chain (gated residual + LayerNorm + modulation) and for
-    # the attentions' q/k RMSNorm (+ RoPE in self-attention) (adaln_kernels.py, qkv_kernels.py), eager or
+    # the attentions' q/k RMSNorm (+ RoPE in self-attention) (dfmkit/kernels/adaln.py, qkv.py), eager or
     # compiled. Off: the torch code, which inductor fuses when compiled. No effect elsewhere (CPU, fp32), where
     # the torch code runs.
     fused_kernels: bool = True

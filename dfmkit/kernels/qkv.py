@@ -7,8 +7,9 @@ of the queries and keys, the rotary embedding, and the split, in one kernel each
     norm_heads(x [L, 1, H * D], weight, eps) -> q                   cross-attention's queries
 
 A head's channels in ``qkv`` are ``[q | k | v]`` (megatron's per-head interleaving), in ``kv`` ``[k | v]``.
-``cos``/``sin`` are ``[L, 1, D]`` (:func:`~dfmkit.components.backbones.dit.rope3d`) or None for no rotation; channel j is
-rotated with channel j + D/2 (rotate-half) by one angle, so the kernels read only the first half of each.
+``cos``/``sin`` are ``[L, 1, D]`` (:func:`~dfmkit.components.backbones.dit.layers.rope3d`) or None for no
+rotation; channel j is rotated with channel j + D/2 (rotate-half) by one angle, so the kernels read only the first
+half of each.
 
 Why: compiled by inductor, the norms and rotation took 34 ms of a 333 ms DiT-XL step on an H100 (128 x 256
 tokens), three times what their memory traffic needs, and the backward then assembled the qkv gradient
@@ -17,8 +18,8 @@ kernels prefer); the backward reads the three output gradients and q and k, and 
 whole, with per-program partial sums for the two norm weights (no atomics: deterministic). A tile holds
 whole tokens (all heads), so each token's angles are loaded once and broadcast over its heads. Cross-attention's
 query norm was 6.6 ms of inductor kernels in the same step; here it moves the bytes at 93% of copy bandwidth
-forward and 64% backward (benchmarks/fused_kernels.py). The torch code
-in :mod:`~dfmkit.components.backbones.dit` is the reference and the path wherever :func:`available` is false.
+forward and 64% backward (benchmarks/fused_kernels.py). The torch code in
+:mod:`~dfmkit.components.backbones.dit.attention` is the reference and the path wherever :func:`available` is false.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def _shapes(src: torch.Tensor, heads: int, weights: list[torch.Tensor], copied: 
 
 
 # The launches are custom operators: torch.compile keeps them whole in its graphs, with what they read and
-# write declared (nothing they are given is written); see adaln_kernels for why.
+# write declared (nothing they are given is written); see kernels/adaln.py for why.
 @torch.library.custom_op("dfmkit::split_heads_forward", mutates_args=())
 def _launch_forward(src: torch.Tensor, weights: list[torch.Tensor], copied: bool, heads: int, eps: float,
                     cos: torch.Tensor | None, sin: torch.Tensor | None) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ one kernel forward and one (plus a small reduction) backward.
 
 ``x``, ``h`` are a layer's tokens ``[L, 1, D]``; ``gate``, ``shift``, ``scale`` are ``[N, D]`` per-sample
 vectors (rows of the adaLN output, any row stride); ``seg`` is the layer's :class:`~dfmkit.components.
-backbones.dit.Segments`: which sample each token belongs to, with the tokens of a sample contiguous and
+backbones.dit.layers.Segments`: which sample each token belongs to, with the tokens of a sample contiguous and
 samples in order (as a pack lays them out, also after a sequence- or context-parallel split).
 
 Why: compiled by inductor, this chain took 62 ms of a 333 ms DiT-XL step on an H100 (128 x 256 tokens),
@@ -17,7 +17,7 @@ normalised input in fp32 and read everything again for the per-sample sums. Here
 h and writes x_new and m; the backward reads the two output gradients, x_new and h and writes the two
 input gradients, a token at a time while the next one loads, adding each sample's gradient sums into
 per-program partials in registers (no atomics: the result is deterministic). The torch code in
-:mod:`~dfmkit.components.backbones.dit` is the reference and the path wherever :func:`available` is false.
+:mod:`~dfmkit.components.backbones.dit.layers` is the reference and the path wherever :func:`available` is false.
 """
 
 from __future__ import annotations

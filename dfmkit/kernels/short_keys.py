@@ -25,7 +25,8 @@ Triton's fused-attention tutorial) was no faster at 77 keys: 0.516 ms at its bes
 (same H200), and was removed (it is in the history at 54bfb63).
 
 Launch shapes are per key tile (``LAUNCH``), swept on an H200 by benchmarks/attention_kernels.py.
-:func:`takes` says where the kernels apply; the torch backend calls them there (see torch_backend).
+:func:`takes` says where the kernels apply; the torch backend calls them there
+(:mod:`dfmkit.components.attention.torch_backend`).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def _strides(*tensors: torch.Tensor) -> dict:
 
 
 # The launches are custom operators: torch.compile keeps them whole in its graphs, with what they read and
-# write declared (see backbones/adaln_kernels for why).
+# write declared (see kernels/adaln.py for why).
 @torch.library.custom_op("dfmkit::short_key_attention_forward", mutates_args=())
 def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                     max_q: int, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,86 @@
+"""What a DiT forward needs to know about its pack, computed once per forward: :class:`PackedLayout`.
+
+Which sample each token belongs to (whole sequence, and the share a layer holds under sequence parallelism),
+the attention segments of self- and cross-attention, which keys are real (padding never serves as a key; under
+context parallelism: which rows of the all-gathered keys), and the rotary embedding's angles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from dfmkit.batch import PackedBatch
+from dfmkit.components.attention.base import VarlenParams
+from dfmkit.components.backbones.dit.layers import Segments, rope3d
+from dfmkit.parallel.context import ContextParallelBatch, shard_index
+
+
+@dataclasses.dataclass
+class PackedLayout:
+    """What the layers need about the pack, computed once per forward."""
+
+    samples: Segments  # tokens of this (CP) rank, full sequence
+    sp_samples: Segments  # the tokens a layer holds: this TP rank's chunk under SP, else == samples
+    self_attn: VarlenParams  # local query segments vs. each sample's real keys
+    kv_index: torch.Tensor | None  # rows of the (CP-gathered) keys that are real, grouped by sample
+    cross_attn: VarlenParams  # local query segments vs. each sample's text
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    cp_group: Any = None  # set when keys/values must be all-gathered over context parallelism
+
+
+def _real_positions(cu: list[int], seqlens: list[int], device) -> torch.Tensor:
+    return torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(cu, seqlens)])
+
+
+def build_layout(
+    batch: PackedBatch,
+    *,
+    tp_size: int,
+    tp_rank: int,
+    sequence_parallel: bool,
+    cp_group: Any,
+    rope: tuple[int, float] | None,
+    dtype: torch.dtype = torch.float32,
+) -> PackedLayout:
+    device = batch.latents.device
+    n = batch.num_samples
+    cu = batch.host("cu_seqlens")
+    seqlens = batch.host("seqlens")
+    padded = [b - a for a, b in zip(cu, cu[1:])]
+    equal = n > 0 and all(length == padded[0] for length in padded)
+    samples = Segments(batch.token_sample_ids(), n, equal=equal)
+    sp_samples = samples
+    if sequence_parallel and tp_size > 1:
+        chunk = batch.num_tokens // tp_size
+        sp_samples = Segments(samples.ids[tp_rank * chunk : (tp_rank + 1) * chunk], n)
+
+    cu_k = [0]
+    for length in seqlens:
+        cu_k.append(cu_k[-1] + length)
+    if isinstance(batch, ContextParallelBatch):
+        global_cu = batch.host("global_cu_seqlens")
+        gathered = torch.cat([shard_index(global_cu, batch.cp_size, r, device=device) for r in range(batch.cp_size)])
+        row_of = torch.empty_like(gathered)
+        row_of[gathered] = torch.arange(gathered.numel(), device=device)
+        kv_index = row_of[_real_positions(global_cu, seqlens, device)]
+    elif cu_k[-1] != batch.num_tokens:
+        kv_index = _real_positions(cu, seqlens, device)
+    else:
+        kv_index = None
+
+    rope_cs = None
+    if rope is not None:
+        head_dim, theta = rope
+        rope_cs = rope3d(batch.pos_ids.to(device), head_dim, theta, dtype)
+    return PackedLayout(
+        samples=samples,
+        sp_samples=sp_samples,
+        self_attn=VarlenParams.from_host(cu, cu_k, device),
+        kv_index=kv_index,
+        cross_attn=VarlenParams.from_host(cu, batch.host("cu_seqlens_kv"), device),
+        rope=rope_cs,
+        cp_group=cp_group,
+    )
