@@ -6,6 +6,10 @@ A recipe has fixed sections (``[diffusion]``, ``[data]``, ``[train]``, ``[optim]
 component with ``name = "..."``; the rest of a component section is validated by that
 component's own options class. Every mistake is reported with its dotted path and, where a
 close match exists, a suggestion.
+
+Numbers are checked as they are read, in every section and every component's options: a float must be
+finite (NaN never passes; a field whose meaning includes infinity is typed :data:`FloatOrInf`), and an
+integer must fit in 64 bits, as TOML, torch and numpy hold them.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import math
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import attrs
 import cattrs
@@ -29,6 +34,17 @@ from dfmkit.errors import DfmkitError, RecipeError, UnknownComponentError, did_y
 from dfmkit.registry import Registries
 
 PACKAGED_RECIPES = Path(__file__).parent / "recipes"
+
+
+class _InfAllowed:
+    """Marks a float field whose documented meaning includes +-inf; NaN is refused there too."""
+
+
+#: The type of a float option that may be infinite (``s_max = inf``: no upper bound); plain ``float``
+#: fields refuse inf and NaN.
+FloatOrInf = Annotated[float, _InfAllowed()]
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +94,23 @@ class TaskEncoderSection(ComponentSection):
 _positive = v.gt(0)
 _non_negative = v.ge(0)
 _fraction = [v.ge(0.0), v.le(1.0)]
+
+
+def _seed(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    # torch.Generator.manual_seed takes up to 2**64 - 1; seeds here are offset (seed + index, megatron's
+    # seed + 2718 + rank), so the upper half stays free.
+    if not 0 <= value <= INT64_MAX:
+        raise ValueError(f"'{attribute.name}' must be an integer from 0 to 2**63 - 1, got {value}")
+
+
+def _betas(instance: Any, attribute: attrs.Attribute, value: tuple[float, float]) -> None:
+    if not all(0.0 <= beta < 1.0 for beta in value):
+        raise ValueError(f"'{attribute.name}' each beta must be in [0, 1), got {tuple(value)}")
+
+
+def _sigmas(instance: Any, attribute: attrs.Attribute, value: list[float]) -> None:
+    if not all(sigma > 0 for sigma in value):
+        raise ValueError(f"'{attribute.name}' must be noise levels > 0, got {value}")
 
 
 @attrs.define(kw_only=True)
@@ -137,7 +170,7 @@ class TrainConfig:
 
     train_iters: int = attrs.field(default=1000, validator=_positive)
     global_batch_size: int = attrs.field(default=8, validator=_positive)  # packed sequences per step
-    seed: int = 1234
+    seed: int = attrs.field(default=1234, validator=_seed)
     device: str = attrs.field(default="auto", validator=v.in_(["auto", "cpu", "cuda"]))
     precision: str = attrs.field(default="auto", validator=v.in_(["auto", "bf16", "fp32"]))
     log_interval: int = attrs.field(default=10, validator=_positive)
@@ -152,7 +185,7 @@ class OptimConfig:
     """AdamW and its learning-rate schedule (defaults as in the reference)."""
 
     lr: float = attrs.field(default=9e-5, validator=_positive)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_betas)
     eps: float = attrs.field(default=1e-5, validator=_positive)
     weight_decay: float = attrs.field(default=0.033, validator=_non_negative)
     clip_grad: float = attrs.field(default=1.0, validator=_non_negative)  # 0 disables clipping
@@ -212,8 +245,8 @@ class ValidationConfig:
     width: int = attrs.field(default=256, validator=_positive)
     frames: int = attrs.field(default=1, validator=_positive)
     guidance: float = 7.0  # classifier-free guidance w (1: none); steps and sampler come from [sampler]
-    seed: int = 0
-    loss_sigmas: list[float] = attrs.Factory(lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
+    seed: int = attrs.field(default=0, validator=_seed)
+    loss_sigmas: list[float] = attrs.field(factory=lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0], validator=_sigmas)
     loss_batches: int = attrs.field(default=2, validator=_non_negative)
 
 
@@ -265,15 +298,19 @@ def _describe(value: Any) -> str:
 def _structure_int(value: Any, _: type) -> int:
     if isinstance(value, _Raw):
         try:
-            return int(value.replace("_", ""))
+            number = int(value.replace("_", ""))
         except ValueError:
             raise _ValueError(f"expected an integer, got {_describe(value)}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
+    elif isinstance(value, bool) or not isinstance(value, int):
         raise _ValueError(f"expected an integer, got {_describe(value)}")
-    return value
+    else:
+        number = value
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise _ValueError(f"expected an integer that fits in 64 bits, got {_describe(value)}")
+    return number
 
 
-def _structure_float(value: Any, _: type) -> float:
+def _read_float(value: Any) -> float:
     if isinstance(value, _Raw):
         try:
             return float(value)
@@ -282,6 +319,28 @@ def _structure_float(value: Any, _: type) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _ValueError(f"expected a number, got {_describe(value)}")
     return float(value)
+
+
+def _structure_float(value: Any, _: type) -> float:
+    number = _read_float(value)
+    if not math.isfinite(number):
+        raise _ValueError(f"expected a finite number, got {_describe_number(value)}")
+    return number
+
+
+def _structure_float_or_inf(value: Any, _: type) -> float:
+    number = _read_float(value)
+    if math.isnan(number):
+        raise _ValueError(f"expected a number or inf, got {_describe_number(value)}")
+    return number
+
+
+def _describe_number(value: Any) -> str:
+    return repr(str(value)) if isinstance(value, _Raw) else str(value)
+
+
+def _allows_inf(t: Any) -> bool:
+    return typing.get_origin(t) is Annotated and any(isinstance(m, _InfAllowed) for m in typing.get_args(t)[1:])
 
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -332,8 +391,10 @@ class RecipeLoader:
     def __init__(self, registries: Registries):
         self.registries = registries
         c = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+        c.register_structure_hook_factory(attrs.has, self._attrs_hook)
         c.register_structure_hook(int, _structure_int)
         c.register_structure_hook(float, _structure_float)
+        c.register_structure_hook_func(_allows_inf, _structure_float_or_inf)
         c.register_structure_hook(bool, _structure_bool)
         c.register_structure_hook(str, _structure_str)
         c.register_structure_hook_func(
@@ -350,6 +411,32 @@ class RecipeLoader:
         self.converter = c
 
     # -- structure hooks ---------------------------------------------------------------------
+
+    def _attrs_hook(self, cl: type) -> Any:
+        """cattrs' hook for an attrs class, reporting every field validator that fails, not only the first."""
+        structure = self.converter.gen_structure_attrs_fromdict(cl)
+
+        def structure_all(value: Any, t: type) -> Any:
+            try:
+                return structure(value, t)
+            except (ValueError, ClassValidationError) as first:  # attrs stops at the first validator that fails
+                with attrs.validators.disabled():
+                    try:
+                        instance = structure(value, t)
+                    except Exception:  # wrong types, or __attrs_post_init__: the first report is the whole story
+                        raise first from None
+                failures = []
+                for field in attrs.fields(cl):
+                    try:
+                        if field.validator is not None:
+                            field.validator(instance, field, getattr(instance, field.name))
+                    except ValueError as exc:
+                        failures.append(exc)
+                if len(failures) > 1:
+                    raise ClassValidationError(f"While structuring {cl.__name__}", failures, cl) from None
+                raise
+
+        return structure_all
 
     def _structure_sequence(self, value: Any, t: Any) -> Any:
         if isinstance(value, _Raw):
@@ -538,6 +625,9 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"not UTF-8 text (byte {exc.start}): a TOML recipe must be saved as UTF-8"],
+                          str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError([f"not valid TOML: {exc}"], str(path)) from None
     except OSError as exc:

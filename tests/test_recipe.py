@@ -66,6 +66,48 @@ def test_validators_report_the_path(toy_plugins):
     }
 
 
+def test_non_finite_and_out_of_range_numbers_are_refused(toy_plugins):
+    with pytest.raises(RecipeError) as info:
+        load({"diffusion": {"p_mean": float("nan")}, "validation": {"loss_sigmas": [0.5, float("inf")]}},
+             ["optim.lr=inf", "train.seed=18446744073709551616", "data.seq_length=99999999999999999999",
+              "validation.guidance=nan", "sampler.sigma_max=-inf"], plugins=toy_plugins)
+    assert set(problems(info)) == {
+        "diffusion.p_mean: expected a finite number, got nan",
+        "validation.loss_sigmas[1]: expected a finite number, got inf",
+        "optim.lr: expected a finite number, got 'inf'",
+        "train.seed: expected an integer that fits in 64 bits, got '18446744073709551616'",
+        "data.seq_length: expected an integer that fits in 64 bits, got '99999999999999999999'",
+        "validation.guidance: expected a finite number, got 'nan'",
+        "sampler.sigma_max: expected a finite number, got '-inf'",
+    }
+    # A section's range checks run once its values have the right types.
+    with pytest.raises(RecipeError) as info:
+        load({}, ["optim.betas=[0.9, 1]", "train.seed=-1", "validation.seed=-2", "validation.loss_sigmas=[0, 1]"],
+             plugins=toy_plugins)
+    assert set(problems(info)) == {
+        "optim.betas: each beta must be in [0, 1), got (0.9, 1.0)",
+        "train.seed: must be an integer from 0 to 2**63 - 1, got -1",
+        "validation.seed: must be an integer from 0 to 2**63 - 1, got -2",
+        "validation.loss_sigmas: must be noise levels > 0, got [0.0, 1.0]",
+    }
+
+
+def test_a_field_that_documents_inf_takes_it_but_never_nan(toy_plugins):
+    recipe = load({}, ["sampler.s_max=inf"], plugins=toy_plugins)
+    assert recipe.sampler.options.s_max == float("inf")
+    with pytest.raises(RecipeError) as info:
+        load({}, ["sampler.s_max=nan"], plugins=toy_plugins)
+    assert problems(info) == ["sampler.s_max: expected a number or inf, got 'nan'"]
+
+
+def test_edm_heun_keeps_its_inf_default_through_a_dump():
+    recipe = load_recipe({"sampler": {"name": "edm-heun"}}, ["sampler.s_churn=1"])
+    assert recipe.sampler.options.s_max == float("inf")
+    assert load_recipe(tomllib.loads(dump_recipe(recipe))) == recipe
+    with pytest.raises(RecipeError, match="sampler.s_max: expected a number or inf, got nan"):
+        load_recipe({"sampler": {"name": "edm-heun", "s_max": float("nan")}})
+
+
 def test_unknown_component_name(toy_plugins):
     with pytest.raises(RecipeError) as info:
         load({"sampler": {"name": "toy-sampeler"}}, plugins=toy_plugins)
@@ -113,10 +155,11 @@ def test_apply_overrides_does_not_modify_its_input():
 
 
 def test_dump_parses_back_to_an_equal_recipe(toy_plugins):
-    recipe = load({"validation": {"prompts": ["a", "b"]}}, ["optim.lr=3e-4", "sampler.sigma_max=inf"],
+    recipe = load({"validation": {"prompts": ["a", "b"]}}, ["optim.lr=3e-4", "sampler.sigma_max=90"],
                   plugins=toy_plugins)
     text = dump_recipe(recipe, registries=toy_plugins.registries)
-    assert tomllib.loads(text)["sampler"] == {"name": "toy-sampler", "num_steps": 35, "sigma_max": float("inf")}
+    assert tomllib.loads(text)["sampler"] == {"name": "toy-sampler", "num_steps": 35, "sigma_max": 90.0,
+                                              "s_max": float("inf")}
     again = load_recipe(tomllib.loads(text), registries=toy_plugins.registries)
     assert again == recipe
 
@@ -128,6 +171,11 @@ def test_missing_and_invalid_files(tmp_path, toy_plugins):
     bad.write_text("[train\n")
     with pytest.raises(RecipeError, match="not valid TOML"):
         load_recipe(bad, registries=toy_plugins.registries)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("[train]\nseed = 1  # Gr\u00f6\u00dfe\n".encode("latin-1"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(latin1, registries=toy_plugins.registries)
+    assert str(latin1) in str(info.value) and "not UTF-8" in str(info.value)
 
 
 def test_cli_prints_errors_without_traceback(tmp_path):

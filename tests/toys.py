@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import attrs
 
 from dfmkit.hookspecs import hookimpl
+from dfmkit.recipe import FloatOrInf
 
 
 @attrs.define(kw_only=True)
@@ -13,6 +16,7 @@ class ToySamplerOptions:
 
     num_steps: int = 35
     sigma_max: float = 80.0
+    s_max: FloatOrInf = math.inf  # documented as taking inf (no upper bound), as edm-heun's s_max
 
 
 @attrs.define(kw_only=True)
