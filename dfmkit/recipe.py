@@ -30,6 +30,7 @@ import tomli_w
 from attrs import validators as v
 from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from dfmkit import recipe_checks
 from dfmkit.errors import DfmkitError, RecipeError, UnknownComponentError, did_you_mean
 from dfmkit.registry import Registries
 
@@ -168,7 +169,7 @@ class DataConfig:
 class TrainConfig:
     """The training loop."""
 
-    train_iters: int = attrs.field(default=1000, validator=_positive)
+    train_iters: int = attrs.field(default=20000, validator=_positive)  # more than optim.warmup_iters
     global_batch_size: int = attrs.field(default=8, validator=_positive)  # packed sequences per step
     seed: int = attrs.field(default=1234, validator=_seed)
     device: str = attrs.field(default="auto", validator=v.in_(["auto", "cpu", "cuda"]))
@@ -201,7 +202,7 @@ class ParallelConfig:
     tensor: ranks that split every layer's heads and MLP (megatron column/row-parallel linears).
     sequence: also split the tokens between tensor-parallel regions (needs tensor > 1).
     context: ranks that split every packed sample's tokens (attention gathers keys/values).
-    Each sample is padded to ``dfmkit.parallel.required_pad_multiple(parallel)`` tokens.
+    Each sample is padded to a multiple of :attr:`pad_multiple` tokens.
     """
 
     tensor: int = attrs.field(default=1, validator=_positive)
@@ -212,6 +213,14 @@ class ParallelConfig:
     def __attrs_post_init__(self) -> None:
         if self.sequence and self.tensor == 1:
             raise ValueError("sequence = true needs tensor > 1 (sequence parallelism splits tensor-parallel regions)")
+
+    @property
+    def pad_multiple(self) -> int:
+        """What every sample's token count is padded to a multiple of: ``2 * context`` when context
+        parallelism is on (the load-balanced split), times ``tensor`` when sequence parallelism is on (each
+        context shard is split again across the tensor-parallel ranks); 1 otherwise."""
+        multiple = 2 * self.context if self.context > 1 else 1
+        return multiple * self.tensor if self.sequence and self.tensor > 1 else multiple
 
 
 @attrs.define(kw_only=True)
@@ -487,15 +496,31 @@ class RecipeLoader:
     # -- public ------------------------------------------------------------------------------
 
     def structure(self, data: Mapping[str, Any], source: str | None = None) -> Recipe:
+        """The recipe of ``data``, or one :class:`RecipeError` listing every mistake: each section's own,
+        then those of the checks across sections and against the registries (:mod:`dfmkit.recipe_checks`)."""
         if not isinstance(data, Mapping):
             raise RecipeError([f"a recipe is a table of sections, got {type(data).__name__}"], source)
-        filled = dict(data)
-        for key, section in COMPONENT_SECTIONS.items():
-            filled.setdefault(key, {"name": section.default})
-        try:
-            return self.converter.structure(filled, Recipe)
-        except (ClassValidationError, IterableValidationError) as exc:
-            raise RecipeError(list(_messages(exc, "")), source) from None
+        fields = attrs.fields_dict(Recipe)
+        problems = []
+        for key in data:
+            if key not in fields:
+                guess = did_you_mean(key, list(fields))
+                problems.append(f"{key}: unknown key; " + (f"did you mean {guess}?" if guess else
+                                                           f"known sections: {', '.join(fields)}"))
+        # Section by section, so that the checks can still read the sections that have no mistakes.
+        sections, broken = {}, []
+        for name, field in fields.items():
+            value = data.get(name, {"name": field.type.default} if name in COMPONENT_SECTIONS else {})
+            try:
+                sections[name] = self.converter.structure(value, field.type)
+            except Exception as exc:  # noqa: BLE001 - every mistake of the section, as dotted messages
+                broken.append(name)
+                problems += _messages(exc, name)
+        recipe = Recipe(**sections) if not broken else recipe_checks.PartialRecipe(sections, broken)
+        problems += recipe_checks.recipe_problems(recipe, self.registries, COMPONENT_SECTIONS)
+        if problems:
+            raise RecipeError(problems, source)
+        return recipe
 
     def unstructure(self, recipe: Recipe) -> dict[str, Any]:
         return _drop_none(self.converter.unstructure(recipe))

@@ -23,7 +23,7 @@ def problems(excinfo) -> list[str]:
 
 def test_defaults_and_component_options(toy_plugins):
     recipe = load({}, plugins=toy_plugins)
-    assert recipe.train.train_iters == 1000
+    assert recipe.train.train_iters == 20000  # more than the default warm-up of 2000 steps
     assert recipe.optim.betas == (0.9, 0.95)
     assert recipe.sampler.name == "toy-sampler"
     assert recipe.sampler.options.num_steps == 35
@@ -113,6 +113,44 @@ def test_unknown_component_name(toy_plugins):
         load({"sampler": {"name": "toy-sampeler"}}, plugins=toy_plugins)
     [message] = problems(info)
     assert message.startswith("sampler.name: unknown sampler 'toy-sampeler'; did you mean 'toy-sampler'?")
+
+
+def test_every_problem_is_reported_at_once_component_checks_included():
+    """Type errors, value errors, cross-section checks and the backbone's own registry check: one report."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe("quickstart_digits", ["model.attention=torch-sdap", "optim.warmup_iters=5000", "validation.seed=-1",
+                                          "sampler.num_steps=lots", "parallel.context=4", "data.seq_length=6"])
+    [attention] = [p for p in problems(info) if p.startswith("model.attention")]
+    assert attention.startswith("model.attention: unknown attention 'torch-sdap'; did you mean 'torch-sdpa'?")
+    assert set(problems(info)) - {attention} == {
+        "sampler.num_steps: expected an integer, got 'lots'",
+        "validation.seed: must be an integer from 0 to 2**63 - 1, got -1",
+        "optim.warmup_iters (5000) must be smaller than train.train_iters (1200); lower the warm-up or set "
+        "optim.decay_style = \"constant\"",
+        "data.seq_length (6) is smaller than 8, the tokens each sample is padded to for parallel.context = 4 "
+        "(2 x context); raise data.seq_length",
+    }
+
+
+def test_a_component_checks_itself_against_the_recipe_and_registries(toy_plugins):
+    with pytest.raises(RecipeError) as info:
+        load({"model": {"name": "toy-backbone", "attention": "flashy", "widths": [8, 64]},
+              "data": {"seq_length": 32}}, plugins=toy_plugins)
+    assert set(problems(info)) == {
+        "model.attention: unknown attention 'flashy'; no such backend is registered",
+        "model.widths: 64 is wider than data.seq_length (32)",
+    }
+    # A check that reads a section with mistakes of its own is left out; that section's mistakes are reported.
+    with pytest.raises(RecipeError) as info:
+        load({"model": {"name": "toy-backbone", "widths": [8, 64]}, "data": {"seq_length": "x"}}, plugins=toy_plugins)
+    assert problems(info) == ["data.seq_length: expected an integer, got 'x' (str)"]
+
+
+def test_cli_recipe_show_refuses_a_recipe_with_mistakes():
+    result = subprocess.run([sys.executable, "-m", "dfmkit.cli", "recipe", "show", "quickstart_digits",
+                             "model.attention=nope", "optim.warmup_iters=100000"], capture_output=True, text=True)
+    assert result.returncode == 2 and "2 problems in the recipe" in result.stderr
+    assert "model.attention: unknown attention 'nope'" in result.stderr and "optim.warmup_iters" in result.stderr
 
 
 def test_overrides_are_coerced_to_the_field_type(toy_plugins):

@@ -27,6 +27,14 @@ class ToyBackboneOptions:
     attention: str = "torch"
     widths: list[int] = attrs.Factory(lambda: [8, 16])
 
+    def recipe_problems(self, recipe, registries) -> list[str]:
+        problems = []
+        if self.attention not in registries.attention:
+            problems.append(f"attention: unknown attention '{self.attention}'; no such backend is registered")
+        problems += [f"widths: {w} is wider than data.seq_length ({recipe.data.seq_length})"
+                     for w in self.widths if w > recipe.data.seq_length]
+        return problems
+
 
 class ToyComponents:
     """A plugin that registers one component of each kind under names prefixed 'toy-'."""
