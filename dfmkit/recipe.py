@@ -14,6 +14,7 @@ integer must fit in 64 bits, as TOML, torch and numpy hold them.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -33,6 +34,8 @@ from cattrs.errors import AttributeValidationNote, ClassValidationError, Forbidd
 from dfmkit import recipe_checks
 from dfmkit.errors import DfmkitError, RecipeError, UnknownComponentError, did_you_mean
 from dfmkit.registry import Registries
+
+log = logging.getLogger("dfmkit")
 
 PACKAGED_RECIPES = Path(__file__).parent / "recipes"
 
@@ -422,30 +425,43 @@ class RecipeLoader:
     # -- structure hooks ---------------------------------------------------------------------
 
     def _attrs_hook(self, cl: type) -> Any:
-        """cattrs' hook for an attrs class, reporting every field validator that fails, not only the first."""
+        """cattrs' hook for an attrs class, reporting every mistake of a section: its unknown keys, and each
+        field's wrong type or, once the types are right, each field validator that fails (attrs stops at the
+        first)."""
         structure = self.converter.gen_structure_attrs_fromdict(cl)
+        names = {field.name for field in attrs.fields(cl)}
 
         def structure_all(value: Any, t: type) -> Any:
+            failures: list[Exception] = []
+            if isinstance(value, Mapping) and not names.issuperset(value):
+                failures.append(ForbiddenExtraKeysError("", cl, set(value) - names))
+                value = {k: v for k, v in value.items() if k in names}
             try:
-                return structure(value, t)
-            except (ValueError, ClassValidationError) as first:  # attrs stops at the first validator that fails
-                with attrs.validators.disabled():
-                    try:
-                        instance = structure(value, t)
-                    except Exception:  # wrong types, or __attrs_post_init__: the first report is the whole story
-                        raise first from None
-                failures = []
-                for field in attrs.fields(cl):
-                    try:
-                        if field.validator is not None:
-                            field.validator(instance, field, getattr(instance, field.name))
-                    except ValueError as exc:
-                        failures.append(exc)
-                if len(failures) > 1:
-                    raise ClassValidationError(f"While structuring {cl.__name__}", failures, cl) from None
-                raise
+                instance = structure(value, t)
+            except (ValueError, ClassValidationError) as exc:
+                failures += self._field_failures(cl, structure, value, t) or getattr(exc, "exceptions", [exc])
+            if failures:
+                raise ClassValidationError(f"While structuring {cl.__name__}", failures, cl)
+            return instance
 
         return structure_all
+
+    @staticmethod
+    def _field_failures(cl: type, structure: Any, value: Any, t: type) -> list[Exception]:
+        """Each field validator's complaint, when the values have the right types; else nothing."""
+        with attrs.validators.disabled():
+            try:
+                instance = structure(value, t)
+            except Exception:  # noqa: BLE001 - wrong types (or __attrs_post_init__): cattrs' report says it
+                return []
+        failures: list[Exception] = []
+        for field in attrs.fields(cl):
+            try:
+                if field.validator is not None:
+                    field.validator(instance, field, getattr(instance, field.name))
+            except ValueError as exc:
+                failures.append(exc)
+        return failures
 
     def _structure_sequence(self, value: Any, t: Any) -> Any:
         if isinstance(value, _Raw):
@@ -524,6 +540,47 @@ class RecipeLoader:
 
     def unstructure(self, recipe: Recipe) -> dict[str, Any]:
         return _drop_none(self.converter.unstructure(recipe))
+
+    def switch_components(self, base: Mapping[str, Any], data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+        """``data`` (``base`` with ``overrides`` applied) where an override names another component for a
+        section: of the base section's options only those the new component also has, and whose values it
+        accepts, are kept (a refused value is dropped with a warning: the new default applies). Options
+        given in ``overrides`` are always kept, and checked as usual."""
+        given: dict[str, set[str]] = {}
+        for override in overrides:
+            section, _, key = override.partition("=")[0].strip().partition(".")
+            given.setdefault(section, set()).add(key)
+        for section, section_type in COMPONENT_SECTIONS.items():
+            base_section, new_section = base.get(section), data.get(section)
+            if "name" not in given.get(section, ()) or not isinstance(new_section, dict):
+                continue
+            old_name = base_section.get("name", section_type.default) if isinstance(base_section, Mapping) else None
+            try:
+                new_name = _structure_str(new_section["name"], str)
+                options = self.registries[section_type.kind].get(new_name).options
+            except (DfmkitError, _ValueError):  # reported when the section is read
+                continue
+            if new_name == old_name:
+                continue
+            fields = attrs.fields_dict(options)
+            kept = {k: v for k, v in new_section.items() if k == "name" or k in given[section] or k in fields}
+            carried = [k for k in kept if k != "name" and k not in given[section]]
+            if carried and not self._accepts(options, {k: kept[k] for k in carried}):
+                for key in carried:
+                    if not self._accepts(options, {key: kept[key]}):
+                        log.warning("%s.name changed to '%s': %s.%s = %r of '%s' does not suit '%s'; its default "
+                                    "applies (set %s.%s to choose)", section, new_name, section, key, kept[key],
+                                    old_name, new_name, section, key)
+                        del kept[key]
+            data[section] = kept
+        return data
+
+    def _accepts(self, options: type, values: Mapping[str, Any]) -> bool:
+        try:
+            self.converter.structure(dict(values), options)
+        except Exception:  # noqa: BLE001 - any refusal: the value does not suit these options
+            return False
+        return True
 
 
 class _IndexNote(str):
@@ -682,7 +739,7 @@ def load_recipe(
         path = resolve_recipe_path(recipe)
         data, source = read_recipe_file(path), str(path)
     if overrides:
-        data = apply_overrides(data, overrides)
+        data = loader.switch_components(data, apply_overrides(data, overrides), overrides)
         source = f"{source} with overrides" if source else "overrides"
     return loader.structure(data, source)
 

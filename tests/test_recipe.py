@@ -10,6 +10,7 @@ import tomllib
 
 from dfmkit.errors import RecipeError
 from dfmkit.recipe import apply_overrides, dump_recipe, load_recipe
+import toys
 from toys import TOY_SECTIONS
 
 
@@ -171,6 +172,39 @@ def test_override_of_component_name_switches_options(toy_plugins):
     recipe = load({"sampler": {"name": "toy-sampler", "num_steps": 3}}, ["model.num_layers=4"], plugins=toy_plugins)
     assert recipe.model.options.num_layers == 4
     assert recipe.sampler.options.num_steps == 3
+
+
+def test_switching_a_component_keeps_only_the_options_the_new_one_has(toy_plugins, caplog):
+    base = {"sampler": {"name": "toy-sampler", "num_steps": 3, "sigma_max": 50.0}}
+    recipe = load(base, ["sampler.name=toy-sampler-lite"], plugins=toy_plugins)
+    assert recipe.sampler.name == "toy-sampler-lite"
+    assert recipe.sampler.options == toys.ToyLiteSamplerOptions(num_steps=3)  # sigma_max dropped, num_steps kept
+    back = load({"sampler": {"name": "toy-sampler-lite", "order": 2}}, ["sampler.name=toy-sampler"],
+                plugins=toy_plugins)
+    assert back.sampler.options == toys.ToySamplerOptions()
+    # A kept value the new component refuses falls back to its default, with a warning that names it ...
+    with caplog.at_level("WARNING", logger="dfmkit"):
+        recipe = load({"sampler": {"name": "toy-sampler", "num_steps": 35}}, ["sampler.name=toy-sampler-lite"],
+                      plugins=toy_plugins)
+    assert recipe.sampler.options.num_steps == 10
+    assert "sampler.num_steps = 35 of 'toy-sampler' does not suit 'toy-sampler-lite'" in caplog.text
+    # ... while options given on the command line are always kept and checked.
+    with pytest.raises(RecipeError) as info:
+        load(base, ["sampler.name=toy-sampler-lite", "sampler.num_steps=30", "sampler.sigma_max=9"],
+             plugins=toy_plugins)
+    assert set(problems(info)) == {"sampler.num_steps: must be <= 20: 30",
+                                   "sampler.sigma_max: unknown key; known keys: name, num_steps, order"}
+
+
+def test_switching_the_sampler_of_a_resolved_recipe():
+    """As `dfmkit generate --set sampler.name=edm-euler` does with a checkpoint's recipe (every default filled in)."""
+    resolved = tomllib.loads(dump_recipe(load_recipe("quickstart_digits", ["sampler.s_churn=0.5"])))
+    euler = load_recipe(resolved, ["sampler.name=edm-euler"])
+    assert euler.sampler.name == "edm-euler" and euler.sampler.options.num_steps == 18
+    assert not hasattr(euler.sampler.options, "s_churn")
+    heun = load_recipe(tomllib.loads(dump_recipe(euler)), ["sampler.name=edm-heun", "sampler.s_noise=1.01"])
+    assert heun.sampler.options.num_steps == 18 and heun.sampler.options.s_churn == 0.0  # the default again
+    assert heun.sampler.options.s_noise == 1.01
 
 
 def test_bad_overrides(toy_plugins):

@@ -20,6 +20,14 @@ class ToySamplerOptions:
 
 
 @attrs.define(kw_only=True)
+class ToyLiteSamplerOptions:
+    """Another sampler's options: num_steps as the toy sampler (but at most 20), no sigma_max, an order."""
+
+    num_steps: int = attrs.field(default=10, validator=attrs.validators.le(20))
+    order: int = 1
+
+
+@attrs.define(kw_only=True)
 class ToyBackboneOptions:
     """A backbone's options, for recipe tests."""
 
@@ -43,6 +51,7 @@ class ToyComponents:
     def dfmkit_register(self, registries):
         registries.backbone.register("toy-backbone", dict, options=ToyBackboneOptions)
         registries.sampler.register("toy-sampler", dict, options=ToySamplerOptions)
+        registries.sampler.register("toy-sampler-lite", dict, options=ToyLiteSamplerOptions)
         registries.text_encoder.register("toy-text", dict)
         registries.task_encoder.register("toy-packer", dict)
 
