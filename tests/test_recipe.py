@@ -147,6 +147,27 @@ def test_a_component_checks_itself_against_the_recipe_and_registries(toy_plugins
     assert problems(info) == ["data.seq_length: expected an integer, got 'x' (str)"]
 
 
+def test_validation_sizes_are_checked_against_tokenizer_and_patches_when_loading():
+    """quickstart_digits: identity tokenizer, 4x4 patches; validation runs, so its size must fit."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe("quickstart_digits", ["validation.height=18"])
+    assert problems(info) == [
+        "validation.height: size 1 frames x 18 x 16 (height x width) does not fit the 'identity' tokenizer with the "
+        "backbone's 1 x 4 x 4 patches: its latent (3, 1, 18, 16) (C, T, H, W) does not divide into the patches. "
+        "Nearest valid sizes: height 18 -> 16 or 20"]
+    load_recipe("quickstart_digits", ["validation.height=18", "validation.interval=0"])  # no validation: no check
+    load_recipe("quickstart_digits", ["validation.height=18", "validation.prompts=[]"])
+    cosmos = ["tokenizer.name=cosmos", "model.patch_spatial=2", "model.in_channels=16"]
+    with pytest.raises(RecipeError) as info:
+        load_recipe("quickstart_digits", [*cosmos, "validation.frames=10", "validation.height=100",
+                                          "validation.width=256"])
+    [message] = problems(info)
+    assert message.startswith("validation.frames, validation.height: size 10 frames x 100 x 256 (height x width) "
+                              "does not fit the 'cosmos' tokenizer")
+    assert message.endswith("Nearest valid sizes: frames 10 -> 9 or 13; height 100 -> 96 or 112")
+    assert load_recipe("quickstart_digits", [*cosmos, "validation.frames=9", "validation.height=96"])
+
+
 def test_cli_recipe_show_refuses_a_recipe_with_mistakes():
     result = subprocess.run([sys.executable, "-m", "dfmkit.cli", "recipe", "show", "quickstart_digits",
                              "model.attention=nope", "optim.warmup_iters=100000"], capture_output=True, text=True)
