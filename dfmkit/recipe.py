@@ -244,7 +244,7 @@ class LoggingConfig:
     dir: str = ""  # default: <checkpoint.dir>/tensorboard
     wandb_project: str = ""
     wandb_entity: str = ""
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; elsewhere, and when off: a line per train.log_interval
 
 
 @attrs.define(kw_only=True)
