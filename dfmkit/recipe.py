@@ -15,10 +15,10 @@ integer must fit in 64 bits, as TOML, torch and numpy hold them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tomllib
-import math
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
@@ -541,7 +541,8 @@ class RecipeLoader:
     def unstructure(self, recipe: Recipe) -> dict[str, Any]:
         return _drop_none(self.converter.unstructure(recipe))
 
-    def switch_components(self, base: Mapping[str, Any], data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    def switch_components(self, base: Mapping[str, Any], data: dict[str, Any],
+                          overrides: Iterable[str]) -> dict[str, Any]:
         """``data`` (``base`` with ``overrides`` applied) where an override names another component for a
         section: of the base section's options only those the new component also has, and whose values it
         accepts, are kept (a refused value is dropped with a warning: the new default applies). Options
