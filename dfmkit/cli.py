@@ -109,6 +109,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if len(latent) != 4:
         print(f"error: --latent must be four integers C,T,H,W, got {args.latent!r}", file=sys.stderr)
         return 2
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        print(f"error: --peak-tflops must be a number > 0, got {args.peak_tflops}", file=sys.stderr)
+        return 2
     rows = run_matrix(
         [m.strip() for m in args.models.split(",") if m.strip()], parse_layouts(args.layouts),
         seq_length=args.seq_length, latent_shape=latent, text_tokens=args.text_tokens, text_dim=args.text_dim,
@@ -212,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare.set_defaults(func=run_prepare)
 
-    bench = commands.add_parser("bench", help="measure training throughput and MFU over parallel layouts")
-    bench.add_argument("--mock", action="store_true", required=True, help="train on mock packs (the only mode)")
+    bench = commands.add_parser("bench", help="measure training throughput and MFU over parallel layouts "
+                                              "(on mock packs)")
+    bench.add_argument("--mock", action="store_true", help="train on mock packs: the only mode, so optional")
     bench.add_argument("--models", default="S,B,L,XL", help="presets, comma-separated (default S,B,L,XL)")
     bench.add_argument("--layouts", default="tp1cp1,tp2,tp2+sp,cp2,tp2cp2",
                        help="layouts tp<N>[+sp][cp<M>], comma-separated; DP takes the remaining processes")
@@ -233,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replay the compiled layers as CUDA graphs (model.cuda_graphs; with --compile)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=10)
-    bench.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200: 989)")
+    bench.add_argument("--peak-tflops", type=float,
+                       help="one device's dense peak for the MFU (default on CUDA: 989, bf16 of an H100/H200; "
+                            "none on the CPU, where MFU is n/a)")
     bench.add_argument("--out", default="bench_results", help="folder for bench.json and bench.md")
     bench.set_defaults(func=cmd_bench)
 

@@ -34,4 +34,17 @@ def dfmkit_register(registries: Registries) -> None:
     where ``MyOptions`` is an attrs class of the options the recipe section may set and
     ``build(options, **context)`` returns the component; ``context`` holds what the caller has (``recipe``, the
     job's ``registries``, ...), so factories take ``**context`` and ignore what they do not use.
+
+    Recipes check an options class's fields as they read them (types, attrs validators, finite floats;
+    type a float ``dfmkit.recipe.FloatOrInf`` where inf means something). Mistakes that need more than the
+    section itself are found by optional methods of the options class, which ``load_recipe`` calls so that
+    every mistake of a recipe is reported at once, before a run starts (:mod:`dfmkit.recipe_checks`):
+
+    - ``recipe_problems(self, recipe, registries) -> list[str]``: problems given the whole recipe and the
+      job's registries, each ``"key: what is wrong, and the fix"`` with ``key`` relative to the component's
+      section (``"attention: unknown attention 'x'..."`` is reported as ``model.attention: ...``).
+    - on a tokenizer's options, ``latent_shape(self, frames, height, width) -> (C, T, H, W)``: the latent of
+      a video of that size, raising ``DfmkitError``/``ValueError`` for sizes the tokenizer does not take;
+      with it, the recipe's validation sizes are checked when it is loaded rather than when training
+      reaches its first validation.
     """

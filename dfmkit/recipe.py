@@ -6,10 +6,16 @@ A recipe has fixed sections (``[diffusion]``, ``[data]``, ``[train]``, ``[optim]
 component with ``name = "..."``; the rest of a component section is validated by that
 component's own options class. Every mistake is reported with its dotted path and, where a
 close match exists, a suggestion.
+
+Numbers are checked as they are read, in every section and every component's options: a float must be
+finite (NaN never passes; a field whose meaning includes infinity is typed :data:`FloatOrInf`), and an
+integer must fit in 64 bits, as TOML, torch and numpy hold them.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import tomllib
@@ -17,7 +23,7 @@ import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import attrs
 import cattrs
@@ -25,10 +31,24 @@ import tomli_w
 from attrs import validators as v
 from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from dfmkit import recipe_checks
 from dfmkit.errors import DfmkitError, RecipeError, UnknownComponentError, did_you_mean
 from dfmkit.registry import Registries
 
+log = logging.getLogger("dfmkit")
+
 PACKAGED_RECIPES = Path(__file__).parent / "recipes"
+
+
+class _InfAllowed:
+    """Marks a float field whose documented meaning includes +-inf; NaN is refused there too."""
+
+
+#: The type of a float option that may be infinite (``s_max = inf``: no upper bound); plain ``float``
+#: fields refuse inf and NaN.
+FloatOrInf = Annotated[float, _InfAllowed()]
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +98,23 @@ class TaskEncoderSection(ComponentSection):
 _positive = v.gt(0)
 _non_negative = v.ge(0)
 _fraction = [v.ge(0.0), v.le(1.0)]
+
+
+def _seed(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    # torch.Generator.manual_seed takes up to 2**64 - 1; seeds here are offset (seed + index, megatron's
+    # seed + 2718 + rank), so the upper half stays free.
+    if not 0 <= value <= INT64_MAX:
+        raise ValueError(f"'{attribute.name}' must be an integer from 0 to 2**63 - 1, got {value}")
+
+
+def _betas(instance: Any, attribute: attrs.Attribute, value: tuple[float, float]) -> None:
+    if not all(0.0 <= beta < 1.0 for beta in value):
+        raise ValueError(f"'{attribute.name}' each beta must be in [0, 1), got {tuple(value)}")
+
+
+def _sigmas(instance: Any, attribute: attrs.Attribute, value: list[float]) -> None:
+    if not all(sigma > 0 for sigma in value):
+        raise ValueError(f"'{attribute.name}' must be noise levels > 0, got {value}")
 
 
 @attrs.define(kw_only=True)
@@ -135,9 +172,9 @@ class DataConfig:
 class TrainConfig:
     """The training loop."""
 
-    train_iters: int = attrs.field(default=1000, validator=_positive)
+    train_iters: int = attrs.field(default=20000, validator=_positive)  # more than optim.warmup_iters
     global_batch_size: int = attrs.field(default=8, validator=_positive)  # packed sequences per step
-    seed: int = 1234
+    seed: int = attrs.field(default=1234, validator=_seed)
     device: str = attrs.field(default="auto", validator=v.in_(["auto", "cpu", "cuda"]))
     precision: str = attrs.field(default="auto", validator=v.in_(["auto", "bf16", "fp32"]))
     log_interval: int = attrs.field(default=10, validator=_positive)
@@ -152,7 +189,7 @@ class OptimConfig:
     """AdamW and its learning-rate schedule (defaults as in the reference)."""
 
     lr: float = attrs.field(default=9e-5, validator=_positive)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_betas)
     eps: float = attrs.field(default=1e-5, validator=_positive)
     weight_decay: float = attrs.field(default=0.033, validator=_non_negative)
     clip_grad: float = attrs.field(default=1.0, validator=_non_negative)  # 0 disables clipping
@@ -168,7 +205,7 @@ class ParallelConfig:
     tensor: ranks that split every layer's heads and MLP (megatron column/row-parallel linears).
     sequence: also split the tokens between tensor-parallel regions (needs tensor > 1).
     context: ranks that split every packed sample's tokens (attention gathers keys/values).
-    Each sample is padded to ``dfmkit.parallel.required_pad_multiple(parallel)`` tokens.
+    Each sample is padded to a multiple of :attr:`pad_multiple` tokens.
     """
 
     tensor: int = attrs.field(default=1, validator=_positive)
@@ -179,6 +216,14 @@ class ParallelConfig:
     def __attrs_post_init__(self) -> None:
         if self.sequence and self.tensor == 1:
             raise ValueError("sequence = true needs tensor > 1 (sequence parallelism splits tensor-parallel regions)")
+
+    @property
+    def pad_multiple(self) -> int:
+        """What every sample's token count is padded to a multiple of: ``2 * context`` when context
+        parallelism is on (the load-balanced split), times ``tensor`` when sequence parallelism is on (each
+        context shard is split again across the tensor-parallel ranks); 1 otherwise."""
+        multiple = 2 * self.context if self.context > 1 else 1
+        return multiple * self.tensor if self.sequence and self.tensor > 1 else multiple
 
 
 @attrs.define(kw_only=True)
@@ -199,7 +244,7 @@ class LoggingConfig:
     dir: str = ""  # default: <checkpoint.dir>/tensorboard
     wandb_project: str = ""
     wandb_entity: str = ""
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; elsewhere, and when off: a line per train.log_interval
 
 
 @attrs.define(kw_only=True)
@@ -212,8 +257,8 @@ class ValidationConfig:
     width: int = attrs.field(default=256, validator=_positive)
     frames: int = attrs.field(default=1, validator=_positive)
     guidance: float = 7.0  # classifier-free guidance w (1: none); steps and sampler come from [sampler]
-    seed: int = 0
-    loss_sigmas: list[float] = attrs.Factory(lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
+    seed: int = attrs.field(default=0, validator=_seed)
+    loss_sigmas: list[float] = attrs.field(factory=lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0], validator=_sigmas)
     loss_batches: int = attrs.field(default=2, validator=_non_negative)
 
 
@@ -265,15 +310,19 @@ def _describe(value: Any) -> str:
 def _structure_int(value: Any, _: type) -> int:
     if isinstance(value, _Raw):
         try:
-            return int(value.replace("_", ""))
+            number = int(value.replace("_", ""))
         except ValueError:
             raise _ValueError(f"expected an integer, got {_describe(value)}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
+    elif isinstance(value, bool) or not isinstance(value, int):
         raise _ValueError(f"expected an integer, got {_describe(value)}")
-    return value
+    else:
+        number = value
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise _ValueError(f"expected an integer that fits in 64 bits, got {_describe(value)}")
+    return number
 
 
-def _structure_float(value: Any, _: type) -> float:
+def _read_float(value: Any) -> float:
     if isinstance(value, _Raw):
         try:
             return float(value)
@@ -282,6 +331,28 @@ def _structure_float(value: Any, _: type) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _ValueError(f"expected a number, got {_describe(value)}")
     return float(value)
+
+
+def _structure_float(value: Any, _: type) -> float:
+    number = _read_float(value)
+    if not math.isfinite(number):
+        raise _ValueError(f"expected a finite number, got {_describe_number(value)}")
+    return number
+
+
+def _structure_float_or_inf(value: Any, _: type) -> float:
+    number = _read_float(value)
+    if math.isnan(number):
+        raise _ValueError(f"expected a number or inf, got {_describe_number(value)}")
+    return number
+
+
+def _describe_number(value: Any) -> str:
+    return repr(str(value)) if isinstance(value, _Raw) else str(value)
+
+
+def _allows_inf(t: Any) -> bool:
+    return typing.get_origin(t) is Annotated and any(isinstance(m, _InfAllowed) for m in typing.get_args(t)[1:])
 
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -332,8 +403,10 @@ class RecipeLoader:
     def __init__(self, registries: Registries):
         self.registries = registries
         c = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+        c.register_structure_hook_factory(attrs.has, self._attrs_hook)
         c.register_structure_hook(int, _structure_int)
         c.register_structure_hook(float, _structure_float)
+        c.register_structure_hook_func(_allows_inf, _structure_float_or_inf)
         c.register_structure_hook(bool, _structure_bool)
         c.register_structure_hook(str, _structure_str)
         c.register_structure_hook_func(
@@ -350,6 +423,45 @@ class RecipeLoader:
         self.converter = c
 
     # -- structure hooks ---------------------------------------------------------------------
+
+    def _attrs_hook(self, cl: type) -> Any:
+        """cattrs' hook for an attrs class, reporting every mistake of a section: its unknown keys, and each
+        field's wrong type or, once the types are right, each field validator that fails (attrs stops at the
+        first)."""
+        structure = self.converter.gen_structure_attrs_fromdict(cl)
+        names = {field.name for field in attrs.fields(cl)}
+
+        def structure_all(value: Any, t: type) -> Any:
+            failures: list[Exception] = []
+            if isinstance(value, Mapping) and not names.issuperset(value):
+                failures.append(ForbiddenExtraKeysError("", cl, set(value) - names))
+                value = {k: v for k, v in value.items() if k in names}
+            try:
+                instance = structure(value, t)
+            except (ValueError, ClassValidationError) as exc:
+                failures += self._field_failures(cl, structure, value, t) or getattr(exc, "exceptions", [exc])
+            if failures:
+                raise ClassValidationError(f"While structuring {cl.__name__}", failures, cl)
+            return instance
+
+        return structure_all
+
+    @staticmethod
+    def _field_failures(cl: type, structure: Any, value: Any, t: type) -> list[Exception]:
+        """Each field validator's complaint, when the values have the right types; else nothing."""
+        with attrs.validators.disabled():
+            try:
+                instance = structure(value, t)
+            except Exception:  # noqa: BLE001 - wrong types (or __attrs_post_init__): cattrs' report says it
+                return []
+        failures: list[Exception] = []
+        for field in attrs.fields(cl):
+            try:
+                if field.validator is not None:
+                    field.validator(instance, field, getattr(instance, field.name))
+            except ValueError as exc:
+                failures.append(exc)
+        return failures
 
     def _structure_sequence(self, value: Any, t: Any) -> Any:
         if isinstance(value, _Raw):
@@ -400,18 +512,76 @@ class RecipeLoader:
     # -- public ------------------------------------------------------------------------------
 
     def structure(self, data: Mapping[str, Any], source: str | None = None) -> Recipe:
+        """The recipe of ``data``, or one :class:`RecipeError` listing every mistake: each section's own,
+        then those of the checks across sections and against the registries (:mod:`dfmkit.recipe_checks`)."""
         if not isinstance(data, Mapping):
             raise RecipeError([f"a recipe is a table of sections, got {type(data).__name__}"], source)
-        filled = dict(data)
-        for key, section in COMPONENT_SECTIONS.items():
-            filled.setdefault(key, {"name": section.default})
-        try:
-            return self.converter.structure(filled, Recipe)
-        except (ClassValidationError, IterableValidationError) as exc:
-            raise RecipeError(list(_messages(exc, "")), source) from None
+        fields = attrs.fields_dict(Recipe)
+        problems = []
+        for key in data:
+            if key not in fields:
+                guess = did_you_mean(key, list(fields))
+                problems.append(f"{key}: unknown key; " + (f"did you mean {guess}?" if guess else
+                                                           f"known sections: {', '.join(fields)}"))
+        # Section by section, so that the checks can still read the sections that have no mistakes.
+        sections, broken = {}, []
+        for name, field in fields.items():
+            value = data.get(name, {"name": field.type.default} if name in COMPONENT_SECTIONS else {})
+            try:
+                sections[name] = self.converter.structure(value, field.type)
+            except Exception as exc:  # noqa: BLE001 - every mistake of the section, as dotted messages
+                broken.append(name)
+                problems += _messages(exc, name)
+        recipe = Recipe(**sections) if not broken else recipe_checks.PartialRecipe(sections, broken)
+        problems += recipe_checks.recipe_problems(recipe, self.registries, COMPONENT_SECTIONS)
+        if problems:
+            raise RecipeError(problems, source)
+        return recipe
 
     def unstructure(self, recipe: Recipe) -> dict[str, Any]:
         return _drop_none(self.converter.unstructure(recipe))
+
+    def switch_components(self, base: Mapping[str, Any], data: dict[str, Any],
+                          overrides: Iterable[str]) -> dict[str, Any]:
+        """``data`` (``base`` with ``overrides`` applied) where an override names another component for a
+        section: of the base section's options only those the new component also has, and whose values it
+        accepts, are kept (a refused value is dropped with a warning: the new default applies). Options
+        given in ``overrides`` are always kept, and checked as usual."""
+        given: dict[str, set[str]] = {}
+        for override in overrides:
+            section, _, key = override.partition("=")[0].strip().partition(".")
+            given.setdefault(section, set()).add(key)
+        for section, section_type in COMPONENT_SECTIONS.items():
+            base_section, new_section = base.get(section), data.get(section)
+            if "name" not in given.get(section, ()) or not isinstance(new_section, dict):
+                continue
+            old_name = base_section.get("name", section_type.default) if isinstance(base_section, Mapping) else None
+            try:
+                new_name = _structure_str(new_section["name"], str)
+                options = self.registries[section_type.kind].get(new_name).options
+            except (DfmkitError, _ValueError):  # reported when the section is read
+                continue
+            if new_name == old_name:
+                continue
+            fields = attrs.fields_dict(options)
+            kept = {k: v for k, v in new_section.items() if k == "name" or k in given[section] or k in fields}
+            carried = [k for k in kept if k != "name" and k not in given[section]]
+            if carried and not self._accepts(options, {k: kept[k] for k in carried}):
+                for key in carried:
+                    if not self._accepts(options, {key: kept[key]}):
+                        log.warning("%s.name changed to '%s': %s.%s = %r of '%s' does not suit '%s'; its default "
+                                    "applies (set %s.%s to choose)", section, new_name, section, key, kept[key],
+                                    old_name, new_name, section, key)
+                        del kept[key]
+            data[section] = kept
+        return data
+
+    def _accepts(self, options: type, values: Mapping[str, Any]) -> bool:
+        try:
+            self.converter.structure(dict(values), options)
+        except Exception:  # noqa: BLE001 - any refusal: the value does not suit these options
+            return False
+        return True
 
 
 class _IndexNote(str):
@@ -538,6 +708,9 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"not UTF-8 text (byte {exc.start}): a TOML recipe must be saved as UTF-8"],
+                          str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError([f"not valid TOML: {exc}"], str(path)) from None
     except OSError as exc:
@@ -567,7 +740,7 @@ def load_recipe(
         path = resolve_recipe_path(recipe)
         data, source = read_recipe_file(path), str(path)
     if overrides:
-        data = apply_overrides(data, overrides)
+        data = loader.switch_components(data, apply_overrides(data, overrides), overrides)
         source = f"{source} with overrides" if source else "overrides"
     return loader.structure(data, source)
 

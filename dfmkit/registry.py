@@ -92,8 +92,7 @@ class Registry:
         names = sorted(self._entries)
         message = f"unknown {self.kind} '{name}'"
         guess = did_you_mean(name, names)
-        if guess:
-            message += f"; did you mean '{guess}'?"
+        message += f"; did you mean '{guess}'?" if guess else "."
         message += f" Available: {', '.join(names) if names else '(none)'}."
         if self.unavailable_note:
             message += f" {self.unavailable_note}"

@@ -197,6 +197,58 @@ def test_folder_source_images_videos_and_captions(tmp_path):
     assert by_caption["a square"]["meta"]["file"] == "sub/b.jpg"
 
 
+def test_empty_and_unreadable_captions_are_skipped(tmp_path):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    for name in "abcdef":
+        (folder / f"{name}.png").write_bytes(_png(16, 16))
+    (folder / "a.txt").write_text("a square")
+    (folder / "b.txt").write_text("  \n\t")  # whitespace only
+    (folder / "e.txt").write_bytes("caf\u00e9".encode("latin-1"))  # not UTF-8
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"file": "c.png", "caption": ""}, {"file": "d.png", "caption": None}, {"file": "f.png", "caption": " x "}]))
+    out = tmp_path / "out"
+    result = prepare(recipe_dict(out, image_size=16), str(folder), out, plugins=data_plugins())
+    assert result.samples["train"] == 2 and result.skips == {"no_caption": 3, "unreadable_source": 1}
+    assert {s["meta"]["caption"] for s in samples_by_key(out).values()} == {"a square", "x"}
+
+
+class _Items:
+    """A source of any kind (here: a plugin's) whose captions may be blank."""
+
+    description = "items"
+
+    def __init__(self, captions):
+        self.captions = captions
+
+    def __len__(self):
+        return len(self.captions)
+
+    def load(self, index):
+        from dfmkit.data.sources import SourceItem
+
+        return SourceItem(name=f"item {index}", pixels=torch.zeros(3, 1, 16, 16), caption=self.captions[index], meta={})
+
+
+def test_a_blank_caption_from_any_source_is_skipped(tmp_path):
+    out = tmp_path / "out"
+    result = prepare(recipe_dict(out, image_size=16), _Items(["one", "", " \n", "two"]), out, plugins=data_plugins())
+    assert result.samples["train"] == 2 and result.skips == {"no_caption": 2}
+
+
+def test_a_broken_dataset_info_names_the_file(tmp_path):
+    from dfmkit.data.shards import read_dataset_info
+    from dfmkit.errors import DfmkitError
+
+    for text in ("{not json", "[1, 2]", "\"a string\""):
+        (tmp_path / DATASET_INFO).write_text(text)
+        with pytest.raises(DfmkitError, match=f"{tmp_path / DATASET_INFO}: .*JSON object"):
+            read_dataset_info(tmp_path)
+    (tmp_path / DATASET_INFO).write_bytes(b"\xff\xfe{}")
+    with pytest.raises(DfmkitError, match="dfmkit.json"):
+        read_dataset_info(tmp_path)
+
+
 def test_hf_source_without_network_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError) as error:

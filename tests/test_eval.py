@@ -91,6 +91,26 @@ def test_real_digits_with_their_prompts_score_high(tmp_path, size, grey):
     assert np.trace(report.confusion) == report.correct and np.sum(report.confusion) == 360
 
 
+def test_blank_images_count_as_wrong_and_are_listed(tmp_path, capsys):
+    """A black image reads as a "1" to the classifier; no blank or near-constant image may count as right."""
+    images, labels = heldout_digits()
+    real = render_digits(images[:20], 32)
+    near_constant = np.clip(128 + np.random.default_rng(0).normal(0, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
+    blanks = [np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8), near_constant]
+    assert digit_classifier().predict(np.zeros((1, 8, 8)))[0] == 1  # why the rule is needed
+    write_samples(tmp_path / "real", real, digit_prompts(labels[:20]))
+    write_samples(tmp_path / "all", [*real, *blanks], digit_prompts(labels[:20]) + digit_prompts([1, 1, 9]))
+    only_real, report = evaluate_digits(tmp_path / "real"), evaluate_digits(tmp_path / "all")
+    assert only_real.blank == [] and only_real.correct >= 19
+    assert report.blank == ["020.png", "021.png", "022.png"]
+    assert report.count == 23 and report.correct == only_real.correct
+    assert report.accuracy == pytest.approx(only_real.correct / 23)
+    assert report.per_digit[1]["blank"] == 2 and report.per_digit[9]["blank"] == 1
+    assert [r["read_as"] for r in report.readings[20:]] == [None, None, None]
+    assert "3 blank sample(s)" in report.format_text()
+    json.dumps(report.to_dict())
+
+
 def test_shuffled_prompts_score_at_chance(tmp_path):
     images, labels = heldout_digits()
     shuffled = np.random.default_rng(0).permutation(labels)

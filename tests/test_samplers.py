@@ -85,6 +85,7 @@ def test_recipe_resolves_samplers_and_reports_bad_options():
     assert set(info.value.problems) == {
         "sampler.num_step: unknown key; did you mean sampler.num_steps?",
         "sampler.s_churn: unknown key; known keys: name, num_steps, sigma_min, sigma_max, rho",
+        "sampler.sigma_min: must be less than sigma_max, got 90.0 >= 80.0",  # reported with them, not after
     }
     with pytest.raises(RecipeError) as info:
         load_recipe({**TOY_SECTIONS, "sampler": {"name": "edm-heun", "sigma_min": 90.0}}, registries=registries)

@@ -271,6 +271,9 @@ def test_bad_input_fails_before_any_work(tmp_path):
         Trainer(dfmkit.build(tiny_recipe(tmp_path / "x", data={"mock": False, "path": str(tmp_path / "nowhere")})))
     with pytest.raises(RecipeError, match="warmup_iters \\(2000\\) must be smaller than train.train_iters"):
         Trainer(dfmkit.build(tiny_recipe(tmp_path / "x", optim={"warmup_iters": 2000})))
+    # Validation sizes that do not fit the patches: refused when the recipe is read, not at the first validation.
+    with pytest.raises(RecipeError, match="validation.height: size 1 frames x 9 x 8 .* height 9 -> 8 or 10"):
+        dfmkit.build(tiny_recipe(tmp_path / "x", validation={"interval": 2, "prompts": ["a"], "height": 9, "width": 8}))
 
 
 def test_a_missing_dataset_is_prepared_from_its_source(tmp_path):

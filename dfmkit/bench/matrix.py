@@ -1,4 +1,4 @@
-"""``dfmkit bench --mock``: training throughput and MFU of DiT presets over parallel layouts.
+"""``dfmkit bench``: training throughput and MFU of DiT presets over parallel layouts, on mock packs.
 
 Each (model, layout) runs the real training step (megatron DDP, optimizer, EDM loss on packed
 sequences) on mock packs: warm-up steps, then timed steps. Every rank trains on the same packs and
@@ -9,6 +9,10 @@ with the reason, not run.
 
 Run it on one process or under torchrun; the layout's data-parallel size is whatever the world
 size leaves after tensor x context.
+
+What is not known is shown as n/a, with the reason under the table: MFU needs the device's peak FLOP/s
+(989 TFLOP/s, dense bf16 of an H100/H200, on CUDA unless ``peak_tflops`` says otherwise; none on the CPU),
+and peak memory is measured by CUDA's allocator only.
 """
 
 from __future__ import annotations
@@ -146,8 +150,9 @@ def time_steps(trainer, warmup: int, steps: int) -> tuple[list[float], float]:
 
 def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequence[int], text_tokens: int,
              text_dim: int, samples_per_pack: int, attention: str, warmup: int, steps: int,
-             peak_tflops: float, model: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One (model, layout) row of the table. Call on every rank.
+             peak_tflops: float | None = None, model: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One (model, layout) row of the table. Call on every rank. ``peak_tflops``: one device's peak for the
+    MFU (None: H100/H200's on CUDA, no MFU on the CPU); figures that are not known are None.
 
     The loss compared across layouts is that of the SECOND step: at initialisation the adaLN-Zero
     model outputs zero, so the first loss does not depend on the weights at all.
@@ -160,6 +165,8 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
         cuda = trainer.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        if peak_tflops is None and cuda:
+            peak_tflops = H100_BF16_DENSE_TFLOPS
         losses, seconds = time_steps(trainer, max(2, warmup), steps)
         dp = trainer.env.dp_size
         batch = trainer.data.batches[0]
@@ -175,9 +182,9 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
             "seq_length": int(batch.num_tokens), "samples_per_pack": batch.num_samples,
             "tokens_per_s_per_gpu": tokens / seconds / world,
             "tflops_per_gpu": step_flops / seconds / world / 1e12,
-            "mfu": mfu(step_flops / seconds / world, peak=peak_tflops * 1e12),
+            "mfu": mfu(step_flops / seconds / world, peak=peak_tflops * 1e12) if peak_tflops else None,
             "step_ms": 1000 * seconds,
-            "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "loss_step2": losses[1],
             "device": torch.cuda.get_device_name() if cuda else "cpu",
         }
@@ -217,7 +224,7 @@ def run_matrix(models: Sequence[str], layouts: Sequence[Layout], **case: Any) ->
                 continue
             if layout.tensor == 1 and layout.context == 1:
                 baseline = row["loss_step2"]
-            row["loss_parity"] = abs(row["loss_step2"] - baseline) / abs(baseline) if baseline else float("nan")
+            row["loss_parity"] = abs(row["loss_step2"] - baseline) / abs(baseline) if baseline else None
             rows.append(row)
     return rows
 
@@ -229,15 +236,25 @@ COLUMNS = [("model", "model"), ("params_M", "params (M)"), ("layout", "layout"),
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """The table, and under it why a figure is n/a."""
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    notes: dict[str, None] = {}
     for row in rows:
         if "skipped" in row:
             lines.append(f"| {row['model']} | | {row['layout']} | skipped: {row['skipped']} |" + " |" * (len(COLUMNS) - 4))
             continue
+        if row.get("mfu") is None:
+            notes[f"MFU n/a: no peak FLOP/s known for {row.get('device', 'this device')} (give --peak-tflops)"] = None
+        if row.get("peak_memory_GiB") is None:
+            notes["peak memory n/a: measured on CUDA only"] = None
+        if row.get("loss_parity") is None:
+            notes["loss parity n/a: the single-device layout (tp1cp1) did not run before it"] = None
         cells = []
         for key, _ in COLUMNS:
-            value = row.get(key, float("nan"))
-            if key == "mfu":
+            value = row.get(key)
+            if value is None:
+                cells.append("n/a")
+            elif key == "mfu":
                 cells.append(f"{100 * value:.1f}%")
             elif key == "loss_parity":
                 cells.append(f"{value:.1e}")
@@ -246,6 +263,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
             else:
                 cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 

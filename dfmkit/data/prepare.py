@@ -367,9 +367,12 @@ def prepare(
             for i in mine:
                 try:
                     item = src.load(i)
+                    if not isinstance(item.caption, str) or not item.caption.strip():  # any source, plugins too
+                        raise SkipError("no_caption", f"{item.name}: the caption is empty")
                 except SkipError as skip:
                     skips.count(skip.reason, f"{description}[{i}]", skip.detail)
                     continue
+                item.caption = item.caption.strip()
                 frames = _valid_frames(item.pixels.shape[1], temporal)
                 item.pixels = item.pixels[:, :frames]
                 yield i, item

@@ -31,6 +31,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from dfmkit.errors import DfmkitError
+
 LATENT = "latent"
 TEXT = "text"
 META_PART = "json"
@@ -148,5 +150,12 @@ def read_dataset_info(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     info = Path(path) / DATASET_INFO
     if not info.is_file():
         return None
-    with open(info, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        data = json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = exc
+    if not isinstance(data, dict):
+        found = f"not readable JSON ({data})" if isinstance(data, Exception) else f"a JSON {type(data).__name__}"
+        raise DfmkitError(f"{info}: expected the JSON object `dfmkit prepare` writes, found {found}; prepare the "
+                          "dataset again (dfmkit prepare ... --overwrite) or restore the file")
+    return data

@@ -196,8 +196,8 @@ class DigitsSource:
         return SourceItem(name=f"digits[{index}]", pixels=pixels, caption=f"a handwritten digit {label}", meta=meta)
 
 
-def _caption_records(folder: Path) -> dict[str, str]:
-    captions: dict[str, str] = {}
+def _caption_records(folder: Path) -> dict[str, str | None]:
+    captions: dict[str, str | None] = {}
     for name in ("captions.jsonl", "metadata.jsonl"):
         path = folder / name
         if not path.is_file():
@@ -214,7 +214,7 @@ def _caption_records(folder: Path) -> dict[str, str]:
                     raise SourceError(
                         f"{path}:{line_no}: expected a JSON object with 'file' and 'caption', got {line.strip()[:80]!r}"
                     ) from exc
-                captions[str(Path(file))] = str(caption)
+                captions[str(Path(file))] = None if caption is None else str(caption)  # null: no caption
     return captions
 
 
@@ -245,7 +245,10 @@ class FolderSource:
             return self.captions[relative]
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
-            return sidecar.read_text(encoding="utf-8").strip()
+            try:
+                return sidecar.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SkipError("unreadable_source", f"{sidecar.relative_to(self.folder)}: {exc}") from None
         return None
 
     def load(self, index: int) -> SourceItem:

@@ -14,7 +14,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "digits", help="prompt adherence of digits-quickstart samples (a classifier reads each digit)",
         description="Classify each generated NNN.png with a scikit-learn digit classifier (images are "
                     "downsampled to 8x8 by area averaging) and compare with the digit its NNN.json prompt "
-                    "'a handwritten digit K' asked for: accuracy per requested digit and overall.",
+                    "'a handwritten digit K' asked for: accuracy per requested digit and overall. An image that "
+                    "shows no digit (blank or nearly constant) counts as wrong and is listed.",
     )
     digits.add_argument("--samples", required=True, metavar="DIR", help="folder of NNN.png with NNN.json sidecars")
     digits.add_argument("--skip-other-prompts", action="store_true",

@@ -33,17 +33,9 @@ if TYPE_CHECKING:
 
 
 def required_pad_multiple(parallel: ParallelConfig | None) -> int:
-    """Every sample's token count must be padded to a multiple of this for ``parallel``.
-
-    ``2 * context`` when context parallelism is on (the load-balanced split), times ``tensor`` when
-    sequence parallelism is on (each CP shard is split again across tensor-parallel ranks); 1 otherwise.
-    """
-    if parallel is None:
-        return 1
-    multiple = 2 * parallel.context if parallel.context > 1 else 1
-    if parallel.sequence and parallel.tensor > 1:
-        multiple *= parallel.tensor
-    return multiple
+    """Every sample's token count must be padded to a multiple of this for ``parallel``
+    (:attr:`ParallelConfig.pad_multiple <dfmkit.recipe.ParallelConfig.pad_multiple>`; 1 without a layout)."""
+    return 1 if parallel is None else parallel.pad_multiple
 
 
 def shard_index(cu_seqlens: list[int], cp_size: int, cp_rank: int, device: torch.device | str = "cpu") -> torch.Tensor:

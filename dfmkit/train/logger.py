@@ -1,9 +1,17 @@
-"""Metrics to TensorBoard (always), Weights & Biases (when configured) and a rich progress bar."""
+"""Metrics to TensorBoard (always), Weights & Biases (when configured), and progress on the console.
+
+Progress is a rich bar when the output is a terminal (and ``logging.progress`` is on); elsewhere (a log
+file, CI, a scheduler) and with ``progress = false`` it is one line per ``train.log_interval`` steps: step,
+loss, learning rate, gradient norm, samples/s and the time left. The time left comes from
+:class:`StepTimer`, which smooths the step time so that a validation or a checkpoint save does not make it
+jump.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +20,45 @@ import numpy as np
 from dfmkit.recipe import LoggingConfig
 
 log = logging.getLogger("dfmkit")
+
+
+class StepTimer:
+    """Seconds per step, smoothed, and the time left.
+
+    An exponential moving average over about ``window`` steps (the plain mean of the steps so far before
+    that, so the first steps give an estimate at once). A step slower than ``spike`` times the estimate (a
+    validation, a checkpoint save, a pause) counts as ``spike`` times it: the estimate follows a lasting
+    change of speed within a few windows, while one pause moves it by at most ``(spike - 1) / window``.
+    """
+
+    def __init__(self, window: int = 50, spike: float = 4.0):
+        self.window = window
+        self.spike = spike
+        self.count = 0
+        self.seconds_per_step: float | None = None
+
+    def update(self, seconds: float) -> None:
+        """Add one step that took ``seconds``."""
+        self.count += 1
+        if self.seconds_per_step is None:
+            self.seconds_per_step = seconds
+            return
+        seconds = min(seconds, self.spike * self.seconds_per_step)
+        weight = max(1.0 / self.count, 1.0 / self.window)
+        self.seconds_per_step += weight * (seconds - self.seconds_per_step)
+
+    def remaining(self, steps: int) -> float | None:
+        """Seconds for ``steps`` more steps, or None before the first step."""
+        return None if self.seconds_per_step is None else steps * self.seconds_per_step
+
+
+def format_eta(seconds: float | None) -> str:
+    """``M:SS`` or ``H:MM:SS``; ``-:--`` when not known yet."""
+    if seconds is None:
+        return "-:--"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class MetricsLogger:
@@ -24,6 +71,9 @@ class MetricsLogger:
         self.wandb = None
         self.progress = None
         self._task = None
+        self.total_steps = total_steps
+        self.timer = StepTimer()
+        self._last: tuple[int, float] | None = None  # (step, time) of the last advance
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -32,15 +82,19 @@ class MetricsLogger:
         self.tensorboard = SummaryWriter(str(self.dir))
         if config.wandb_project:
             self.wandb = _start_wandb(config, run_config)
-        if config.progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.console import Console
+
+        console = Console()
+        if config.progress and console.is_terminal:  # a bar in a log file is a line per refresh, or nothing
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                TextColumn("eta {task.fields[eta]}"), TextColumn("{task.fields[status]}"), console=console,
             )
             self.progress.start()
-            self._task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+            self._task = self.progress.add_task("train", total=total_steps, completed=start_step, status="",
+                                                eta=format_eta(None))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -62,8 +116,24 @@ class MetricsLogger:
             self.wandb.log({tag: [wandb.Image(image) for image in images]}, step=step)
 
     def advance(self, step: int, status: str = "") -> None:
+        """Step ``step`` is done: time it (from the previous one) and move the bar."""
+        now = time.perf_counter()
+        if self._last is not None and step > self._last[0]:
+            self.timer.update((now - self._last[1]) / (step - self._last[0]))
+        self._last = (step, now)
         if self.progress is not None:
-            self.progress.update(self._task, completed=step, status=status)
+            self.progress.update(self._task, completed=step, status=status, eta=self.eta(step))
+
+    def eta(self, step: int) -> str:
+        return format_eta(self.timer.remaining(self.total_steps - step))
+
+    def step_line(self, step: int, values: dict[str, float]) -> None:
+        """The figures of a log interval as one line, where no bar shows progress."""
+        if not self.enabled or self.progress is not None:
+            return
+        log.info(f"step {step}/{self.total_steps}  loss {values['train/loss']:.4f}  lr {values['train/lr']:.2e}  "
+                 f"grad norm {values['train/grad_norm']:.3f}  {values['train/samples_per_s']:.1f} samples/s  "
+                 f"eta {self.eta(step)}")
 
     def message(self, text: str) -> None:
         if not self.enabled:

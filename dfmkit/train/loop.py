@@ -420,6 +420,7 @@ class Trainer:
                         f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm (step "
                         f"{self.step}); the state was saved to {self.checkpoint_dir}. Lower optim.lr, check the data, or raise "
                         "train.max_nonfinite_steps")
+                self.logger.advance(self.step, f"loss {metrics['loss']:.4f}")
                 if self.step % cfg.log_interval == 0 or self.step == cfg.train_iters:
                     elapsed = time.perf_counter() - window_start
                     values = {
@@ -432,13 +433,8 @@ class Trainer:
                     }
                     values.update({f"data/skipped_{k}": float(v) for k, v in self._skips().items()})
                     self.logger.scalars(self.step, values)
-                    if not recipe.logging.progress:
-                        self.logger.message(
-                            f"step {self.step}/{cfg.train_iters}  loss {values['train/loss']:.4f}  "
-                            f"lr {values['train/lr']:.2e}  grad norm {values['train/grad_norm']:.3f}  "
-                            f"{values['train/samples_per_s']:.1f} samples/s")
+                    self.logger.step_line(self.step, values)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
-                self.logger.advance(self.step, f"loss {metrics['loss']:.4f}")
                 if self.validator is not None and self.step % recipe.validation.interval == 0:
                     self.validator.run(self.step)
                 if save_interval and self.step % save_interval == 0:

@@ -20,14 +20,14 @@ from dfmkit.compat.megatron_optimizer import (
 from dfmkit.compat.torch_optim import fused_step_scaling
 from dfmkit.errors import RecipeError
 from dfmkit.recipe import OptimConfig
+from dfmkit.recipe_checks import schedule_problem
 
 
 def check_schedule(optim: OptimConfig, train_iters: int) -> None:
-    if optim.warmup_iters >= train_iters and optim.decay_style != "constant":
-        raise RecipeError([
-            f"optim.warmup_iters ({optim.warmup_iters}) must be smaller than train.train_iters ({train_iters}); "
-            "lower the warm-up or set optim.decay_style = \"constant\""
-        ])
+    """The recipe check again, for a recipe changed after loading (``load_recipe`` reports it first)."""
+    problem = schedule_problem(optim, train_iters)
+    if problem:
+        raise RecipeError([problem])
 
 
 def use_fused_adamw(optimizer) -> int:

@@ -19,6 +19,8 @@ do not match its own modules either (its S is about 46.5M).
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from attrs import validators as v
 
@@ -99,6 +101,12 @@ class DiTOptions:
             raise ValueError(f"timestep_channels must be even, got {self.timestep_channels}")
         if round(hidden * self.mlp_ratio) < 1:
             raise ValueError(f"mlp_ratio {self.mlp_ratio} gives an empty MLP for hidden_size {hidden}")
+
+    def recipe_problems(self, recipe: Any, registries: Any) -> list[str]:
+        """Mistakes only the registries show: an attention backend that is not registered here."""
+        if self.attention not in registries.attention:
+            return [f"attention: {registries.attention.unknown_message(self.attention)}"]
+        return []
 
     def resolved(self) -> tuple[int, int, int]:
         """(num_layers, hidden_size, num_heads) after applying the preset."""

@@ -10,6 +10,8 @@ from typing import Any
 
 import attrs
 
+from dfmkit.recipe import FloatOrInf
+
 
 def _check(condition: str, test):
     def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -44,7 +46,7 @@ class HeunOptions(SamplerOptions):
 
     s_churn: float = attrs.field(default=0.0, validator=_non_negative)  # total churn; gamma = min(s_churn/N, sqrt2 - 1)
     s_min: float = attrs.field(default=0.0, validator=_non_negative)  # churn only where s_min <= sigma <= s_max
-    s_max: float = attrs.field(default=math.inf, validator=_check("a number >= 0", lambda x: x >= 0))
+    s_max: FloatOrInf = attrs.field(default=math.inf, validator=_check("a number >= 0", lambda x: x >= 0))  # inf: none
     s_noise: float = attrs.field(default=1.0, validator=_positive)  # std of the added noise, relative
 
     def __attrs_post_init__(self) -> None:

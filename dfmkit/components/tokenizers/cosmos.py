@@ -178,6 +178,61 @@ class CosmosOptions:
     temporal_window: int = attrs.field(default=0, validator=_check_window)  # frames per chunk; 0: whole video
     align: str = attrs.field(default="error", validator=attrs.validators.in_(["error", "pad"]))
 
+    # The shape arithmetic is a fact of the options (no weights needed), so a recipe's sizes can be checked
+    # when it is loaded (see dfmkit.recipe_checks); the tokenizer uses the same methods.
+
+    def frame_chunks(self, frames: int) -> list[int]:
+        """Frames per independently encoded chunk, after padding the last one if ``align = 'pad'``."""
+        variant = parse_variant(self.variant)
+        if frames < 1:
+            raise TokenizerInputError(f"{variant.name} needs at least one frame, got {frames}")
+        if not variant.video:
+            return [frames]
+        window = self.temporal_window or frames
+        chunks = [window] * (frames // window) + ([frames % window] if frames % window else [])
+        last, factor = chunks[-1], variant.temporal_factor
+        if (last - 1) % factor:
+            if self.align == "error":
+                where = f"the last window of {last} frames" if len(chunks) > 1 else f"{frames} frames"
+                good = frames - last + 1 + (last - 1) // factor * factor  # total frames that would align
+                raise TokenizerInputError(
+                    f"{variant.name} is causal with {factor}x temporal compression: a clip needs 1 + a multiple "
+                    f"of {factor} frames, but {where} do not align (use {good} or {good + factor} frames, "
+                    "or set tokenizer.align = 'pad' to repeat the last frame)"
+                )
+            chunks[-1] = 1 + _ceil_to(last - 1, factor)
+        return chunks
+
+    def aligned_side(self, side: int, what: str) -> int:
+        """``side`` (height or width) as encoded: itself, or padded to a multiple of 16 if ``align = 'pad'``."""
+        variant = parse_variant(self.variant)
+        if side < variant.spatial_factor:
+            raise TokenizerInputError(
+                f"{what} {side} is smaller than the spatial factor {variant.spatial_factor} of {variant.name}; "
+                f"the smallest input it takes is {SPATIAL_ALIGN}x{SPATIAL_ALIGN} pixels"
+            )
+        if side % SPATIAL_ALIGN:
+            if self.align == "error":
+                raise TokenizerInputError(
+                    f"{what} {side} is not a multiple of {SPATIAL_ALIGN} ({variant.name} needs sides that are); "
+                    f"resize to {side // SPATIAL_ALIGN * SPATIAL_ALIGN or SPATIAL_ALIGN} or "
+                    f"{_ceil_to(side, SPATIAL_ALIGN)}, or set tokenizer.align = 'pad' to pad with zeros"
+                )
+            return _ceil_to(side, SPATIAL_ALIGN)
+        return side
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(16, T', H', W') of the latent of a ``frames x height x width`` video (padded if ``align='pad'``)."""
+        variant = parse_variant(self.variant)
+        latent_frames = sum(1 + (n - 1) // variant.temporal_factor for n in self.frame_chunks(frames))
+        h = self.aligned_side(height, "height") // variant.spatial_factor
+        w = self.aligned_side(width, "width") // variant.spatial_factor
+        return (LATENT_CHANNELS, latent_frames, h, w)
+
+
+def _ceil_to(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
 
 def _first(output: Any) -> torch.Tensor:
     """The latent (or pixels) of a TorchScript module's output: a bare tensor or a tuple's first element."""
@@ -186,10 +241,6 @@ def _first(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise DfmkitError(f"a Cosmos TorchScript module returned {type(output).__name__}, expected a tensor or a tuple")
-
-
-def _ceil_to(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 class CosmosTokenizer:
@@ -228,50 +279,9 @@ class CosmosTokenizer:
 
     # ---------------------------------------------------------------------------------- shapes
 
-    def _frame_chunks(self, frames: int) -> list[int]:
-        """Frames per independently encoded chunk, after padding the last one if ``align = 'pad'``."""
-        if frames < 1:
-            raise TokenizerInputError(f"{self.variant.name} needs at least one frame, got {frames}")
-        if not self.variant.video:
-            return [frames]
-        window = self.options.temporal_window or frames
-        chunks = [window] * (frames // window) + ([frames % window] if frames % window else [])
-        last, factor = chunks[-1], self.temporal_factor
-        if (last - 1) % factor:
-            if self.options.align == "error":
-                where = f"the last window of {last} frames" if len(chunks) > 1 else f"{frames} frames"
-                good = frames - last + 1 + (last - 1) // factor * factor  # total frames that would align
-                raise TokenizerInputError(
-                    f"{self.variant.name} is causal with {factor}x temporal compression: a clip needs 1 + a multiple "
-                    f"of {factor} frames, but {where} do not align (use {good} or {good + factor} frames, "
-                    "or set tokenizer.align = 'pad' to repeat the last frame)"
-                )
-            chunks[-1] = 1 + _ceil_to(last - 1, factor)
-        return chunks
-
-    def _aligned_side(self, side: int, what: str) -> int:
-        if side < self.spatial_factor:
-            raise TokenizerInputError(
-                f"{what} {side} is smaller than the spatial factor {self.spatial_factor} of {self.variant.name}; "
-                f"the smallest input it takes is {SPATIAL_ALIGN}x{SPATIAL_ALIGN} pixels"
-            )
-        if side % SPATIAL_ALIGN:
-            if self.options.align == "error":
-                raise TokenizerInputError(
-                    f"{what} {side} is not a multiple of {SPATIAL_ALIGN} ({self.variant.name} needs sides that are); "
-                    f"resize to {side // SPATIAL_ALIGN * SPATIAL_ALIGN or SPATIAL_ALIGN} or "
-                    f"{_ceil_to(side, SPATIAL_ALIGN)}, or set tokenizer.align = 'pad' to pad with zeros"
-                )
-            return _ceil_to(side, SPATIAL_ALIGN)
-        return side
-
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(16, T', H', W') of the latent of a ``frames x height x width`` video (padded if ``align='pad'``)."""
-        chunks = self._frame_chunks(frames)
-        latent_frames = sum(1 + (n - 1) // self.temporal_factor for n in chunks)
-        h = self._aligned_side(height, "height") // self.spatial_factor
-        w = self._aligned_side(width, "width") // self.spatial_factor
-        return (LATENT_CHANNELS, latent_frames, h, w)
+        return self.options.latent_shape(frames, height, width)
 
     # --------------------------------------------------------------------------------- loading
 
@@ -324,8 +334,8 @@ class CosmosTokenizer:
         extra_frames = sum(chunks) - frames
         if extra_frames:
             pixels = torch.cat([pixels, pixels[:, :, -1:].expand(-1, -1, extra_frames, -1, -1)], dim=2)
-        pad_h = self._aligned_side(height, "height") - height
-        pad_w = self._aligned_side(width, "width") - width
+        pad_h = self.options.aligned_side(height, "height") - height
+        pad_w = self.options.aligned_side(width, "width") - width
         if pad_h or pad_w:
             pixels = torch.nn.functional.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         return pixels
@@ -339,7 +349,7 @@ class CosmosTokenizer:
             )
         batch, _, frames, height, width = pixels.shape
         expected = self.latent_shape(frames, height, width)  # validates sizes before any work
-        chunks = self._frame_chunks(frames)
+        chunks = self.options.frame_chunks(frames)
         encoder = self._module("encoder")
         x = self._pad(pixels, chunks).to(self.device, self.dtype)
         with torch.inference_mode():

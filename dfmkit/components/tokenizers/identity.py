@@ -20,6 +20,14 @@ class IdentityOptions:
 
     scale: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
 
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(3, frames, height, width): any size of at least one pixel and one frame."""
+        if min(frames, height, width) < 1:
+            raise TokenizerInputError(
+                f"identity tokenizer: frames, height and width must be >= 1, got {frames}, {height}, {width}"
+            )
+        return (3, frames, height, width)
+
 
 class IdentityTokenizer:
     """Pixels in [-1, 1] times ``scale`` are the latents; decoding divides by it."""
@@ -33,11 +41,7 @@ class IdentityTokenizer:
         self.scale = scale
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        if min(frames, height, width) < 1:
-            raise TokenizerInputError(
-                f"identity tokenizer: frames, height and width must be >= 1, got {frames}, {height}, {width}"
-            )
-        return (3, frames, height, width)
+        return IdentityOptions(scale=self.scale).latent_shape(frames, height, width)
 
     @staticmethod
     def _check(tensor: torch.Tensor, what: str) -> None:
