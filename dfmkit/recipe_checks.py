@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dfmkit.data import patch_sizes
-from dfmkit.errors import DfmkitError
+from dfmkit.latent_sizes import fit_latent, misfit_message, patch_sizes
 from dfmkit.registry import Registries
 
 
@@ -74,69 +73,18 @@ def _sequence_holds_a_sample(recipe: Any, registries: Registries) -> list[str]:
             f"for {why}; raise data.seq_length"]
 
 
-def fit_latent(tokenizer: Any, patch_spatial: int, patch_temporal: int, frames: int, height: int,
-               width: int) -> tuple[tuple[int, int, int, int] | None, str, dict[str, list[int]]]:
-    """How a ``frames x height x width`` video fits a tokenizer (or tokenizer options with ``latent_shape``)
-    and the backbone's patches: ``(latent (C, T, H, W), "", {})`` when it does, else ``(None, the reason,
-    {"frames"/"height"/"width": the nearest values that fit})`` for each size that does not fit on its own."""
-    shape, reason = _fit(tokenizer, patch_spatial, patch_temporal, frames, height, width)
-    if shape is not None:
-        return shape, "", {}
-    nearest: dict[str, list[int]] = {}
-    reference = _reference_size(tokenizer, patch_spatial, patch_temporal)
-    if reference is not None:
-        ref_frames, ref_side = reference
-        sizes = {"frames": (frames, 256, lambda n: (n, ref_side, ref_side)),
-                 "height": (height, 1024, lambda n: (ref_frames, n, ref_side)),
-                 "width": (width, 1024, lambda n: (ref_frames, ref_side, n))}
-        for key, (value, limit, size) in sizes.items():
-            def fits(n: int, size=size) -> bool:
-                return _fit(tokenizer, patch_spatial, patch_temporal, *size(n))[0] is not None
-
-            if not fits(value):
-                below = next((n for n in range(value - 1, max(value - limit, 0), -1) if fits(n)), None)
-                above = next((n for n in range(value + 1, value + limit + 1) if fits(n)), None)
-                nearest[key] = [n for n in (below, above) if n is not None]
-    return None, reason, nearest
-
-
-def _fit(tokenizer: Any, p: int, pt: int, frames: int, height: int, width: int) -> tuple[Any, str]:
-    try:
-        shape = tuple(int(s) for s in tokenizer.latent_shape(frames, height, width))
-    except (DfmkitError, ValueError) as exc:
-        return None, str(exc)
-    _, t, h, w = shape
-    if t % pt or h % p or w % p:
-        return None, f"its latent {shape} (C, T, H, W) does not divide into the patches"
-    return shape, ""
-
-
-def _reference_size(tokenizer: Any, p: int, pt: int) -> tuple[int, int] | None:
-    """Some (frames, side) that fits, to try one size at a time against."""
-    for side in range(8, 1025, 8):
-        for frames in range(1, 129):
-            if _fit(tokenizer, p, pt, frames, side, side)[0] is not None:
-                return frames, side
-    return None
-
-
 def _validation_sizes(recipe: Any, registries: Registries) -> list[str]:
     validation = recipe.validation
     options = recipe.tokenizer.options
     if validation.interval <= 0 or not validation.prompts or not hasattr(options, "latent_shape"):
         return []  # a tokenizer whose options cannot tell is checked when validation builds it
-    p, pt = patch_sizes(recipe)
+    p, pt = patch_sizes(recipe.model.options)
     frames, height, width = validation.frames, validation.height, validation.width
     shape, reason, nearest = fit_latent(options, p, pt, frames, height, width)
     if shape is not None:
         return []
     keys = ", ".join(f"validation.{key}" for key in nearest) or "validation"
-    message = (f"{keys}: size {frames} frames x {height} x {width} (height x width) does not fit the "
-               f"'{recipe.tokenizer.name}' tokenizer with the backbone's {pt} x {p} x {p} patches: {reason}")
-    if nearest:
-        message += ". Nearest valid sizes: " + "; ".join(
-            f"{key} {getattr(validation, key)} -> {' or '.join(map(str, near)) or 'none nearby'}"
-            for key, near in nearest.items())
+    message = f"{keys}: " + misfit_message(recipe.tokenizer.name, p, pt, frames, height, width, reason, nearest)
     return [message]
 
 

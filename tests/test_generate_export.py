@@ -25,6 +25,7 @@ from PIL import Image
 
 import dfmkit
 from dfmkit.cli import main as cli_main
+from dfmkit.errors import RecipeError
 from dfmkit.generation import (
     GenerateError,
     generate_for_job,
@@ -152,9 +153,9 @@ def test_settings_override_the_recipe(from_checkpoint):
     assert not torch.allclose(euler.latent, outputs[0].latent)
     default = generator.generate([PROMPTS[0]])[0]  # sizes and seed from the recipe's [validation]
     assert (default.height, default.width, default.frames, default.seed) == (8, 8, 1, 11)
-    with pytest.raises(dfmkit.UnknownComponentError, match="edm-heun"):
+    with pytest.raises(RecipeError, match="sampler.name: unknown sampler 'edm-hune'; did you mean 'edm-heun'"):
         generator.generate([PROMPTS[0]], sampler="edm-hune")
-    with pytest.raises(GenerateError, match="num_steps"):
+    with pytest.raises(RecipeError, match="sampler.num_steps: "):
         generator.generate([PROMPTS[0]], steps=0)
 
 

@@ -191,7 +191,7 @@ def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path):
 def test_clipping_on_the_device_matches_clipping_on_the_host(tmp_path):
     """The fused AdamW divides by the inverse clipping factor on the device; the host path multiplies the
     gradients by the factor first (as megatron does). Both must give the same weights."""
-    from dfmkit.train.optim import main_grad_norm, step_on_device
+    from dfmkit.train.optim import main_grad_norm
 
     weights = []
     for fused in (True, False):
@@ -250,20 +250,45 @@ def test_validation_writes_loss_and_images(tmp_path):
         assert ours["seed"] == ours["base_seed"] + index
 
 
+def _opaque_plugins():
+    import attrs
+
+    from dfmkit.components.tokenizers.identity import IdentityOptions, build as build_identity
+    from dfmkit.hookspecs import hookimpl
+    from dfmkit.plugins import PluginManager
+
+    options = attrs.define(kw_only=True)(type("OpaqueTokenizerOptions", (), {"__doc__": "No latent_shape."}))
+
+    class Opaque:
+        @hookimpl
+        def dfmkit_register(self, registries):
+            registries.tokenizer.register("opaque", lambda _, **c: build_identity(IdentityOptions(), **c),
+                                          options=options)
+
+    return PluginManager(extra=[(Opaque(), "opaque-dist 1.0")])
+
+
 def test_validation_size_that_does_not_fit_is_the_error_of_generate(tmp_path):
-    """A validation size whose latent does not divide into the patches fails when the trainer is built, with the
-    message `dfmkit generate` gives that size (naming the nearest sizes that fit)."""
-    recipe = tiny_recipe(tmp_path / "val", validation={"interval": 1, "prompts": ["a digit"], "height": 9,
-                                                       "width": 8})
-    job = dfmkit.build(recipe)
+    """A validation size whose latent does not divide into the patches gives the message `dfmkit generate` gives
+    that size (naming the nearest sizes that fit): when the recipe is read where the tokenizer's options can tell,
+    else when the trainer builds the tokenizer, before any step."""
+    sizes = {"interval": 1, "prompts": ["a digit"], "height": 9, "width": 8}
+    job = dfmkit.build(tiny_recipe(tmp_path / "ok"))
     tokenizer = job.components["tokenizer"].build(recipe=job.recipe)
     with pytest.raises(GenerateError) as generate_error:
         latent_shape_for(tokenizer, job.recipe.model.options.patch_spatial, job.recipe.model.options.patch_temporal,
                          1, 9, 8, "identity")
     assert "height 9 -> 8 or 10" in str(generate_error.value)
+    with pytest.raises(RecipeError) as recipe_error:
+        dfmkit.build(tiny_recipe(tmp_path / "val", validation=sizes))
+    assert recipe_error.value.problems == [f"validation.height: {generate_error.value}"]
+
+    opaque = dfmkit.build(tiny_recipe(tmp_path / "opaque", validation=sizes, tokenizer={"name": "opaque"}),
+                          plugins=_opaque_plugins())
     with pytest.raises(GenerateError) as validation_error:
-        Trainer(job)
-    assert str(validation_error.value) == f"validation.frames/height/width: {generate_error.value}"
+        Trainer(opaque)
+    expected = str(generate_error.value).replace("'identity' tokenizer", "'opaque' tokenizer")
+    assert str(validation_error.value) == f"validation.frames/height/width: {expected}"
 
 
 def test_bad_input_fails_before_any_work(tmp_path):

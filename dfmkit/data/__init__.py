@@ -9,7 +9,7 @@
 
 The ``packed`` task encoder that turns samples into thd-packed sequences is a component:
 :mod:`dfmkit.components.task_encoders.packed`. Here: what the loader, the mock data and the task encoder share
-(the backbone's patch sizes and input sizes, :func:`check_fits_model`, :class:`DataError`).
+(the backbone's input sizes, :func:`check_fits_model`, :class:`DataError`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,6 @@ from dfmkit.errors import DfmkitError
 class DataError(DfmkitError):
     """A dataset folder that cannot be loaded (missing, not prepared, empty split), or data that does not fit the
     model."""
-
-
-def patch_sizes(recipe: Any) -> tuple[int, int]:
-    """(patch_spatial, patch_temporal) of the recipe's backbone; 2 and 1 (the reference's) if it has none."""
-    options = getattr(getattr(recipe, "model", None), "options", None)
-    return int(getattr(options, "patch_spatial", 2)), int(getattr(options, "patch_temporal", 1))
 
 
 def model_dims(recipe: Any) -> tuple[int | None, int | None]:

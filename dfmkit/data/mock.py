@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from dfmkit.batch import PackedBatch, Sample, pack, round_up
-from dfmkit.data import check_fits_model, model_dims, patch_sizes
+from dfmkit.data import check_fits_model, model_dims
+from dfmkit.latent_sizes import patch_sizes
 from dfmkit.data.skips import SkipCounter
 from dfmkit.errors import DfmkitError
 
@@ -31,7 +32,7 @@ class MockLoader:
         data = recipe.data
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
         self.pad_multiple = max(1, int(pad_multiple))
-        self.patch_spatial, self.patch_temporal = patch_sizes(recipe)
+        self.patch_spatial, self.patch_temporal = patch_sizes(recipe.model.options)
         channels, width = model_dims(recipe)
         c, t, h, w = (int(s) for s in data.mock_latent_shape)
         self.latent_shape = (c or channels or 16, t, h, w)

@@ -28,7 +28,8 @@ from dfmkit.generation.loading import generation_parallel, load_model
 from dfmkit.generation.outputs import decode, jsonable, sample_settings, sampler_settings, write_output
 from dfmkit.generation.prompts import Request, encode_prompts, make_requests
 from dfmkit.generation.sampling import SamplingModel, build_sampler
-from dfmkit.generation.sizes import latent_shape_for, model_patches
+from dfmkit.generation.sizes import latent_shape_for
+from dfmkit.latent_sizes import patch_sizes
 from dfmkit.job import Job
 from dfmkit.parallel import ParallelLayout
 from dfmkit.recipe import ParallelConfig, Recipe
@@ -96,7 +97,7 @@ class Generator:
         return self.model(x.to(self.model_dtype), c_noise, batch)
 
     def _sampling_model(self) -> SamplingModel:
-        p, pt = model_patches(self.recipe.model.options)
+        p, pt = patch_sizes(self.recipe.model.options)
         pad = parallel.required_pad_multiple(ParallelConfig(tensor=self.env.tp_size, context=self.env.cp_size))
         return SamplingModel(self._model_fn, self.edm, self.env, self.device, self.model_dtype, p, pt, pad)
 

@@ -17,9 +17,9 @@ from dfmkit import parallel
 from dfmkit.batch import PackedBatch, Sample, pack, round_up, unpack
 from dfmkit.diffusion.edm import EDM, ModelFn
 from dfmkit.diffusion.guidance import guided_denoiser
-from dfmkit.errors import GenerateError
 from dfmkit.job import Job
 from dfmkit.parallel import ParallelLayout
+from dfmkit.recipe import load_recipe
 
 ShardFn = Callable[[PackedBatch, torch.Tensor], tuple[PackedBatch, torch.Tensor]]
 GatherFn = Callable[[torch.Tensor, PackedBatch], torch.Tensor]
@@ -122,23 +122,12 @@ class SamplingModel:
 
 
 def build_sampler(job: Job, name: str | None = None, steps: int | None = None) -> tuple[str, Any, Any]:
-    """(name, sampler, options): the job's sampler, or the registered sampler ``name`` (keeping the schedule
-    options both have), with ``num_steps = steps`` when given."""
-    section = job.recipe.sampler
-    name = name or section.name
-    component = job.plugins.registries.sampler.get(name)
-    options = section.options
-    if name != section.name:
-        target = attrs.fields_dict(component.options)
-        shared = {f.name: getattr(options, f.name) for f in attrs.fields(type(options)) if f.name in target}
-    else:
-        shared = attrs.asdict(options, recurse=False)
-    if steps is not None:
-        if "num_steps" not in attrs.fields_dict(component.options):
-            raise GenerateError(f"sampler '{name}' has no num_steps option; leave --steps out")
-        shared["num_steps"] = steps
-    try:
-        options = component.options(**shared)
-    except (TypeError, ValueError) as exc:
-        raise GenerateError(f"sampler '{name}': {exc}") from None
-    return name, component.build(options, recipe=job.recipe, registries=job.plugins.registries), options
+    """(name, sampler, options): the job's sampler, or the registered sampler ``name``, with ``num_steps = steps``
+    when given: the recipe's ``sampler.name=...``/``sampler.num_steps=...`` overrides, so switching samplers keeps
+    the options the new one shares, as any component switch does (:func:`dfmkit.recipe.load_recipe`)."""
+    overrides = [f"sampler.name={name}"] if name and name != job.recipe.sampler.name else []
+    overrides += [f"sampler.num_steps={steps}"] if steps is not None else []
+    registries = job.plugins.registries
+    section = load_recipe(job.recipe, overrides, registries=registries).sampler if overrides else job.recipe.sampler
+    component = registries.sampler.get(section.name)
+    return section.name, component.build(section.options, recipe=job.recipe, registries=registries), section.options

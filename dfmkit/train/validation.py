@@ -27,7 +27,8 @@ from dfmkit.errors import GenerateError
 from dfmkit.generation.outputs import decode, sample_settings, sampler_settings, to_uint8_frames, write_output
 from dfmkit.generation.prompts import encode_prompts, make_requests
 from dfmkit.generation.sampling import SamplingModel, build_sampler
-from dfmkit.generation.sizes import latent_shape_for, model_patches
+from dfmkit.generation.sizes import latent_shape_for
+from dfmkit.latent_sizes import patch_sizes
 from dfmkit.job import Job
 from dfmkit.parallel import ParallelLayout
 from dfmkit.train.ema import EMA
@@ -53,7 +54,7 @@ def validation_shape(job: Job, tokenizer: Any) -> tuple[int, int, int, int]:
     """The latent shape of ``validation.frames/height/width``, or the :class:`GenerateError` ``dfmkit generate``
     gives a size that does not fit the tokenizer and the backbone's patches (naming the nearest ones that do)."""
     config = job.recipe.validation
-    p, pt = model_patches(job.recipe.model.options)
+    p, pt = patch_sizes(job.recipe.model.options)
     try:
         return latent_shape_for(tokenizer, p, pt, config.frames, config.height, config.width,
                                 job.recipe.tokenizer.name)
@@ -86,7 +87,7 @@ class Validator:
         self.batches = build_validation_batches(
             job, dp_rank=env.dp_rank, dp_size=env.dp_size, pad_multiple=pad_multiple, count=self.config.loss_batches,
         ) if self.config.loss_batches else []
-        p, pt = model_patches(job.recipe.model.options)
+        p, pt = patch_sizes(job.recipe.model.options)
         self.sampling = SamplingModel(model_fn, self.edm, env, device, model_dtype, p, pt, pad_multiple)
         self.prompt_states: list[torch.Tensor] = []  # generation runs on the ranks that hold them
         self.requests, self.tokenizer, self.latent_shape = [], None, None

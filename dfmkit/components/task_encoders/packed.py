@@ -38,7 +38,8 @@ from megatron.energon import Cooker, Sample, SkipSample, TaskEncoder, basic_samp
 
 from dfmkit.batch import PackedBatch, patchify, round_up
 from dfmkit.components.task_encoders import PackedOptions
-from dfmkit.data import model_dims, patch_sizes
+from dfmkit.data import model_dims
+from dfmkit.latent_sizes import patch_sizes
 from dfmkit.data.shards import LATENT, META_PART, TEXT, decode_tensor, find_member
 from dfmkit.data.skips import SkipCounter, SkipError
 
@@ -295,7 +296,7 @@ def _cumsum(values: Sequence[int]) -> list[int]:
 def build(
     options: PackedOptions,
     *,
-    recipe: Any = None,
+    recipe: Any,
     pad_multiple: int = 1,
     skips: SkipCounter | None = None,
     dataset_info: Mapping[str, Any] | None = None,
@@ -307,9 +308,9 @@ def build(
     The latent channels and text width a sample must have come from the options, else from the
     dataset's ``dfmkit.json``, else from the backbone's ``in_channels`` / ``text_dim``.
     """
-    patch_spatial, patch_temporal = patch_sizes(recipe)
+    patch_spatial, patch_temporal = patch_sizes(recipe.model.options)
     if seq_length is None:
-        seq_length = recipe.data.seq_length if recipe is not None else 4096
+        seq_length = recipe.data.seq_length
     info = dataset_info or {}
     channels, width = model_dims(recipe)
     return PackedTaskEncoder(
