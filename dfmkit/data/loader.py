@@ -25,7 +25,10 @@ sample is counted as ``error``.
 
 The loader checks at start that the dataset's latent channels and text width (``dfmkit.json``)
 match the backbone's ``in_channels`` and ``text_dim``: a mismatch is a :class:`DataError`, not a
-run that skips every sample.
+run that skips every sample. It opens only a folder whose ``.nv-meta/dataset.yaml`` is the plain
+declaration ``dfmkit prepare`` writes, since Energon builds whatever objects a declaration names
+(:func:`_check_declaration`); every path that opens a dataset (training, validation, benchmarks)
+goes through :class:`EnergonLoader`, which checks it.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from dfmkit.batch import PackedBatch
 from dfmkit.compat.energon import harden_readers, shutdown_workers
 from dfmkit.data import DataError, check_fits_model
 from dfmkit.data.mock import MockLoader
-from dfmkit.data.shards import read_dataset_info
+from dfmkit.data.shards import ENERGON_DECLARATION, read_dataset_info
 from dfmkit.data.skips import SkipCounter
 from dfmkit.parallel.context import required_pad_multiple
 
@@ -226,16 +229,50 @@ def _error_handler(skips: SkipCounter):
 
 
 def _check_dataset(path: str, split: str) -> dict[str, Any] | None:
+    """A clear error unless ``path`` is a folder that ``dfmkit prepare`` indexed, with a dataset declaration that
+    builds nothing (:func:`_check_declaration`); else the folder's ``dfmkit.json`` (None without one)."""
     root = Path(path)
     if not path:
         raise DataError("data.path is empty: point it at a folder written by `dfmkit prepare`")
+    if root.is_file():
+        raise DataError(f"data.path '{path}' is a file: dfmkit trains on a folder written by `dfmkit prepare` "
+                        "(Energon metadatasets and jsonl files are not read)")
     if not root.is_dir():
         raise DataError(f"dataset folder '{path}' does not exist; "
                         f"create it with `dfmkit prepare RECIPE --source ... --out {path}`")
     if not (root / ".nv-meta" / "split.yaml").is_file():
         raise DataError(f"'{path}' has no Energon index (.nv-meta/split.yaml); `dfmkit prepare` writes it, or run "
                         "dfmkit.data.prepare.index_dataset on the folder")
+    _check_declaration(root)
     return read_dataset_info(root)
+
+
+def _check_declaration(root: Path) -> None:
+    """Refuse a folder whose ``.nv-meta/dataset.yaml`` is not :data:`~dfmkit.data.shards.ENERGON_DECLARATION`.
+
+    Energon builds any object a declaration names (``__module__``/``__class__``/``__function__``, at any depth,
+    e.g. under ``subflavors``) and imports a ``sample_loader`` Python file it names: a downloaded dataset could run
+    code the moment it is opened. The file is read as plain data with PyYAML's safe loader, then with Energon's own
+    reader (plain data too), so the check also sees what Energon would build from. The other files Energon reads
+    from the folder (``split.yaml``, ``.info.json``) it reads as plain data, without building objects.
+    """
+    import yaml
+    from megatron.energon.eyaml import load_yaml
+
+    declaration = root / ".nv-meta" / "dataset.yaml"
+    fix = (f"if you trust its shards, re-index the folder with dfmkit.data.prepare.index_dataset('{root}') (or "
+           "prepare it again with `dfmkit prepare`), which writes the plain declaration")
+    try:
+        found = yaml.safe_load(declaration.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{declaration} is missing; {fix}") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        why = " ".join(str(exc).split())
+        raise DataError(f"{declaration} is not plain YAML ({type(exc).__name__}: {why[:200]}); {fix}") from None
+    if found != ENERGON_DECLARATION or load_yaml(declaration.read_bytes()) != ENERGON_DECLARATION:
+        raise DataError(f"{declaration} is not the plain dataset declaration dfmkit opens "
+                        f"({', '.join(f'{k}: {v}' for k, v in ENERGON_DECLARATION.items())}, nothing else): Energon "
+                        f"would build the objects it names, so it is not opened; {fix}")
 
 
 def split_samples(path: str, split: str) -> int:
