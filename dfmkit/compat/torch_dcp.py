@@ -83,8 +83,8 @@ def load_weights_only(file: str | os.PathLike[str] | IO[bytes], source: str, map
 @contextlib.contextmanager
 def restricted_unpickling(checkpoint: str | os.PathLike[str]) -> Iterator[None]:
     """Inside the block torch.distributed.checkpoint reads the ``.metadata`` of a checkpoint with
-    :class:`MetadataUnpickler` and its byte entries weights-only; a file either refuses is a :class:`CheckpointError`
-    naming it (``checkpoint``: the folder being read, for the messages)."""
+    :class:`MetadataUnpickler` and its byte entries weights-only; a file that either refuses is a
+    :class:`CheckpointError` naming it (``checkpoint``: the folder being read, for the messages)."""
     from torch.distributed.checkpoint import default_planner
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemReader

@@ -16,8 +16,8 @@ Loading runs no code from the checkpoint (:func:`load_sharded`): ``common.pt`` i
 torch.distributed.checkpoint's ``.metadata`` with an unpickler that admits only the classes such a file is made of,
 and the byte entries of the ``.distcp`` files weights-only (:func:`dfmkit.compat.torch_dcp.restricted_unpickling`);
 the loader state in ``rank_*.json`` builds only plain values and Energon's state classes
-(:func:`dfmkit.data.loader.state_from_json`). A file that holds anything else is refused, by name, before any
-state is loaded.
+(:func:`dfmkit.data.loader.state_from_json`); module extra state that TransformerEngine would unpickle is refused.
+A checkpoint that holds anything else is refused, naming the file, before any of it reaches the model or loader.
 """
 
 from __future__ import annotations
