@@ -155,7 +155,7 @@ def test_state_codec_round_trip_and_refusals():
     assert back[3][1] == float("inf") and back[3][2] == 7 and isinstance(back[3][2], np.int64)
     assert torch.equal(back["rng"].torch, state["rng"].torch) and back["rng"].random == state["rng"].random
     assert back["rng"].numpy[0] == "MT19937" and np.array_equal(back["rng"].numpy[1], state["rng"].numpy[1])
-    with pytest.raises(DataError, match="not an Energon or dfmkit class"):
+    with pytest.raises(DataError, match="not one of the Energon classes"):
         state_from_json({"$dataclass": "subprocess:Popen", "fields": {}})
     with pytest.raises(TypeError, match="no JSON form"):
         state_to_json({"x": object()})

@@ -6,9 +6,9 @@
 - ``save_state()`` -> a JSON-ready dict: the loader position of this data-parallel rank, and
   the skip counts. Energon's state (``SavableDataLoaderState``: dataclasses, FlexState dicts,
   RNG states as tensors / numpy arrays / tuples, bytes) is written in a tagged JSON form by
-  :func:`state_to_json` and read back by :func:`state_from_json`, which rebuilds only
-  dataclasses from ``megatron.energon`` and plain values: no pickle anywhere, and the result can
-  go into the checkpoint's per-rank JSON file as it is.
+  :func:`state_to_json` and read back by :func:`state_from_json`, which builds only plain values and
+  the few Energon state classes such a state holds (an exact list, never a class named by the file):
+  no pickle anywhere, and the result can go into the checkpoint's per-rank JSON file as it is.
 - ``restore_state(state)``: the next batch after a restore is the batch that followed the save.
 - ``skips``: a :class:`~dfmkit.data.skips.SkipCounter` of the samples skipped so far, by reason.
 
@@ -25,14 +25,18 @@ sample is counted as ``error``.
 
 The loader checks at start that the dataset's latent channels and text width (``dfmkit.json``)
 match the backbone's ``in_channels`` and ``text_dim``: a mismatch is a :class:`DataError`, not a
-run that skips every sample.
+run that skips every sample. It opens only a folder whose ``.nv-meta/dataset.yaml`` is the plain
+declaration ``dfmkit prepare`` writes, since Energon builds whatever objects a declaration names
+(:func:`_check_declaration`); every path that opens a dataset (training, validation, benchmarks)
+goes through :class:`EnergonLoader`, which checks it.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
-import importlib
+import functools
 import logging
 import math
 import warnings
@@ -47,7 +51,7 @@ from dfmkit.batch import PackedBatch
 from dfmkit.compat.energon import harden_readers, shutdown_workers
 from dfmkit.data import DataError, check_fits_model
 from dfmkit.data.mock import MockLoader
-from dfmkit.data.shards import read_dataset_info
+from dfmkit.data.shards import ENERGON_DECLARATION, read_dataset_info
 from dfmkit.data.skips import SkipCounter
 from dfmkit.parallel.context import required_pad_multiple
 
@@ -59,9 +63,6 @@ STATE_FORMAT = "dfmkit-loader-state/1"
 # --------------------------------------------------------------------------------------------
 # Loader state <-> JSON (no pickle)
 # --------------------------------------------------------------------------------------------
-
-_ALLOWED_MODULES = ("megatron.energon.", "dfmkit.")
-
 
 def _tensor_payload(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
@@ -88,7 +89,7 @@ def state_to_json(value: Any) -> Any:
         return {"$bytes": _tensor_payload(bytes(value))}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         cls = type(value)
-        return {"$dataclass": f"{cls.__module__}:{cls.__qualname__}",
+        return {"$dataclass": _tag(cls),
                 "fields": {f.name: state_to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}}
     if isinstance(value, tuple):
         return {"$tuple": [state_to_json(v) for v in value]}
@@ -96,65 +97,105 @@ def state_to_json(value: Any) -> Any:
         return [state_to_json(v) for v in value]
     if isinstance(value, Mapping):
         items = [[state_to_json(k), state_to_json(v)] for k, v in value.items()]
-        tag = "$dict" if type(value) is dict else f"{type(value).__module__}:{type(value).__qualname__}"
+        tag = "$dict" if type(value) is dict else _tag(type(value))
         return {"$mapping": tag, "items": items}
     raise TypeError(f"loader state holds a {type(value).__module__}.{type(value).__qualname__}, which has no JSON form")
 
 
-def _resolve(name: str) -> type:
-    module, _, qualname = name.partition(":")
-    if not module.startswith(_ALLOWED_MODULES):
-        raise DataError(f"loader state names class {name!r}, which is not an Energon or dfmkit class")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    if not isinstance(obj, type):
-        raise DataError(f"loader state names {name!r}, which is not a class")
-    return obj
+@functools.cache
+def _state_classes() -> dict[str, type]:
+    """The classes a saved loader state holds, by the tag :func:`state_to_json` gives them: the only ones
+    :func:`state_from_json` builds. These are all that Energon's state of this loader holds (saved with 0 and with 2
+    workers, shuffled or not); a name is looked up here, never imported or followed as an attribute chain."""
+    from megatron.energon.flavors.webdataset.sample_loader import SliceState
+    from megatron.energon.rng import SystemRngState
+    from megatron.energon.savable_loader import SavableDataLoaderState, SavableDatasetCheckpoint, SavableDatasetState
+    from megatron.energon.state import FlexState
+
+    classes = (SavableDataLoaderState, SavableDatasetCheckpoint, SavableDatasetState, SliceState, SystemRngState,
+               FlexState)
+    return {_tag(cls): cls for cls in classes}
+
+
+def _tag(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _state_class(name: Any) -> type:
+    cls = _state_classes().get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise DataError(f"the loader state names {str(name)[:100]!r}, which is not one of the Energon classes a "
+                        "saved loader state holds; not building it")
+    return cls
+
+
+def _dtype(name: Any, kind: str) -> Any:
+    """The torch dtype (``kind`` "torch") or numpy dtype named ``name``; no object dtypes."""
+    if kind == "torch":
+        dtype = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+        if not isinstance(dtype, torch.dtype):
+            raise DataError(f"the loader state names tensor dtype {str(name)[:40]!r}, which is not a torch dtype")
+        return dtype
+    dtype = np.dtype(name) if isinstance(name, str) else None
+    if dtype is None or dtype.hasobject:
+        raise DataError(f"the loader state names numpy dtype {str(name)[:40]!r}; only plain (non-object) dtypes")
+    return dtype
 
 
 def state_from_json(value: Any) -> Any:
-    """The inverse of :func:`state_to_json`."""
+    """The inverse of :func:`state_to_json`. It builds plain values, tensors, arrays and the Energon state classes
+    of :func:`_state_classes`, nothing else: anything else, or a malformed entry, is a :class:`DataError`."""
+    try:
+        return _from_json(value)
+    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+        raise DataError(f"malformed loader state ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _from_json(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
-        return [state_from_json(v) for v in value]
+        return [_from_json(v) for v in value]
     if not isinstance(value, dict) or len(value) not in (1, 2):
         raise DataError(f"malformed loader state entry: {str(value)[:100]}")
     if "$float" in value:
         return float(value["$float"])
     if "$tensor" in value:
         spec = value["$tensor"]
-        dtype = getattr(torch, spec["dtype"])
+        dtype = _dtype(spec["dtype"], "torch")
         raw = bytearray(base64.b64decode(spec["data"]))
         if not raw:
             return torch.empty(spec["shape"], dtype=dtype)
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(spec["shape"]).clone()
     if "$ndarray" in value:
         spec = value["$ndarray"]
-        dtype = np.dtype(spec["dtype"])
-        if dtype.hasobject:
-            raise DataError("loader state asks for a numpy object array")
+        dtype = _dtype(spec["dtype"], "numpy")
         return np.frombuffer(base64.b64decode(spec["data"]), dtype=dtype).reshape(spec["shape"]).copy()
     if "$npscalar" in value:
         spec = value["$npscalar"]
-        return np.dtype(spec["dtype"]).type(state_from_json(spec["value"]))
+        return _dtype(spec["dtype"], "numpy").type(_from_json(spec["value"]))
     if "$bytes" in value:
         return base64.b64decode(value["$bytes"])
     if "$tuple" in value:
-        return tuple(state_from_json(v) for v in value["$tuple"])
+        return tuple(_from_json(v) for v in value["$tuple"])
     if "$mapping" in value:
-        items = {_hashable(state_from_json(k)): state_from_json(v) for k, v in value["items"]}
-        return items if value["$mapping"] == "$dict" else _resolve(value["$mapping"])(items)
+        cls = dict if value["$mapping"] == "$dict" else _state_class(value["$mapping"])
+        if not issubclass(cls, dict):
+            raise DataError(f"the loader state names {value['$mapping']!r} as a mapping, which it is not")
+        return cls({_hashable(_from_json(k)): _from_json(v) for k, v in value["items"]})
     if "$dataclass" in value:
-        cls = _resolve(value["$dataclass"])
+        cls = _state_class(value["$dataclass"])
         if not dataclasses.is_dataclass(cls):
-            raise DataError(f"loader state names {value['$dataclass']!r}, which is not a dataclass")
-        fields = {k: state_from_json(v) for k, v in value["fields"].items()}
-        init = {f.name for f in dataclasses.fields(cls) if f.init}
-        obj = cls(**{k: v for k, v in fields.items() if k in init})
-        for k, v in fields.items():
-            if k not in init:
+            raise DataError(f"the loader state names {value['$dataclass']!r} as a dataclass, which it is not")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(value["fields"]) - set(fields)
+        if unknown:
+            raise DataError(f"the loader state gives {cls.__qualname__} fields it does not have: "
+                            f"{', '.join(sorted(map(str, unknown)))[:200]}")
+        given = {k: _from_json(v) for k, v in value["fields"].items()}
+        obj = cls(**{k: v for k, v in given.items() if fields[k].init})
+        for k, v in given.items():
+            if not fields[k].init:
                 object.__setattr__(obj, k, v)
         return obj
     raise DataError(f"malformed loader state entry: {str(value)[:100]}")
@@ -188,16 +229,50 @@ def _error_handler(skips: SkipCounter):
 
 
 def _check_dataset(path: str, split: str) -> dict[str, Any] | None:
+    """A clear error unless ``path`` is a folder that ``dfmkit prepare`` indexed, with a dataset declaration that
+    builds nothing (:func:`_check_declaration`); else the folder's ``dfmkit.json`` (None without one)."""
     root = Path(path)
     if not path:
         raise DataError("data.path is empty: point it at a folder written by `dfmkit prepare`")
+    if root.is_file():
+        raise DataError(f"data.path '{path}' is a file: dfmkit trains on a folder written by `dfmkit prepare` "
+                        "(Energon metadatasets and jsonl files are not read)")
     if not root.is_dir():
         raise DataError(f"dataset folder '{path}' does not exist; "
                         f"create it with `dfmkit prepare RECIPE --source ... --out {path}`")
     if not (root / ".nv-meta" / "split.yaml").is_file():
         raise DataError(f"'{path}' has no Energon index (.nv-meta/split.yaml); `dfmkit prepare` writes it, or run "
                         "dfmkit.data.prepare.index_dataset on the folder")
+    _check_declaration(root)
     return read_dataset_info(root)
+
+
+def _check_declaration(root: Path) -> None:
+    """Refuse a folder whose ``.nv-meta/dataset.yaml`` is not :data:`~dfmkit.data.shards.ENERGON_DECLARATION`.
+
+    Energon builds any object a declaration names (``__module__``/``__class__``/``__function__``, at any depth,
+    e.g. under ``subflavors``) and imports a ``sample_loader`` Python file it names: a downloaded dataset could run
+    code the moment it is opened. The file is read as plain data with PyYAML's safe loader, then with Energon's own
+    reader (plain data too), so the check also sees what Energon would build from. The other files Energon reads
+    from the folder (``split.yaml``, ``.info.json``) it reads as plain data, without building objects.
+    """
+    import yaml
+    from megatron.energon.eyaml import load_yaml
+
+    declaration = root / ".nv-meta" / "dataset.yaml"
+    fix = (f"if you trust its shards, re-index the folder with dfmkit.data.prepare.index_dataset('{root}') (or "
+           "prepare it again with `dfmkit prepare`), which writes the plain declaration")
+    try:
+        found = yaml.safe_load(declaration.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{declaration} is missing; {fix}") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        why = " ".join(str(exc).split())
+        raise DataError(f"{declaration} is not plain YAML ({type(exc).__name__}: {why[:200]}); {fix}") from None
+    if found != ENERGON_DECLARATION or load_yaml(declaration.read_bytes()) != ENERGON_DECLARATION:
+        raise DataError(f"{declaration} is not the plain dataset declaration dfmkit opens "
+                        f"({', '.join(f'{k}: {v}' for k, v in ENERGON_DECLARATION.items())}, nothing else): Energon "
+                        f"would build the objects it names, so it is not opened; {fix}")
 
 
 def split_samples(path: str, split: str) -> int:

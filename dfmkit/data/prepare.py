@@ -36,7 +36,14 @@ import attrs
 import torch
 
 from dfmkit.components.text_encoders.cache import EmbeddingCache
-from dfmkit.data.shards import DATASET_FORMAT, DATASET_INFO, FORMATS, ShardWriter, read_dataset_info
+from dfmkit.data.shards import (
+    DATASET_FORMAT,
+    DATASET_INFO,
+    ENERGON_DECLARATION,
+    FORMATS,
+    ShardWriter,
+    read_dataset_info,
+)
 from dfmkit.data.skips import SkipCounter, SkipError
 from dfmkit.data.sources import ResizeOptions, Source, open_source
 from dfmkit.errors import DfmkitError
@@ -152,7 +159,7 @@ def index_dataset(path: str | os.PathLike[str], split: str | Sequence[float] | N
         BaseWebdatasetFactory.prepare_dataset(root, tars, workers=workers, progress_fn=lambda x, *_: x, **kwargs)
     log.debug("energon prepare: %s", captured.getvalue().strip())
     meta = root / MAIN_FOLDER_NAME
-    (meta / "dataset.yaml").write_text("__module__: megatron.energon\n__class__: CrudeWebdataset\n")
+    (meta / "dataset.yaml").write_text("".join(f"{key}: {value}\n" for key, value in ENERGON_DECLARATION.items()))
     info = read_dataset_info(root) or {}
     info["excluded_shards"] = excluded
     with open(root / DATASET_INFO, "w", encoding="utf-8") as f:

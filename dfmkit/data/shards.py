@@ -39,6 +39,9 @@ META_PART = "json"
 FORMATS = ("safetensors", "npy")
 DATASET_INFO = "dfmkit.json"
 DATASET_FORMAT = "dfmkit-webdataset/1"
+#: Energon's ``.nv-meta/dataset.yaml`` as ``dfmkit prepare`` writes it (and ``energon prepare`` for a crude dataset):
+#: the only declaration the loader opens, since Energon builds whatever class or function a declaration names.
+ENERGON_DECLARATION = {"__module__": "megatron.energon", "__class__": "CrudeWebdataset"}
 
 
 def encode_tensor(tensor: torch.Tensor, name: str, fmt: str = "safetensors") -> bytes:

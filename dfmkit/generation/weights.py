@@ -12,8 +12,9 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from dfmkit.compat.torch_dcp import restricted_metadata
+from dfmkit.compat.torch_dcp import restricted_unpickling
 from dfmkit.errors import CheckpointError, GenerateError
+from dfmkit.train.checkpoint import load_sharded
 
 WEIGHTS = ("ema", "model")
 
@@ -36,7 +37,7 @@ def read_checkpoint_states(
     sharded = {k: v for k, v in _flatten(model.sharded_state_dict(prefix="model."), {}).items()
                if isinstance(v, ShardedTensor)}
     try:
-        with restricted_metadata():
+        with restricted_unpickling(checkpoint):
             saved = dist_checkpointing.load_tensors_metadata(str(checkpoint))
     except CheckpointError:
         raise
@@ -65,8 +66,7 @@ def read_checkpoint_states(
     if problems:
         shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
         raise GenerateError(f"{checkpoint} does not fit the model of its recipe: {shown}")
-    with restricted_metadata():
-        loaded = dist_checkpointing.load(request, str(checkpoint))
+    loaded = load_sharded(checkpoint, request)
     return {entry: {name[len("model."):]: tensor for name, tensor in loaded[entry].items()} for entry in which}
 
 

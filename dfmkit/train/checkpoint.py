@@ -12,9 +12,12 @@ marker), then renames the folder and replaces ``latest`` with ``os.replace``. A 
 point leaves ``latest`` naming a checkpoint that loads. Per-rank state that is not a tensor
 (RNG states, the loader position) goes to ``rank_<r>.json``, never through pickle.
 
-Loading never runs arbitrary pickle either: megatron reads its ``common.pt`` with ``torch.load``'s
-weights-only unpickler, and torch.distributed.checkpoint's ``.metadata`` (a pickle) is read inside
-:func:`dfmkit.compat.torch_dcp.restricted_metadata`, which admits only the classes such a file is made of.
+Loading runs no code from the checkpoint (:func:`load_sharded`): ``common.pt`` is read weights-only,
+torch.distributed.checkpoint's ``.metadata`` with an unpickler that admits only the classes such a file is made of,
+and the byte entries of the ``.distcp`` files weights-only (:func:`dfmkit.compat.torch_dcp.restricted_unpickling`);
+the loader state in ``rank_*.json`` builds only plain values and Energon's state classes
+(:func:`dfmkit.data.loader.state_from_json`); module extra state that TransformerEngine would unpickle is refused.
+A checkpoint that holds anything else is refused, naming the file, before any of it reaches the model or loader.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dfmkit.compat.torch_dcp import MetadataUnpickler, restricted_metadata
+from dfmkit.compat.torch_dcp import MetadataUnpickler, load_weights_only, restricted_unpickling
+from dfmkit.data import DataError
+from dfmkit.data.loader import state_from_json
 from dfmkit.errors import CheckpointError
 
 MARKER = "dfmkit.json"
@@ -130,21 +136,64 @@ def save_checkpoint(
 
 def load_checkpoint(checkpoint: Path, sharded_state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the sharded state and this rank's JSON state from a complete checkpoint."""
-    from megatron.core import dist_checkpointing
-
     rank_file = checkpoint / f"rank_{_rank():05d}.json"
     if not rank_file.is_file():
         raise CheckpointError(
             f"{checkpoint} has no state for rank {_rank()} ({rank_file.name}); it was saved with fewer processes. "
             "Resume with the same number of processes, or start from an export"
         )
+    rank_state = _read_rank_state(rank_file)
+    state = load_sharded(checkpoint, sharded_state_dict)
+    _check_extra_state(checkpoint, state)
+    return state, rank_state
+
+
+def _read_rank_state(rank_file: Path) -> dict[str, Any]:
+    """A rank's JSON state, its loader state checked by decoding it (which builds only plain values and
+    Energon's state classes) before anything of the checkpoint is loaded."""
+    try:
+        state = json.loads(rank_file.read_text())
+        loader = state.get("loader") or {}
+        if loader.get("energon") is not None:
+            state_from_json(loader["energon"])
+    except (ValueError, AttributeError, DataError) as exc:
+        raise CheckpointError(f"{rank_file} is not a rank state dfmkit wrote: {exc} (the file is foreign or was "
+                              "altered); not resuming from it") from None
+    return state
+
+
+def _check_extra_state(checkpoint: Path, state: Mapping[str, Any]) -> None:
+    """Refuse module extra state that loading it into the model would unpickle. dfmkit trains without FP8, so the
+    ``_extra_state`` of its modules is None (megatron's linears) or an empty tensor (TransformerEngine's, e.g. the
+    ``te`` attention backend); TransformerEngine's ``set_extra_state`` runs ``pickle.loads`` on a non-empty byte
+    tensor, which the weights-only reader lets through as a tensor."""
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            _check_extra_state(checkpoint, value)
+        elif str(key).endswith("_extra_state") and not (value is None or
+                                                   (isinstance(value, torch.Tensor) and value.numel() == 0)):
+            raise CheckpointError(f"{checkpoint} holds extra state for {key} ({type(value).__name__}), which a "
+                                  "checkpoint of dfmkit (trained without FP8) never holds and which loading would "
+                                  "unpickle; not loading it (the checkpoint is foreign or was altered)")
+
+
+def load_sharded(checkpoint: Path, sharded_state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``sharded_state_dict`` from megatron's distributed checkpoint in ``checkpoint``, read without
+    running code from it: ``common.pt`` weights-only (checked here, whatever torch's default), ``.metadata`` and
+    the byte entries through :func:`~dfmkit.compat.torch_dcp.restricted_unpickling`. A file that is not plain data
+    is a :class:`CheckpointError` naming it."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+
     metadata = checkpoint / ".metadata"
-    if metadata.is_file():  # read here first: an error inside torch's loader comes back wrapped per rank
+    if metadata.is_file():  # read here first too: torch's loader retries a failed read and wraps errors per rank
         with open(metadata, "rb") as stream:
-            MetadataUnpickler(stream).load()
-    with restricted_metadata():
-        state = dist_checkpointing.load(sharded_state_dict, str(checkpoint))
-    return state, json.loads(rank_file.read_text())
+            MetadataUnpickler(stream, source=str(metadata)).load()
+    common = checkpoint / COMMON_STATE_FNAME
+    if common.is_file():  # megatron reads it with torch's default, weights-only unless the environment says not
+        load_weights_only(common, str(common), map_location="cpu")
+    with restricted_unpickling(checkpoint):
+        return dist_checkpointing.load(sharded_state_dict, str(checkpoint))
 
 
 def rng_state() -> dict[str, Any]:
