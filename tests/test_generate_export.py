@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -335,6 +336,25 @@ def test_alignment_of_a_video_tokenizer():
     # Patches in time: 2 latent frames per patch needs an even latent frame count (frames 5, 13, ...).
     with pytest.raises(GenerateError, match=r"frames 9 -> 5 or 13"):
         latent_shape_for(tokenizer, 2, 2, 9, 256, 256)
+
+
+# --------------------------------------------------------------------------------------------
+# Exports written like any other output
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_export_files_follow_the_umask(trained, tmp_path, umask):
+    """safetensors writes its files with mode 0600; an export's files get the user's umask like any other output."""
+    previous = os.umask(umask)
+    try:
+        out = export(trained["root"] / "ckpt", tmp_path / "export")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "ema.safetensors", "model.safetensors"]
+    for file in out.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,12 @@ def _write_atomically(out: Path, files: dict[str, dict[str, torch.Tensor]], conf
                       metadata={"format": "pt", "dfmkit_export": str(EXPORT_VERSION), "weights": weights,
                                 "iteration": str(iteration)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        # safetensors >= 0.8 writes through a temporary file created with mode 0600 and renamed into place
+        # (safetensors#782), so the weights would be readable by their owner alone; they get the mode the
+        # user's umask gave config.json (0644 under umask 022), like every other output.
+        mode = stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode)
+        for name in WEIGHT_FILES.values():
+            (tmp / name).chmod(mode)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
