@@ -35,7 +35,7 @@ from dfmkit.generation import (
     read_prompt_file,
 )
 from dfmkit.generation.export import export
-from dfmkit.generation.export_format import is_export
+from dfmkit.generation.export_format import ExportError, is_export
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]
 SIZES = dict(height=[8, 16], width=[8, 12])  # two sizes in one pack: 16 and 48 latent tokens (patch 2)
@@ -339,8 +339,112 @@ def test_alignment_of_a_video_tokenizer():
 
 
 # --------------------------------------------------------------------------------------------
-# Exports written like any other output
+# Exports read as untrusted input, and written like any other output
 # --------------------------------------------------------------------------------------------
+
+
+def _copy_with_config(exported: Path, copy: Path, **changes) -> Path:
+    shutil.copytree(exported, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_export_weights_outside_the_folder_are_refused(exported, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(exported / "ema.safetensors", outside)  # a valid weight file: only where it is makes it wrong
+    cases = {
+        "parent": ({"ema": "../outside.safetensors", "model": "model.safetensors"}, "points outside the export folder"),
+        "absolute": ({"ema": "/etc/passwd", "model": "model.safetensors"}, "points outside the export folder"),
+        "hidden parent": ({"ema": "sub/../../outside.safetensors", "model": "model.safetensors"}, "points outside"),
+    }
+    for name, (weights, message) in cases.items():
+        copy = _copy_with_config(exported, tmp_path / name, weights=weights)
+        with pytest.raises(ExportError, match=rf"{copy / 'config.json'}: 'weights.ema' = .*{message}"):
+            load(copy)
+    linked = tmp_path / "linked"
+    shutil.copytree(exported, linked)
+    (linked / "ema.safetensors").unlink()
+    (linked / "ema.safetensors").symlink_to(outside)
+    with pytest.raises(ExportError, match=rf"'weights.ema' = \"ema.safetensors\" is a link to {outside}, outside"):
+        load(linked)
+    # A link that stays inside the folder is fine.
+    inside = tmp_path / "inside"
+    shutil.copytree(exported, inside)
+    (inside / "ema.safetensors").rename(inside / "weights.bin")
+    (inside / "ema.safetensors").symlink_to("weights.bin")
+    load(inside)
+
+
+def test_export_weights_that_are_not_a_table_are_refused(exported, tmp_path, capsys):
+    cases = (("list", ["ema.safetensors"], "must be a table of weight files.*got list"),
+             ("number", {"ema": 3, "model": "model.safetensors"}, "'weights.ema' must be a file"))
+    for name, weights, message in cases:
+        copy = _copy_with_config(exported, tmp_path / name, weights=weights)
+        with pytest.raises(ExportError, match=message):
+            load(copy)
+        rc = cli_main(["generate", "--checkpoint", str(copy), "--prompt", "x", "--out", str(tmp_path / "o")])
+        assert rc == 2 and "config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _write_safetensors_header(path: Path, tensors: dict[str, torch.Tensor], claimed: dict[str, tuple]) -> int:
+    """A safetensors file with ``tensors`` and, after them, entries ``claimed`` (name: (dtype, shape)) whose data is
+    a hole of the claimed size (a sparse file: nothing written, nothing on disk). Returns the claimed bytes."""
+    header, offset, chunks = {}, 0, []
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    claimed_bytes = 0
+    for name, (dtype, shape) in claimed.items():
+        size = int(np.prod(shape)) * {"F32": 4, "I64": 8}[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+        claimed_bytes += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for chunk in chunks:
+            f.write(chunk)
+        f.truncate(8 + len(text) + offset)
+    return claimed_bytes
+
+
+def _memory_kib(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def test_a_tampered_weight_header_is_refused_before_anything_is_allocated(exported, tmp_path):
+    """A weight file whose header claims a 9.7 GB tensor is refused from its header: the peak memory of the process
+    grows by far less than the claim (reading the tensor would make it resident)."""
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(exported, copy)
+    tensors = load_file(str(exported / "ema.safetensors"))
+    huge = "x_embedder.weight"
+    claimed = _write_safetensors_header(copy / "ema.safetensors", {k: v for k, v in tensors.items() if k != huge},
+                                        {huge: ("F32", (49152, 49152))})
+    assert claimed > 9.6e9 and (copy / "ema.safetensors").stat().st_blocks * 512 < 1e8  # a hole, not 9.7 GB of disk
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the memory in use now
+    before = _memory_kib("VmRSS")
+    with pytest.raises(ExportError, match=rf"{huge} has shape \(49152, 49152\), the model's is \(\d+, \d+\)"):
+        load(copy)
+    assert (_memory_kib("VmHWM") - before) * 1024 < 2**30
+    # Names and dtypes are checked too.
+    renamed = {("x_embedder.renamed" if k == huge else k): v for k, v in tensors.items()}
+    _write_safetensors_header(copy / "ema.safetensors", renamed, {})
+    with pytest.raises(ExportError, match=r"missing x_embedder\.weight; unexpected x_embedder\.renamed"):
+        load(copy)
+    _write_safetensors_header(copy / "ema.safetensors", {k: v for k, v in tensors.items() if k != huge},
+                              {huge: ("I64", tuple(tensors[huge].shape))})
+    with pytest.raises(ExportError, match=rf"{huge} has dtype I64, the model's needs F32 or BF16 or F16"):
+        load(copy)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
