@@ -12,6 +12,7 @@ import datetime
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import stat
@@ -36,6 +37,7 @@ from dfmkit.generation import (
 )
 from dfmkit.generation.export import export
 from dfmkit.generation.export_format import ExportError, is_export
+from dfmkit.generation.outputs import NonFiniteOutputError
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]
 SIZES = dict(height=[8, 16], width=[8, 12])  # two sizes in one pack: 16 and 48 latent tokens (patch 2)
@@ -336,6 +338,106 @@ def test_alignment_of_a_video_tokenizer():
     # Patches in time: 2 latent frames per patch needs an even latent frame count (frames 5, 13, ...).
     with pytest.raises(GenerateError, match=r"frames 9 -> 5 or 13"):
         latent_shape_for(tokenizer, 2, 2, 9, 256, 256)
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals: non-finite outputs, output folders that cannot be, requests that cannot fit in memory
+# --------------------------------------------------------------------------------------------
+
+
+def test_non_finite_outputs_are_refused_and_nothing_is_written(exported, from_checkpoint, tmp_path, capsys):
+    generator, _ = from_checkpoint
+    message = (r"outputs 0 \('a handwritten digit 3'\), 1 \('a handwritten digit 7'\) hold NaN or inf, so no file is "
+               r"written; likely cause: guidance w = 1e\+38 too large")
+    with pytest.raises(NonFiniteOutputError, match=message) as info:
+        generator.generate(PROMPTS, **SIZES, guidance=1e38, out=tmp_path / "guidance")
+    assert info.value.indices == [0, 1] and not (tmp_path / "guidance").exists()
+    rc = cli_main(["generate", "--checkpoint", str(exported), "--prompt", "x", "--guidance", "1e38",
+                   "--out", str(tmp_path / "cli")])
+    assert rc == 2 and "output 0 ('x') holds NaN or inf" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan_weights"
+    shutil.copytree(exported, broken)
+    weights = load_file(str(broken / "ema.safetensors"))
+    weights["x_embedder.weight"][0, 0] = float("nan")
+    save_file(weights, str(broken / "ema.safetensors"))
+    with pytest.raises(NonFiniteOutputError, match=r"likely cause: the weights hold NaN or inf \(x_embedder\.weight\)"):
+        load(broken).generate(PROMPTS, **SIZES, out=tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+
+
+def test_an_output_folder_that_cannot_be_is_refused_before_sampling(trained, exported, from_checkpoint, tmp_path,
+                                                                     capsys):
+    generator, _ = from_checkpoint
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for out, message in ((afile, f"the output folder '{afile}' is a file; give --out a folder"),
+                         (afile / "sub", f"the output folder '{afile / 'sub'}' cannot be made: '{afile}' is a file")):
+        with pytest.raises(GenerateError, match=re.escape(message)):
+            generator.generate(PROMPTS, **SIZES, out=out)
+        assert cli_main(["generate", "--checkpoint", str(exported), "--prompt", "x", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert cli_main(["export", "--checkpoint", str(trained["root"] / "ckpt"), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert afile.read_text() == "not a folder"
+
+
+def test_a_request_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated(exported, from_checkpoint,
+                                                                                    tmp_path, monkeypatch, capsys):
+    rc = cli_main(["generate", "--checkpoint", str(exported), "--prompt", "x", "--height", "65536", "--width", "65536",
+                   "--out", str(tmp_path / "cli")])
+    assert rc == 2 and "the largest is output 0: 1 x 65536 x 65536" in capsys.readouterr().err
+    generator, _ = from_checkpoint
+
+    def never(prompts):
+        raise AssertionError("the prompts were encoded: the request was not refused before any work")
+
+    monkeypatch.setattr(generator, "encode_prompts", never)
+    # The latent and the decoded pixels are 2 x 48 GiB (float32, identity tokenizer), one MLP over the 2 x 2**30 rows
+    # of the guided pack 2.6 TiB: more than any machine has.
+    message = (r"needs at least \d+\.\d GiB of memory \(96\.0 GiB of latents and decoded pixels, .*\), more than the "
+               r"\d+\.\d [GM]iB available; ask for smaller sizes \(the largest is output 1: 1 x 65536 x 65536\)")
+    with pytest.raises(GenerateError, match=message):
+        generator.generate(PROMPTS, height=[8, 65536], width=[8, 65536], out=tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cli").exists()
+
+
+def test_the_memory_rule(from_checkpoint, tmp_path, monkeypatch):
+    """The lower bound of dfmkit.generation.memory, counted by hand for the tiny DiT (hidden 64, MLP 256, fp32, patch
+    2) and two outputs of 8 x 8 and 16 x 12 pixels (identity tokenizer: latents of 3 x 1 x 8 x 8 and 3 x 1 x 16 x 12)
+    in one guided pack; generation runs with exactly that much memory available and is refused with a byte less."""
+    from dfmkit.generation import memory
+    from dfmkit.generation.prompts import Request
+
+    generator, _ = from_checkpoint
+    requests = [Request("a", 8, 8, 1), Request("b", 16, 12, 1)]
+    need = memory.memory_need(requests, [(3, 1, 8, 8), (3, 1, 16, 12)], [[0, 1]], patch_spatial=2, patch_temporal=1,
+                              pad_multiple=1, guided=True, model=generator.model, dtype=torch.float32)
+    latents = 3 * 8 * 8 + 3 * 16 * 12  # floats; the decoded pixels are as many
+    assert need.kept == 2 * latents * 4
+    tokens = 4 * 4 + 8 * 6
+    assert need.pack_tokens == tokens and need.pack == 3 * latents * 4 + 2 * tokens * (64 + 256) * 4
+    assert need.largest == "output 1: 1 x 16 x 12"
+
+    available = need.kept + need.pack
+    monkeypatch.setattr(memory, "host_available", lambda: available)
+    assert len(generator.generate(["a", "b"], height=[8, 16], width=[8, 12], guidance=2.0)) == 2
+    available -= 1
+    with pytest.raises(GenerateError, match=r"needs at least 0\.2 MiB of memory .*more than the 0\.2 MiB available"):
+        generator.generate(["a", "b"], height=[8, 16], width=[8, 12], guidance=2.0)
+    # On a GPU the largest pack is held against the GPU's free memory, what is kept against host memory.
+    monkeypatch.setattr(memory, "device_available", lambda device: need.pack - 1)
+    with pytest.raises(GenerateError, match=r"of GPU memory to sample its largest pack of 64 tokens.*--max-tokens"):
+        memory.check_memory(need, torch.device("cuda", 0))
+    monkeypatch.setattr(memory, "device_available", lambda device: need.pack)
+    monkeypatch.setattr(memory, "host_available", lambda: need.kept - 1)
+    with pytest.raises(GenerateError, match=r"of host memory for its latents and decoded pixels"):
+        memory.check_memory(need, torch.device("cuda", 0))
+    monkeypatch.setattr(memory, "host_available", lambda: need.kept)
+    memory.check_memory(need, torch.device("cuda", 0))
 
 
 # --------------------------------------------------------------------------------------------
