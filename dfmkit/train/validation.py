@@ -153,21 +153,20 @@ class Validator:
         out_dir = self.out_dir / f"step_{step}"
         common = {"step": step, "weights": "ema", **sampler_settings(self.sampler_name, self.sampler_options),
                   "guidance": config.guidance, "base_seed": config.seed}
-        pixels, written, skipped = [], [], []
+        first_frames, written, skipped = {}, [], []
         for index, (request, shape, latent) in enumerate(zip(self.requests, shapes, latents)):
             decoded = decode(self.tokenizer, latent) if not non_finite([latent]) else None
             if decoded is None or non_finite([decoded]):
                 skipped.append(index)  # a NaN sample would be written as a black image
                 continue
-            pixels.append(decoded)
+            first_frames[index] = to_uint8_frames(decoded)[0]
             settings = {**common, **sample_settings(index, request, config.seed + index, shape, VIDEO_FPS)}
             written.append(write_output(out_dir, index, decoded, settings, VIDEO_FPS))
         if skipped:
             prompts = [r.prompt for r in self.requests]
             log.warning(f"step {step}: validation {non_finite_message(skipped, prompts)}: not written, training goes "
                         f"on; likely cause: {non_finite_cause(config.guidance, None)}")
-        if pixels:
-            self.logger.images(step, "validation/generated", [to_uint8_frames(p)[0] for p in pixels])
+        self.logger.images(step, "validation/generated", first_frames)
         return written
 
     def run(self, step: int) -> dict[str, float]:
