@@ -63,13 +63,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from dfmkit.generation import GenerateError, load, read_prompt_file  # imports torch and megatron: only when used
+    from dfmkit.generation.outputs import check_out_dir
 
     prompts: list[str | dict[str, Any]] = list(args.prompt)
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise GenerateError("no prompts: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    check_out_dir(Path(args.out))  # before the model is loaded
     generator = load(args.checkpoint, weights=args.weights, overrides=args.overrides, device=args.device,
                      precision=args.precision, tensor=args.tensor, context=args.context, keep_text_encoder=False)
     outputs = generator.generate(prompts, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
@@ -162,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="video frames (not latent frames); 1 makes images; one value or one per prompt")
     generate.add_argument("--steps", type=int, help="sampler steps (sampler.num_steps)")
     generate.add_argument("--guidance", type=float,
-                          help="classifier-free guidance w (1: none; the reference's g is w - 1)")
+                          help="classifier-free guidance w (1: none; the reference's g is w - 1); a w so large that "
+                               "the guided denoiser overflows gives NaN outputs, which are refused")
     generate.add_argument("--sampler",
                           help="a registered sampler (edm-heun, edm-euler, plugins); default: the recipe's")
     generate.add_argument("--seed", type=int, help="output i uses seed + i (default: validation.seed)")

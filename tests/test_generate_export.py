@@ -12,8 +12,10 @@ import datetime
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import socket
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,8 @@ from dfmkit.generation import (
     read_prompt_file,
 )
 from dfmkit.generation.export import export
-from dfmkit.generation.export_format import is_export
+from dfmkit.generation.export_format import ExportError, is_export
+from dfmkit.generation.outputs import NonFiniteOutputError
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]
 SIZES = dict(height=[8, 16], width=[8, 12])  # two sizes in one pack: 16 and 48 latent tokens (patch 2)
@@ -336,6 +339,229 @@ def test_alignment_of_a_video_tokenizer():
     # Patches in time: 2 latent frames per patch needs an even latent frame count (frames 5, 13, ...).
     with pytest.raises(GenerateError, match=r"frames 9 -> 5 or 13"):
         latent_shape_for(tokenizer, 2, 2, 9, 256, 256)
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals: non-finite outputs, output folders that cannot be, requests that cannot fit in memory
+# --------------------------------------------------------------------------------------------
+
+
+def test_non_finite_outputs_are_refused_and_nothing_is_written(exported, from_checkpoint, tmp_path, capsys):
+    generator, _ = from_checkpoint
+    message = (r"outputs 0 \('a handwritten digit 3'\), 1 \('a handwritten digit 7'\) hold NaN or inf, so no file is "
+               r"written; likely cause: guidance w = 1e\+38 too large")
+    with pytest.raises(NonFiniteOutputError, match=message) as info:
+        generator.generate(PROMPTS, **SIZES, guidance=1e38, out=tmp_path / "guidance")
+    assert info.value.indices == [0, 1] and not (tmp_path / "guidance").exists()
+    rc = cli_main(["generate", "--checkpoint", str(exported), "--prompt", "x", "--guidance", "1e38",
+                   "--out", str(tmp_path / "cli")])
+    assert rc == 2 and "output 0 ('x') holds NaN or inf" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan_weights"
+    shutil.copytree(exported, broken)
+    weights = load_file(str(broken / "ema.safetensors"))
+    weights["x_embedder.weight"][0, 0] = float("nan")
+    save_file(weights, str(broken / "ema.safetensors"))
+    with pytest.raises(NonFiniteOutputError, match=r"likely cause: the weights hold NaN or inf \(x_embedder\.weight\)"):
+        load(broken).generate(PROMPTS, **SIZES, out=tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+
+
+def test_an_output_folder_that_cannot_be_is_refused_before_sampling(trained, exported, from_checkpoint, tmp_path,
+                                                                     capsys):
+    generator, _ = from_checkpoint
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for out, message in ((afile, f"the output folder '{afile}' is a file; give --out a folder"),
+                         (afile / "sub", f"the output folder '{afile / 'sub'}' cannot be made: '{afile}' is a file")):
+        with pytest.raises(GenerateError, match=re.escape(message)):
+            generator.generate(PROMPTS, **SIZES, out=out)
+        assert cli_main(["generate", "--checkpoint", str(exported), "--prompt", "x", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert cli_main(["export", "--checkpoint", str(trained["root"] / "ckpt"), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert afile.read_text() == "not a folder"
+
+
+def test_a_request_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated(exported, from_checkpoint,
+                                                                                    tmp_path, monkeypatch, capsys):
+    rc = cli_main(["generate", "--checkpoint", str(exported), "--prompt", "x", "--height", "65536", "--width", "65536",
+                   "--out", str(tmp_path / "cli")])
+    assert rc == 2 and "the largest is output 0: 1 x 65536 x 65536" in capsys.readouterr().err
+    generator, _ = from_checkpoint
+
+    def never(prompts):
+        raise AssertionError("the prompts were encoded: the request was not refused before any work")
+
+    monkeypatch.setattr(generator, "encode_prompts", never)
+    # The latent and the decoded pixels are 2 x 48 GiB (float32, identity tokenizer), one MLP over the 2 x 2**30 rows
+    # of the guided pack 2.6 TiB: more than any machine has.
+    message = (r"needs at least \d+\.\d GiB of memory \(96\.0 GiB of latents and decoded pixels, .*\), more than the "
+               r"\d+\.\d [GM]iB available; ask for smaller sizes \(the largest is output 1: 1 x 65536 x 65536\)")
+    with pytest.raises(GenerateError, match=message):
+        generator.generate(PROMPTS, height=[8, 65536], width=[8, 65536], out=tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cli").exists()
+
+
+def test_the_memory_rule(from_checkpoint, tmp_path, monkeypatch):
+    """The lower bound of dfmkit.generation.memory, counted by hand for the tiny DiT (hidden 64, MLP 256, fp32, patch
+    2) and two outputs of 8 x 8 and 16 x 12 pixels (identity tokenizer: latents of 3 x 1 x 8 x 8 and 3 x 1 x 16 x 12)
+    in one guided pack; generation runs with exactly that much memory available and is refused with a byte less."""
+    from dfmkit.generation import memory
+    from dfmkit.generation.prompts import Request
+
+    generator, _ = from_checkpoint
+    requests = [Request("a", 8, 8, 1), Request("b", 16, 12, 1)]
+    need = memory.memory_need(requests, [(3, 1, 8, 8), (3, 1, 16, 12)], [[0, 1]], patch_spatial=2, patch_temporal=1,
+                              pad_multiple=1, guided=True, model=generator.model, dtype=torch.float32)
+    latents = 3 * 8 * 8 + 3 * 16 * 12  # floats; the decoded pixels are as many
+    assert need.kept == 2 * latents * 4
+    tokens = 4 * 4 + 8 * 6
+    assert need.pack_tokens == tokens and need.pack == 3 * latents * 4 + 2 * tokens * (64 + 256) * 4
+    assert need.largest == "output 1: 1 x 16 x 12"
+
+    available = need.kept + need.pack
+    monkeypatch.setattr(memory, "host_available", lambda: available)
+    assert len(generator.generate(["a", "b"], height=[8, 16], width=[8, 12], guidance=2.0)) == 2
+    available -= 1
+    with pytest.raises(GenerateError, match=r"needs at least 0\.2 MiB of memory .*more than the 0\.2 MiB available"):
+        generator.generate(["a", "b"], height=[8, 16], width=[8, 12], guidance=2.0)
+    # On a GPU the largest pack is held against the GPU's free memory, what is kept against host memory.
+    monkeypatch.setattr(memory, "device_available", lambda device: need.pack - 1)
+    with pytest.raises(GenerateError, match=r"of GPU memory to sample its largest pack of 64 tokens.*--max-tokens"):
+        memory.check_memory(need, torch.device("cuda", 0))
+    monkeypatch.setattr(memory, "device_available", lambda device: need.pack)
+    monkeypatch.setattr(memory, "host_available", lambda: need.kept - 1)
+    with pytest.raises(GenerateError, match=r"of host memory for its latents and decoded pixels"):
+        memory.check_memory(need, torch.device("cuda", 0))
+    monkeypatch.setattr(memory, "host_available", lambda: need.kept)
+    memory.check_memory(need, torch.device("cuda", 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Exports read as untrusted input, and written like any other output
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_with_config(exported: Path, copy: Path, **changes) -> Path:
+    shutil.copytree(exported, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_export_weights_outside_the_folder_are_refused(exported, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(exported / "ema.safetensors", outside)  # a valid weight file: only where it is makes it wrong
+    cases = {
+        "parent": ({"ema": "../outside.safetensors", "model": "model.safetensors"}, "points outside the export folder"),
+        "absolute": ({"ema": "/etc/passwd", "model": "model.safetensors"}, "points outside the export folder"),
+        "hidden parent": ({"ema": "sub/../../outside.safetensors", "model": "model.safetensors"}, "points outside"),
+    }
+    for name, (weights, message) in cases.items():
+        copy = _copy_with_config(exported, tmp_path / name, weights=weights)
+        with pytest.raises(ExportError, match=rf"{copy / 'config.json'}: 'weights.ema' = .*{message}"):
+            load(copy)
+    linked = tmp_path / "linked"
+    shutil.copytree(exported, linked)
+    (linked / "ema.safetensors").unlink()
+    (linked / "ema.safetensors").symlink_to(outside)
+    with pytest.raises(ExportError, match=rf"'weights.ema' = \"ema.safetensors\" is a link to {outside}, outside"):
+        load(linked)
+    # A link that stays inside the folder is fine.
+    inside = tmp_path / "inside"
+    shutil.copytree(exported, inside)
+    (inside / "ema.safetensors").rename(inside / "weights.bin")
+    (inside / "ema.safetensors").symlink_to("weights.bin")
+    load(inside)
+
+
+def test_export_weights_that_are_not_a_table_are_refused(exported, tmp_path, capsys):
+    cases = (("list", ["ema.safetensors"], "must be a table of weight files.*got list"),
+             ("number", {"ema": 3, "model": "model.safetensors"}, "'weights.ema' must be a file"))
+    for name, weights, message in cases:
+        copy = _copy_with_config(exported, tmp_path / name, weights=weights)
+        with pytest.raises(ExportError, match=message):
+            load(copy)
+        rc = cli_main(["generate", "--checkpoint", str(copy), "--prompt", "x", "--out", str(tmp_path / "o")])
+        assert rc == 2 and "config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _write_safetensors_header(path: Path, tensors: dict[str, torch.Tensor], claimed: dict[str, tuple]) -> int:
+    """A safetensors file with ``tensors`` and, after them, entries ``claimed`` (name: (dtype, shape)) whose data is
+    a hole of the claimed size (a sparse file: nothing written, nothing on disk). Returns the claimed bytes."""
+    header, offset, chunks = {}, 0, []
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    claimed_bytes = 0
+    for name, (dtype, shape) in claimed.items():
+        size = int(np.prod(shape)) * {"F32": 4, "I64": 8}[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+        claimed_bytes += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for chunk in chunks:
+            f.write(chunk)
+        f.truncate(8 + len(text) + offset)
+    return claimed_bytes
+
+
+def _memory_kib(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def test_a_tampered_weight_header_is_refused_before_anything_is_allocated(exported, tmp_path):
+    """A weight file whose header claims a 9.7 GB tensor is refused from its header: the peak memory of the process
+    grows by far less than the claim (reading the tensor would make it resident)."""
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(exported, copy)
+    tensors = load_file(str(exported / "ema.safetensors"))
+    huge = "x_embedder.weight"
+    claimed = _write_safetensors_header(copy / "ema.safetensors", {k: v for k, v in tensors.items() if k != huge},
+                                        {huge: ("F32", (49152, 49152))})
+    assert claimed > 9.6e9 and (copy / "ema.safetensors").stat().st_blocks * 512 < 1e8  # a hole, not 9.7 GB of disk
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the memory in use now
+    before = _memory_kib("VmRSS")
+    with pytest.raises(ExportError, match=rf"{huge} has shape \(49152, 49152\), the model's is \(\d+, \d+\)"):
+        load(copy)
+    assert (_memory_kib("VmHWM") - before) * 1024 < 2**30
+    # Names and dtypes are checked too.
+    renamed = {("x_embedder.renamed" if k == huge else k): v for k, v in tensors.items()}
+    _write_safetensors_header(copy / "ema.safetensors", renamed, {})
+    with pytest.raises(ExportError, match=r"missing x_embedder\.weight; unexpected x_embedder\.renamed"):
+        load(copy)
+    _write_safetensors_header(copy / "ema.safetensors", {k: v for k, v in tensors.items() if k != huge},
+                              {huge: ("I64", tuple(tensors[huge].shape))})
+    with pytest.raises(ExportError, match=rf"{huge} has dtype I64, the model's needs F32 or BF16 or F16"):
+        load(copy)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_export_files_follow_the_umask(trained, tmp_path, umask):
+    """safetensors writes its files with mode 0600; an export's files get the user's umask like any other output."""
+    previous = os.umask(umask)
+    try:
+        out = export(trained["root"] / "ckpt", tmp_path / "export")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "ema.safetensors", "model.safetensors"]
+    for file in out.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
 
 
 # --------------------------------------------------------------------------------------------

@@ -250,6 +250,31 @@ def test_validation_writes_loss_and_images(tmp_path):
         assert ours["seed"] == ours["base_seed"] + index
 
 
+def test_validation_skips_non_finite_samples_with_a_warning_and_training_goes_on(tmp_path, caplog):
+    """EMA weights that hold NaN make NaN samples: validation writes and logs none of them (no black images), says so
+    in a warning naming them, and training goes on."""
+    recipe = tiny_recipe(tmp_path / "val", train={"train_iters": 2}, optim={"warmup_iters": 1},
+                         validation={"interval": 1, "prompts": ["a handwritten digit 3", "a handwritten digit 7"],
+                                     "height": 8, "width": 8, "loss_batches": 0})
+    trainer = Trainer(dfmkit.build(recipe))
+    for shadow in trainer.ema.shadow:
+        shadow.fill_(float("nan"))  # stays NaN through the EMA updates
+    with caplog.at_level("WARNING", logger="dfmkit"):
+        result = trainer.train()
+    assert result["step"] == 2
+    folder = tmp_path / "val" / "validation_generation"
+    assert not folder.exists() or not any(folder.rglob("*.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "val" / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["images"] == [] and "train/loss" in events.Tags()["scalars"]  # nothing black is logged either
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "NaN" in r.getMessage()]
+    assert len(warnings) == 2  # one per validation (steps 1 and 2)
+    assert warnings[1].startswith("step 2: validation outputs 0 ('a handwritten digit 3'), 1 ('a handwritten digit 7') "
+                                  "hold NaN or inf: not written, training goes on; likely cause: weights that hold NaN")
+
+
 def _opaque_plugins():
     import attrs
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from dfmkit.generation.export_format import (
     is_export,
 )
 from dfmkit.generation.loading import load_model, resolve_source
+from dfmkit.generation.outputs import check_out_dir
 from dfmkit.generation.weights import read_checkpoint_states
 from dfmkit.recipe import ParallelConfig, dump_recipe, recipe_to_dict
 from dfmkit.version import __version__
@@ -48,10 +50,11 @@ def export(
     folder is written aside and renamed).
     """
     out = Path(out)
+    check_out_dir(out)
     kind, found = resolve_source(checkpoint)
     if kind != "checkpoint":
         raise ExportError(f"'{checkpoint}' is already an export; give a checkpoint folder of `dfmkit run`")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (overwrite and is_export(out)):
+    if out.exists() and any(out.iterdir()) and not (overwrite and is_export(out)):
         what = "an earlier export (pass --overwrite to replace it)" if is_export(out) else "other files"
         raise ExportError(f"--out '{out}' already holds {what}; give a new or empty folder")
     # The model as built, not readied for sampling: both weight sets are read in the dtypes they were saved in.
@@ -99,15 +102,23 @@ def _write_atomically(out: Path, files: dict[str, dict[str, torch.Tensor]], conf
     """Write the export into a folder beside ``out``, then put it in place of ``out``."""
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         for weights, tensors in files.items():
             save_file(tensors, str(tmp / WEIGHT_FILES[weights]),
                       metadata={"format": "pt", "dfmkit_export": str(EXPORT_VERSION), "weights": weights,
                                 "iteration": str(iteration)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        # safetensors >= 0.8 writes through a temporary file created with mode 0600 and renamed into place
+        # (safetensors#782), so the weights would be readable by their owner alone; they get the mode the
+        # user's umask gave config.json (0644 under umask 022), like every other output.
+        mode = stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode)
+        for name in WEIGHT_FILES.values():
+            (tmp / name).chmod(mode)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as exc:
+        raise ExportError(f"cannot write the export to '{out}': {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,9 +25,21 @@ from dfmkit.batch import PackedBatch
 from dfmkit.diffusion.edm import EDM
 from dfmkit.errors import GenerateError
 from dfmkit.generation.loading import generation_parallel, load_model
-from dfmkit.generation.outputs import decode, jsonable, sample_settings, sampler_settings, write_output
+from dfmkit.generation.memory import check_memory, memory_need
+from dfmkit.generation.outputs import (
+    NonFiniteOutputError,
+    check_out_dir,
+    decode,
+    jsonable,
+    non_finite,
+    non_finite_cause,
+    non_finite_message,
+    sample_settings,
+    sampler_settings,
+    write_output,
+)
 from dfmkit.generation.prompts import Request, encode_prompts, make_requests
-from dfmkit.generation.sampling import SamplingModel, build_sampler
+from dfmkit.generation.sampling import SamplingModel, build_sampler, split_packs
 from dfmkit.generation.sizes import latent_shape_for
 from dfmkit.latent_sizes import patch_sizes
 from dfmkit.job import Job
@@ -124,6 +136,11 @@ class Generator:
         ``guidance`` (w, 1 = none) and ``seed`` its ``[validation]`` values. ``max_tokens`` > 0 splits the
         prompts into several packs of at most that many latent tokens (0: one pack). With ``out`` each
         output is written as ``NNN.png``/``NNN.mp4`` + ``NNN.json`` (rank 0).
+
+        Refused with a :class:`GenerateError` before anything is sampled: an ``out`` that cannot be a folder, a
+        request that cannot fit in memory (:mod:`dfmkit.generation.memory`). After sampling, outputs that hold
+        NaN or inf are a :class:`~dfmkit.generation.outputs.NonFiniteOutputError` naming them and the likely
+        cause, and no file of the request is written.
         """
         validation = self.recipe.validation
         requests = make_requests(prompts, height=height, width=width, frames=frames,
@@ -134,13 +151,33 @@ class Generator:
         seed = int(validation.seed if seed is None else seed)
         if max_tokens < 0:
             raise GenerateError(f"max_tokens must be >= 0, got {max_tokens}")
+        out_dir = Path(out) if out is not None else None
+        if out_dir is not None:
+            check_out_dir(out_dir)
         sampler_name, sampler_obj, sampler_options = build_sampler(self.job, sampler, steps)
         sampling = self._sampling_model()
         shapes = [latent_shape_for(self.tokenizer, sampling.patch_spatial, sampling.patch_temporal, r.frames,
                                    r.height, r.width, self.recipe.tokenizer.name) for r in requests]
-        texts = self.encode_prompts([r.prompt for r in requests])
+        packs = split_packs(shapes, sampling.patch_spatial, sampling.patch_temporal, max_tokens, sampling.pad_multiple)
+        need = memory_need(requests, shapes, packs, patch_spatial=sampling.patch_spatial,
+                           patch_temporal=sampling.patch_temporal, pad_multiple=sampling.pad_multiple,
+                           guided=guidance != 1.0, model=self.model, dtype=self.model_dtype, tensor=self.env.tp_size,
+                           context=self.env.cp_size)
+        check_memory(need, self.device)
+        prompts = [r.prompt for r in requests]
+        texts = self.encode_prompts(prompts)
         self.model.eval()
         latents = sampling.sample(sampler_obj, texts, shapes, guidance=guidance, seed=seed, max_tokens=max_tokens)
+        if bad := non_finite(latents):  # every rank holds the latents, so every rank stops here
+            cause = non_finite_cause(guidance, self._non_finite_weights())
+            raise NonFiniteOutputError(f"{non_finite_message(bad, prompts)}, so no file is written; likely cause: "
+                                       f"{cause}", bad)
+        rank0 = self.env.rank == 0
+        decoded = [decode(self.tokenizer, latent) if rank0 else None for latent in latents]
+        if rank0 and (bad := non_finite(decoded)):
+            raise NonFiniteOutputError(f"{non_finite_message(bad, prompts)} after decoding, so no file is written: "
+                                       f"the '{self.recipe.tokenizer.name}' tokenizer decoded finite latents to NaN "
+                                       "or inf", bad)
 
         common = {
             "source": {k: str(v) if isinstance(v, Path) else v for k, v in self.source.items()},
@@ -157,25 +194,26 @@ class Generator:
             "overrides": self.overrides,
             "dfmkit_version": __version__,
         }
-        rank0 = self.env.rank == 0
-        out_dir = Path(out) if out is not None else None
         outputs = []
-        for index, (request, shape, latent) in enumerate(zip(requests, shapes, latents)):
+        for index, (request, shape, latent, pixels) in enumerate(zip(requests, shapes, latents, decoded)):
             sample_seed = seed + index
             settings = jsonable({
                 **common, **sample_settings(index, request, sample_seed, shape, fps),
                 "command": self._command(request, sampler_name, sampler_options, guidance, sample_seed, fps),
             })
-            pixels = path = None
-            if rank0:
-                pixels = decode(self.tokenizer, latent)
-                if out_dir is not None:
-                    path = write_output(out_dir, index, pixels, settings, fps)
+            path = None
+            if rank0 and out_dir is not None:
+                path = write_output(out_dir, index, pixels, settings, fps)
             outputs.append(Output(index=index, prompt=request.prompt, seed=sample_seed, height=request.height,
                                   width=request.width, frames=request.frames, latent=latent, pixels=pixels, path=path,
                                   settings=settings))
         parallel.barrier()
         return outputs
+
+    def _non_finite_weights(self) -> list[str]:
+        """Names of the model's weights (this rank's shards) that hold NaN or inf."""
+        return [name for name, tensor in self.model.state_dict().items()
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
     def _command(self, request: Request, sampler: str, options: Any, guidance: float, seed: int, fps: float) -> str:
         """The ``dfmkit generate`` line that regenerates this output alone (exact when the sampler adds no

@@ -28,7 +28,7 @@ from dfmkit import parallel
 from dfmkit.devices import resolve_device, resolve_precision
 from dfmkit.errors import GenerateError
 from dfmkit.generation import export_format
-from dfmkit.generation.weights import WEIGHTS, assign_weights, read_checkpoint_states, slice_for_layout
+from dfmkit.generation.weights import WEIGHTS, assign_weights, full_shapes, read_checkpoint_states, slice_for_layout
 from dfmkit.job import Job
 from dfmkit.parallel import ParallelLayout
 from dfmkit.plugins import PluginManager, default_plugins
@@ -141,7 +141,8 @@ def load_model(
     model = job.components["model"].build(recipe=running).to(device)
     if weights is not None:
         if kind == "export":
-            state = slice_for_layout(model, export_format.load_weights(where, saved, weights), str(where))
+            full = export_format.load_weights(where, saved, weights, full_shapes(model))
+            state = slice_for_layout(model, full)
         else:
             states = read_checkpoint_states(model, where, WEIGHTS if weights == "ema" else ("model",))
             state = dict(states["model"])

@@ -28,14 +28,19 @@ def _flatten(node: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _sharded_tensors(model: torch.nn.Module, prefix: str = "") -> dict[str, ShardedTensor]:
+    """The model's tensors as megatron's sharded state dict describes them (this rank's piece of each)."""
+    flat = _flatten(model.sharded_state_dict(prefix=prefix), {})
+    return {k: v for k, v in flat.items() if isinstance(v, ShardedTensor)}
+
+
 def read_checkpoint_states(
     model: torch.nn.Module, checkpoint: Path, which: Sequence[str] = WEIGHTS
 ) -> dict[str, dict[str, torch.Tensor]]:
     """``{"model": {name: tensor}, "ema": {...}}``: this rank's shards (in the model's current layout) of
     the raw and EMA weights in ``checkpoint``, under plain ``model.state_dict()`` names, in the dtypes they
     were saved in. Only those entries are read from megatron's distributed checkpoint."""
-    sharded = {k: v for k, v in _flatten(model.sharded_state_dict(prefix="model."), {}).items()
-               if isinstance(v, ShardedTensor)}
+    sharded = _sharded_tensors(model, prefix="model.")
     try:
         with restricted_unpickling(checkpoint):
             saved = dist_checkpointing.load_tensors_metadata(str(checkpoint))
@@ -70,32 +75,25 @@ def read_checkpoint_states(
     return {entry: {name[len("model."):]: tensor for name, tensor in loaded[entry].items()} for entry in which}
 
 
-def slice_for_layout(model: torch.nn.Module, full: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def full_shapes(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(full shape, dtype) of every tensor of ``model.state_dict()``: the shapes with the tensor-parallel shards
+    gathered, which the weight files of an export hold."""
+    return {name: (tuple(sh.global_shape[sh.prepend_axis_num:]), sh.dtype)
+            for name, sh in _sharded_tensors(model).items()}
+
+
+def slice_for_layout(model: torch.nn.Module, full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This rank's pieces of FULL (tensor-parallel gathered) weights ``full``, under ``model.state_dict()``
-    names, for the model's current tensor-parallel layout (the identity at tensor parallelism 1)."""
-    sharded = {k: v for k, v in _flatten(model.sharded_state_dict(prefix=""), {}).items()
-               if isinstance(v, ShardedTensor)}
-    missing = sorted(set(sharded) - set(full))
-    unexpected = sorted(set(full) - set(sharded))
-    problems = [f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")] if missing else []
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+    names, for the model's current tensor-parallel layout (the identity at tensor parallelism 1). ``full`` has
+    the names and shapes of :func:`full_shapes` (an export's weights are checked against them as they are read)."""
     local = {}
-    for name, sh in sharded.items():
-        if name not in full:
-            continue
+    for name, sh in _sharded_tensors(model).items():
         tensor = full[name]
-        expected = tuple(sh.global_shape[sh.prepend_axis_num:])
-        if tuple(tensor.shape) != expected:
-            problems.append(f"{name} has shape {tuple(tensor.shape)}, the model's is {expected}")
-            continue
         offsets = sh.global_offset[sh.prepend_axis_num:]
         for dim, (offset, size) in enumerate(zip(offsets, sh.local_shape)):
             if size != tensor.shape[dim]:
                 tensor = tensor.narrow(dim, offset, size)
         local[name] = tensor
-    if problems:
-        raise GenerateError(f"{source} does not fit the model of its recipe: " + "; ".join(problems[:6]))
     return local
 
 

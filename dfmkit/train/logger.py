@@ -104,16 +104,16 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
-    def images(self, step: int, tag: str, images: list[np.ndarray]) -> None:
-        """``images``: HxWx3 uint8 arrays."""
-        if not self.enabled:
+    def images(self, step: int, tag: str, images: dict[int, np.ndarray]) -> None:
+        """``images``: HxWx3 uint8 arrays by index (the tag of image ``i`` is ``<tag>/<i>``)."""
+        if not self.enabled or not images:
             return
-        for index, image in enumerate(images):
+        for index, image in images.items():
             self.tensorboard.add_image(f"{tag}/{index}", image, step, dataformats="HWC")
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({tag: [wandb.Image(image) for image in images]}, step=step)
+            self.wandb.log({tag: [wandb.Image(image, caption=str(i)) for i, image in images.items()]}, step=step)
 
     def advance(self, step: int, status: str = "") -> None:
         """Step ``step`` is done: time it (from the previous one) and move the bar."""

@@ -4,12 +4,15 @@ The loss uses the same few batches, the same noise and every sample conditioned,
 ``validation.loss_sigmas`` level, so the numbers are comparable across steps and runs. Generation
 samples ``validation.prompts`` with the recipe's sampler through the same code as ``dfmkit generate``
 (:mod:`dfmkit.generation`) and writes its files (``NNN.png``/``NNN.mp4`` + ``NNN.json``) under
-``<checkpoint.dir>/validation_generation/step_<n>/``, and logs them to TensorBoard (and W&B).
+``<checkpoint.dir>/validation_generation/step_<n>/``, and logs them to TensorBoard (and W&B). A sample that
+holds NaN or inf (EMA weights of a run that diverged, or a guidance so large that it overflows) is not written
+nor logged, which a warning says; training goes on (the loss guard of the training loop deals with divergence).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,7 +27,16 @@ from dfmkit.batch import PackedBatch
 from dfmkit.data.loader import build_validation_batches
 from dfmkit.diffusion.edm import EDM, ModelFn, NoiseDraw
 from dfmkit.errors import GenerateError
-from dfmkit.generation.outputs import decode, sample_settings, sampler_settings, to_uint8_frames, write_output
+from dfmkit.generation.outputs import (
+    decode,
+    non_finite,
+    non_finite_cause,
+    non_finite_message,
+    sample_settings,
+    sampler_settings,
+    to_uint8_frames,
+    write_output,
+)
 from dfmkit.generation.prompts import encode_prompts, make_requests
 from dfmkit.generation.sampling import SamplingModel, build_sampler
 from dfmkit.generation.sizes import latent_shape_for
@@ -33,6 +45,8 @@ from dfmkit.job import Job
 from dfmkit.parallel import ParallelLayout
 from dfmkit.train.ema import EMA
 from dfmkit.train.logger import MetricsLogger
+
+log = logging.getLogger("dfmkit")
 
 VIDEO_FPS = 24
 
@@ -140,12 +154,20 @@ class Validator:
         out_dir = self.out_dir / f"step_{step}"
         common = {"step": step, "weights": "ema", **sampler_settings(self.sampler_name, self.sampler_options),
                   "guidance": config.guidance, "base_seed": config.seed}
-        pixels, written = [], []
+        first_frames, written, skipped = {}, [], []
         for index, (request, shape, latent) in enumerate(zip(self.requests, shapes, latents)):
-            pixels.append(decode(self.tokenizer, latent))
+            decoded = decode(self.tokenizer, latent) if not non_finite([latent]) else None
+            if decoded is None or non_finite([decoded]):
+                skipped.append(index)  # a NaN sample would be written as a black image
+                continue
+            first_frames[index] = to_uint8_frames(decoded)[0]
             settings = {**common, **sample_settings(index, request, config.seed + index, shape, VIDEO_FPS)}
-            written.append(write_output(out_dir, index, pixels[-1], settings, VIDEO_FPS))
-        self.logger.images(step, "validation/generated", [to_uint8_frames(p)[0] for p in pixels])
+            written.append(write_output(out_dir, index, decoded, settings, VIDEO_FPS))
+        if skipped:
+            prompts = [r.prompt for r in self.requests]
+            log.warning(f"step {step}: validation {non_finite_message(skipped, prompts)}: not written, training goes "
+                        f"on; likely cause: {non_finite_cause(config.guidance, None)}")
+        self.logger.images(step, "validation/generated", first_frames)
         return written
 
     def run(self, step: int) -> dict[str, float]:
