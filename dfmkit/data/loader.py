@@ -50,6 +50,7 @@ from dfmkit.data.mock import MockLoader
 from dfmkit.data.shards import read_dataset_info
 from dfmkit.data.skips import SkipCounter
 from dfmkit.parallel.context import required_pad_multiple
+from dfmkit.processes import children_die_with_this_process
 
 log = logging.getLogger("dfmkit.data")
 
@@ -261,6 +262,7 @@ class EnergonLoader:
                     self.skips.count("unreadable", name, f"shard left out of the index: {why.get('problem')}",
                                      n=max(1, int(why.get("samples", 1))))
         self._component = task_encoder
+        children_die_with_this_process()  # the worker processes must not outlive a killed run
         self.samples = 0  # samples delivered (this process)
         self.batches = 0
         self.last_metadata: list[dict] = []
