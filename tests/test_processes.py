@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_data_harness import index_dataset, latent, text, write_info
+from test_data_harness import index_dataset, latent, run_recipe, text, write_info
 
 from dfmkit.data.shards import ShardWriter
 
@@ -51,49 +51,6 @@ def _cmdline(pid: int) -> str:
     return ""
 
 
-RECIPE = """
-[model]
-name = "dit"
-preset = "tiny"
-in_channels = 3
-text_dim = 8
-
-[tokenizer]
-name = "identity"
-
-[text_encoder]
-name = "t5-tiny"
-
-[task_encoder]
-name = "packed"
-
-[data]
-path = "{data}"
-seq_length = 64
-num_workers = 2
-packing_buffer_size = 8
-shuffle_buffer_size = 0
-
-[train]
-train_iters = 100000
-global_batch_size = 1
-log_interval = 1
-
-[optim]
-warmup_iters = 1
-
-[checkpoint]
-dir = "{checkpoints}"
-save_interval = 2
-
-[validation]
-interval = 0
-
-[logging]
-progress = false
-"""
-
-
 def test_a_run_killed_with_sigkill_leaves_no_child_process(tmp_path):
     (tmp_path / "data").mkdir()
     # Long captions travel with each batch (its samples' json) through the workers' pipe to the main process: the
@@ -104,7 +61,7 @@ def test_a_run_killed_with_sigkill_leaves_no_child_process(tmp_path):
     write_info(tmp_path / "data")
     index_dataset(tmp_path / "data")
     recipe = tmp_path / "run.toml"
-    recipe.write_text(RECIPE.format(data=tmp_path / "data", checkpoints=tmp_path / "ck"))
+    recipe.write_text(run_recipe(tmp_path / "data", tmp_path / "ck", num_workers=2, train_iters=100_000, save_interval=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-c", "import sys; from dfmkit.cli import main; sys.exit(main())", "run", str(recipe)]
     with open(tmp_path / "run.log", "w") as log:
