@@ -85,7 +85,6 @@ class SkipCounter:
             return False
         self._records[identity] = (reason, n)
         self._counts[reason] = self._counts.get(reason, 0) + n
-        self._new.append((identity, reason, n))
         return True
 
     def count(self, reason: str, identity: Hashable, detail: str = "", *, where: str = "", n: int = 1,
@@ -103,6 +102,7 @@ class SkipCounter:
                 self._smallest = (size, f"{where}: {detail}")
         if not self._record(identity, reason, n):
             return False
+        self._new.append((identity, reason, n))
         seen = self._logged.get(reason, 0) + 1
         self._logged[reason] = seen
         total = self._counts[reason]
@@ -123,8 +123,7 @@ class SkipCounter:
     def add(self, records: Iterable[Record]) -> None:
         """Add records counted elsewhere (by a loader worker); those known already change nothing."""
         for identity, reason, n in records:
-            self._record(identity if isinstance(identity, (int, str)) else tuple(identity), reason, int(n))
-        self._new.clear()  # they came from elsewhere: nothing to hand on
+            self._record(identity, reason, int(n))
 
     # -- a process that finds nothing usable -----------------------------------------------------
 
@@ -184,6 +183,7 @@ class SkipCounter:
         samples are not known one by one, so meeting them again counts them again)."""
         self._records.clear()
         self._counts.clear()
+        self._new.clear()
         if "samples" in state or "named" in state:
             for reason, ranges in (state.get("samples") or {}).items():
                 for start, stop in ranges:
@@ -195,7 +195,6 @@ class SkipCounter:
             for reason, n in state.items():
                 if int(n):
                     self._record(f"counted before: {reason}", reason if reason in REASONS else "error", int(n))
-        self._new.clear()
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.as_dict()})"
