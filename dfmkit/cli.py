@@ -51,14 +51,27 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import os
+
     import dfmkit
+    from dfmkit.compat.megatron_checkpoint import results_queue_dies_with_the_run
+    from dfmkit.data.skips import report
+    from dfmkit.processes import children_die_with_this_process
+    from dfmkit.train.checkpoint import find_checkpoint, read_marker
     from dfmkit.train.loop import train
 
+    children_die_with_this_process()  # loader workers, checkpoint writers: nothing outlives a killed run
+    results_queue_dies_with_the_run()
     overrides = [*args.overrides, *(["data.mock=true"] if args.mock else [])]
     job = dfmkit.build(args.recipe, overrides)
     result = train(job)
     if result["stopped_by_signal"]:
         print(f"stopped at step {result['step']}; checkpoint in {result['checkpoint_dir']}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        # The skipped samples by reason, as the final checkpoint has them (data-parallel rank 0's loader).
+        checkpoint = find_checkpoint(result["checkpoint_dir"])
+        skipped = read_marker(checkpoint).get("skipped_samples") if checkpoint else None
+        print(f"data: {report(skipped or {})}")
     return 0
 
 

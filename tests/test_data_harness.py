@@ -123,11 +123,59 @@ def members(key: int, lat: torch.Tensor | None = None, txt: torch.Tensor | None 
     }
 
 
-def write_info(root: Path, latent_channels: int = 3, text_dim: int = TEXT_DIM) -> None:
-    (root / DATASET_INFO).write_text(json.dumps({"latent_channels": latent_channels, "text_dim": text_dim}))
+def write_info(root: Path, latent_channels: int = 3, text_dim: int = TEXT_DIM, **more) -> None:
+    """A ``dfmkit.json`` with the fields given (such as ``shard_samples`` and ``latent_shapes``, which ``dfmkit
+    prepare`` writes)."""
+    (root / DATASET_INFO).write_text(json.dumps({"latent_channels": latent_channels, "text_dim": text_dim, **more}))
+
+
+def run_recipe(data: Path, checkpoints: Path, *, num_workers: int = 0, train_iters: int = 2,
+               save_interval: int = 0) -> str:
+    """A TOML recipe for ``dfmkit run``: the tiny DiT on a dataset written by these helpers (3 channels, width 8)."""
+    return f"""
+[model]
+name = "dit"
+preset = "tiny"
+in_channels = 3
+text_dim = {TEXT_DIM}
+
+[tokenizer]
+name = "identity"
+
+[text_encoder]
+name = "t5-tiny"
+
+[task_encoder]
+name = "packed"
+
+[data]
+path = "{data}"
+seq_length = 256
+num_workers = {num_workers}
+packing_buffer_size = 8
+shuffle_buffer_size = 0
+
+[train]
+train_iters = {train_iters}
+global_batch_size = 1
+log_interval = 1
+
+[optim]
+warmup_iters = 1
+
+[checkpoint]
+dir = "{checkpoints}"
+save_interval = {save_interval}
+
+[validation]
+interval = 0
+
+[logging]
+progress = false
+"""
 
 
 __all__ = [
     "HashTextEncoder", "TEXT_DIM", "add_member", "data_plugins", "index_dataset", "latent", "members", "recipe",
-    "recipe_dict", "text", "write_good", "write_info", "write_raw",
+    "recipe_dict", "run_recipe", "text", "write_good", "write_info", "write_raw",
 ]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-from test_data_harness import index_dataset, latent, members, recipe, write_good, write_info, write_raw
+from test_data_harness import index_dataset, latent, members, recipe, run_recipe, write_good, write_info, write_raw
 
 from dfmkit.data.loader import (
     DataError,
@@ -51,14 +53,18 @@ def broken_dataset(tmp_path_factory):
         ("000000106", {**members(106), "json": b"{oops"}),
     ])
     good.append("000000105")
-    # Truncated before indexing (a copy that stopped): Energon's indexer cannot read it, so it is left
-    # out of the index, reported, and its 6 samples (200-205) counted as unreadable.
+    written = {}  # the samples written into each shard, which `dfmkit prepare` records
+    # Truncated before indexing (a copy that stopped): its 5 intact samples are read, the one cut in the middle and
+    # the 4 after it (205-209) are counted as unreadable.
     write_raw(root / "train-trunc-000000.tar", [(f"{k:09d}", members(k)) for k in range(200, 210)])
+    written["train-trunc-000000.tar"] = 10
     cut = _cut_inside(root / "train-trunc-000000.tar", "000000205", "latent.safetensors")
     data = (root / "train-trunc-000000.tar").read_bytes()
     (root / "train-trunc-000000.tar").write_bytes(data[:cut])
-    # Cut at a sample boundary: the tar ends cleanly early, and all its samples are good.
+    good += [f"{k:09d}" for k in range(200, 205)]
+    # Cut at a sample boundary: the tar ends cleanly early; its 3 samples are good, the 3 lost ones are counted.
     write_raw(root / "train-short-000000.tar", [(f"{k:09d}", members(k)) for k in range(250, 256)])
+    written["train-short-000000.tar"] = 6
     with tarfile.open(root / "train-short-000000.tar") as tar:
         boundary = tar.getmember("000000253.latent.safetensors").offset
     (root / "train-short-000000.tar").write_bytes((root / "train-short-000000.tar").read_bytes()[:boundary])
@@ -66,7 +72,7 @@ def broken_dataset(tmp_path_factory):
     # Truncated and damaged after indexing: found only when read.
     write_raw(root / "train-cut-000000.tar", [(f"{k:09d}", members(k)) for k in range(300, 310)])
     write_raw(root / "train-hdr-000000.tar", [(f"{k:09d}", members(k)) for k in range(400, 405)])
-    write_info(root)
+    write_info(root, shard_samples=written)
     index_dataset(root)
     cut = _cut_inside(root / "train-cut-000000.tar", "000000305", "latent.safetensors")
     data = (root / "train-cut-000000.tar").read_bytes()
@@ -88,12 +94,15 @@ def test_broken_shards_skip_and_count_every_bad_sample(broken_dataset, workers):
     keys = keys_of(loader)
     assert sorted(keys) == good  # every good sample exactly once
     skips = loader.skips.as_dict()
-    # unreadable: 200-205 (shard left out of the index), 305-309 (cut off after indexing), 402 (damaged header)
-    assert skips == {"nonfinite": 1, "bad_text": 1, "too_long": 1, "unreadable": 12, "undecodable": 2, "missing_member": 1}
-    assert loader.skips.report() == ("18 skipped (unreadable 12, undecodable 2, bad_text 1, missing_member 1, "
+    # unreadable: 205-209 (cut off before indexing), 253-255 (the shard ends early), 305-309 (cut off after
+    # indexing), 402 (damaged header)
+    assert skips == {"nonfinite": 1, "bad_text": 1, "too_long": 1, "unreadable": 14, "undecodable": 2,
+                     "missing_member": 1}
+    assert loader.skips.report() == ("20 skipped (unreadable 14, undecodable 2, bad_text 1, missing_member 1, "
                                      "nonfinite 1, too_long 1)")
-    excluded = json.loads((root / "dfmkit.json").read_text())["excluded_shards"]
-    assert list(excluded) == ["train-trunc-000000.tar"] and excluded["train-trunc-000000.tar"]["samples"] == 6
+    damaged = json.loads((root / "dfmkit.json").read_text())["damaged_shards"]
+    assert {name: (why["samples"], why["intact"]) for name, why in damaged.items()} == {
+        "train-trunc-000000.tar": (10, 5), "train-short-000000.tar": (6, 3)}
 
 
 def test_data_parallel_ranks_split_the_data_and_peers_agree(broken_dataset):
@@ -238,3 +247,139 @@ def test_data_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
         build_train_loader(recipe(mock=True, mock_latent_shape=[16, 1, 8, 8], mock_text_dim=8, plugins=plugins))
     batch = next(build_train_loader(recipe(mock=True, seq_length=1024, plugins=plugins)))  # sizes from the model
     assert batch.latents.shape == (1024, 2 * 2 * 16) and batch.text.shape == (16, 1024)
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged shards, exact counts, a pack smaller than every sample (#26)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["cut off, indexed again", "zero bytes, indexed again", "zero-byte .tar.idx"])
+def test_a_damaged_shard_keeps_its_intact_samples_and_counts_each_lost_one(tmp_path, damage, caplog):
+    good = write_good(tmp_path, "train-good", range(100))
+    bad = write_good(tmp_path, "train-bad", range(100, 200))
+    write_info(tmp_path)
+    index_dataset(tmp_path)  # records the samples of each shard, which the next index compares with
+    shard = tmp_path / "train-bad-000000.tar"
+    if damage == "cut off, indexed again":
+        shard.write_bytes(shard.read_bytes()[:_cut_inside(shard, "000000150", "latent.safetensors")])
+        index_dataset(tmp_path)
+        intact = bad[:50]
+    elif damage == "zero bytes, indexed again":
+        shard.write_bytes(b"")
+        index_dataset(tmp_path)
+        intact = []
+    else:
+        shard.with_suffix(".tar.idx").write_bytes(b"")
+        intact = bad
+    caplog.set_level(logging.WARNING, logger="dfmkit.data")
+    loader = build_train_loader(recipe(tmp_path), repeat=False)
+    assert sorted(keys_of(loader)) == good + intact
+    lost = len(bad) - len(intact)
+    assert loader.skips.as_dict() == ({"unreadable": lost} if lost else {})
+    said = [record.getMessage() for record in caplog.records]
+    assert any("train-bad-000000.tar" in line for line in said)
+    assert all("train-bad-000000.tar" in line for line in said if "unreadable" in line or "damaged" in line)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_sample_counts_once_and_the_counts_are_the_same_after_a_resume(tmp_path, workers):
+    nan = torch.full((3, 1, 8, 8), float("nan"))
+    write_raw(tmp_path / "train-a-000000.tar", [(f"{k:09d}", members(k, lat=nan if k % 4 == 0 else None))
+                                                 for k in range(120)])
+    write_info(tmp_path)
+    index_dataset(tmp_path)
+    r = recipe(tmp_path, num_workers=workers, packing_buffer_size=8)
+    whole = build_train_loader(r)
+    counts = []
+    for _ in range(40):  # about 2.5 passes over the data
+        next(whole)
+        counts.append(whole.skips.total)
+    whole.close()
+    assert counts[0] < 30 and counts[-1] == max(counts) == 30  # the 30 NaN samples, each once
+
+    first = build_train_loader(r)
+    for _ in range(6):
+        next(first)
+    state = json.loads(json.dumps(first.save_state()))
+    first.close()
+    resumed = build_train_loader(r)
+    resumed.restore_state(state)
+    after = []
+    for _ in range(34):
+        next(resumed)
+        after.append(resumed.skips.total)
+    resumed.close()
+    assert after == counts[6:]
+    # An older loader state holds plain counts by reason.
+    old = build_train_loader(r)
+    old.restore_state({**state, "skips": {"nonfinite": 5}})
+    assert old.skips.as_dict() == {"nonfinite": 5}
+
+
+def _too_long_dataset(root, record: bool) -> None:
+    """12 samples of 16 tokens (latents [3, 1, 8, 8], 2x2 patches); with or without the shapes `dfmkit prepare`
+    records."""
+    write_good(root, "train-a", range(12))
+    shapes = {"train": {"smallest": [3, 1, 8, 8], "largest": [3, 1, 8, 8]}}
+    write_info(root, **({"latent_shapes": shapes} if record else {}))
+    index_dataset(root)
+
+
+def test_a_pack_smaller_than_the_smallest_sample_is_refused_before_any_work(tmp_path):
+    _too_long_dataset(tmp_path, record=True)
+    with pytest.raises(DataError, match=r"the smallest sample of the 'train' split of .* \(latent \[3, 1, 8, 8\]\) "
+                                        r"makes 16 tokens with the recipe's 1x2x2 patches and padding to a multiple "
+                                        r"of 1, more than a pack holds \(data.seq_length = 8\).*at least 16"):
+        build_train_loader(recipe(tmp_path, seq_length=8))
+    with pytest.raises(DataError, match="makes 24 tokens .* multiple of 12"):  # padded per sample
+        build_train_loader(recipe(tmp_path, seq_length=20), pad_multiple=12)
+    assert next(build_train_loader(recipe(tmp_path, seq_length=16))).num_samples == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_without_that_record_a_loader_that_skips_every_sample_stops(tmp_path, workers):
+    _too_long_dataset(tmp_path, record=False)
+    loader = build_train_loader(recipe(tmp_path, seq_length=8, num_workers=workers))
+
+    class Hung(BaseException):  # not an Exception: Energon's error handling would count it as a bad sample
+        pass
+
+    def hung(*_):
+        raise Hung("the loader looked for a usable sample for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        part = 12 // max(1, workers)
+        with pytest.raises(DataError, match=rf"no sample of the {part} samples of .* that this loader process reads "
+                                            r".* fits a pack: even the smallest, train-a-000000.tar/\d+: latent "
+                                            r"\[3, 1, 8, 8\] makes 16 tokens .*data.seq_length = 8.*at least 16"):
+            next(loader)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        loader.close()
+
+
+def test_one_usable_sample_among_too_long_ones_keeps_the_loader_going(tmp_path):
+    write_good(tmp_path, "train-a", range(11), shape=(3, 1, 8, 16))  # 32 tokens
+    write_good(tmp_path, "train-b", [11])  # 16 tokens
+    write_info(tmp_path)
+    index_dataset(tmp_path)
+    loader = build_train_loader(recipe(tmp_path, seq_length=16, packing_buffer_size=2))
+    assert [next(loader).keys for _ in range(4)] == [["000000011"]] * 4
+    assert loader.skips.as_dict() == {"too_long": 11}
+
+
+def test_dfmkit_run_ends_with_the_skipped_samples_by_reason(tmp_path, capsys):
+    from dfmkit.cli import main
+
+    nan = torch.full((3, 1, 8, 8), float("nan"))
+    write_raw(tmp_path / "train-a-000000.tar", [(f"{k:09d}", members(k, lat=nan if k % 4 == 0 else None))
+                                                 for k in range(8)])  # one packing buffer: all read by step 1
+    write_info(tmp_path)
+    index_dataset(tmp_path)
+    (tmp_path / "run.toml").write_text(run_recipe(tmp_path, tmp_path / "ck", train_iters=2))
+    assert main(["run", str(tmp_path / "run.toml")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "data: 2 skipped (nonfinite 2)"

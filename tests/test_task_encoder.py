@@ -121,10 +121,11 @@ def test_more_bad_cases():
         ("undecodable", dict(text_safetensors=encode_tensor(torch.zeros(3, TEXT_DIM), "something_else"))),
         ("missing_member", dict(json=None)),
     ]
-    for reason, parts in cases:
+    for key, (reason, parts) in enumerate(cases, start=10):
         before = te.skips.as_dict().get(reason, 0)
-        with pytest.raises(SkipSample):
-            te.cook(crude(5, **parts))
+        for _ in range(2):  # a bad sample is counted once, however often it is read
+            with pytest.raises(SkipSample):
+                te.cook(crude(key, **parts))
         assert te.skips.as_dict()[reason] == before + 1, (reason, parts)
     # A leading batch dimension is accepted (the reference's tokenizer output); long text is cut.
     te = encoder(options=PackedOptions(max_text_tokens=2))

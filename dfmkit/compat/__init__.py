@@ -26,6 +26,7 @@ from types import ModuleType
 #: The compat modules, by library area (``dfmkit.compat.<name>``).
 MODULES: tuple[str, ...] = (
     "energon",
+    "megatron_checkpoint",
     "megatron_cpu",
     "megatron_ddp",
     "megatron_linear",

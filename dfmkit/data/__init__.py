@@ -5,7 +5,7 @@
 - :mod:`dfmkit.data.shards`: the on-disk sample layout (safetensors / npy / json; no pickle)
 - :mod:`dfmkit.data.loader`: ``build_train_loader`` (DP-aware, savable state as JSON)
 - :mod:`dfmkit.data.mock`: random batches of configured sizes for benchmarks
-- :mod:`dfmkit.data.skips`: skipped samples counted by reason
+- :mod:`dfmkit.data.skips`: skipped samples counted by reason, each bad sample once
 
 The ``packed`` task encoder that turns samples into thd-packed sequences is a component:
 :mod:`dfmkit.components.task_encoders.packed`. Here: what the loader, the mock data and the task encoder share

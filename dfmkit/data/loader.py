@@ -4,31 +4,39 @@
 :class:`dfmkit.batch.PackedBatch` (one packed sequence each) with:
 
 - ``save_state()`` -> a JSON-ready dict: the loader position of this data-parallel rank, and
-  the skip counts. Energon's state (``SavableDataLoaderState``: dataclasses, FlexState dicts,
+  the skipped samples. Energon's state (``SavableDataLoaderState``: dataclasses, FlexState dicts,
   RNG states as tensors / numpy arrays / tuples, bytes) is written in a tagged JSON form by
   :func:`state_to_json` and read back by :func:`state_from_json`, which builds only plain values and
   the few Energon state classes such a state holds (an exact list, never a class named by the file):
   no pickle anywhere, and the result can go into the checkpoint's per-rank JSON file as it is.
 - ``restore_state(state)``: the next batch after a restore is the batch that followed the save.
-- ``skips``: a :class:`~dfmkit.data.skips.SkipCounter` of the samples skipped so far, by reason.
+- ``skips``: a :class:`~dfmkit.data.skips.SkipCounter` of the samples skipped so far, by reason, each bad
+  sample counted once however often it is read (``skips.report()`` sums them up). The counts follow the batches
+  delivered (each pack carries those its worker counted), and are the same with and without a resume.
 
 Data parallelism: Energon's ``WorkerConfig(rank=dp_rank, world_size=dp_size)`` gives each DP rank
 its own part of the data; tensor- and context-parallel peers share a DP rank and so get the same
-batches. ``data.num_workers`` worker processes per rank (0: in the main process).
+batches. ``data.num_workers`` worker processes per rank (0: in the main process); they are killed
+when the process that started them dies (:mod:`dfmkit.processes`).
 
-Reading never crashes on bad data: besides the checks of the task encoder, a shard that cannot be
-read at a sample (a tar truncated after it was indexed, a damaged header) makes that sample a
-counted ``unreadable`` skip (Energon's tar readers are wrapped so a read error skips the sample
-instead of ending the epoch: :func:`dfmkit.compat.energon.harden_readers`), shards that the index left out (see
-:func:`dfmkit.data.prepare.index_dataset`) are counted once by DP rank 0, and any other error in a
-sample is counted as ``error``.
+Reading never crashes on bad data: besides the checks of the task encoder, a sample that cannot be
+read where the index says is read through an index made from its tar (a missing, empty or stale
+``.tar.idx`` loses no sample), and one that cannot be read at all (cut off, a damaged header) is a
+counted ``unreadable`` skip named by shard (Energon's tar readers are wrapped:
+:func:`dfmkit.compat.energon.harden_readers`). A shard found damaged when it was indexed keeps its intact samples,
+and the ones it lost count as unreadable (see :func:`dfmkit.data.prepare.index_dataset`); DP rank 0 warns about
+damaged shards and broken indexes at start. Any other error in a sample is counted as ``error``.
 
 The loader checks at start that the dataset's latent channels and text width (``dfmkit.json``)
-match the backbone's ``in_channels`` and ``text_dim``: a mismatch is a :class:`DataError`, not a
-run that skips every sample. It opens only a folder whose ``.nv-meta/dataset.yaml`` is the plain
-declaration ``dfmkit prepare`` writes, since Energon builds whatever objects a declaration names
-(:func:`_check_declaration`); every path that opens a dataset (training, validation, benchmarks)
-goes through :class:`EnergonLoader`, which checks it.
+match the backbone's ``in_channels`` and ``text_dim``, and that its smallest sample (the latent shapes
+``dfmkit prepare`` records) fits a pack of ``data.seq_length`` tokens: a mismatch is a
+:class:`DataError`, not a run that skips every sample. For data without that record, a loader process
+that has skipped every sample of its part of the data stops with a :class:`DataError`
+(:meth:`dfmkit.data.skips.SkipCounter.check_progress`) instead of looking for a usable one forever.
+It opens only a folder whose ``.nv-meta/dataset.yaml`` is the plain declaration ``dfmkit prepare``
+writes, since Energon builds whatever objects a declaration names (:func:`_check_declaration`); every
+path that opens a dataset (training, validation, benchmarks) goes through :class:`EnergonLoader`, which
+checks it.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import warnings
@@ -47,13 +56,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dfmkit.batch import PackedBatch
-from dfmkit.compat.energon import harden_readers, shutdown_workers
+from dfmkit.batch import PackedBatch, round_up
+from dfmkit.compat.energon import harden_readers, index_problem, shutdown_workers
 from dfmkit.data import DataError, check_fits_model
+from dfmkit.latent_sizes import patch_sizes
 from dfmkit.data.mock import MockLoader
 from dfmkit.data.shards import ENERGON_DECLARATION, read_dataset_info
-from dfmkit.data.skips import SkipCounter
+from dfmkit.data.skips import NoUsableSamples, SkipCounter
 from dfmkit.parallel.context import required_pad_multiple
+from dfmkit.processes import children_die_with_this_process
 
 log = logging.getLogger("dfmkit.data")
 
@@ -218,12 +229,15 @@ def _recipe_and_task_encoder(job_or_recipe: Any) -> tuple[Any, Any]:
 
 
 def _error_handler(skips: SkipCounter):
+    unknown = itertools.count()
+
     def handle(exc: Exception, sample: Any, sources: Any = None) -> None:
-        where = ""
-        if sources:
-            source = sources[0]
-            where = f"{getattr(source, 'shard_name', '')}#{getattr(source, 'index', '')}"
-        skips.count("error", where, f"{type(exc).__name__}: {exc}")
+        source = sources[0] if sources else None
+        index = getattr(source, "index", None)
+        where = f"{getattr(source, 'shard_name', '')}#{index}" if source is not None else ""
+        # A sample of unknown source is counted at each encounter: it has no identity to be known by.
+        identity = index if isinstance(index, int) else f"unknown source {next(unknown)}"
+        skips.count("error", identity, f"{type(exc).__name__}: {exc}", where=where)
 
     return handle
 
@@ -275,8 +289,8 @@ def _check_declaration(root: Path) -> None:
                         f"would build the objects it names, so it is not opened; {fix}")
 
 
-def split_samples(path: str, split: str) -> int:
-    """Samples that Energon's index puts in ``split`` of the prepared folder ``path``."""
+def split_shards(path: str, split: str) -> dict[str, int]:
+    """The shards that Energon's index puts in ``split`` of the prepared folder ``path``, with their samples."""
     import json
 
     import yaml
@@ -286,11 +300,55 @@ def split_samples(path: str, split: str) -> int:
         splits = yaml.safe_load((root / ".nv-meta" / "split.yaml").read_text())
         counts = json.loads((root / ".nv-meta" / ".info.json").read_text())["shard_counts"]
     except (OSError, ValueError, KeyError):
-        return 0
+        return {}
     import braceexpand
 
     names = [n for pattern in splits.get("split_parts", {}).get(split, []) or [] for n in braceexpand.braceexpand(pattern)]
-    return sum(int(counts.get(n, 0)) for n in names)
+    return {n: int(counts.get(n, 0)) for n in names}
+
+
+def split_samples(path: str, split: str) -> int:
+    """Samples that Energon's index puts in ``split`` of the prepared folder ``path``."""
+    return sum(split_shards(path, split).values())
+
+
+def check_sample_sizes(recipe: Any, info: Mapping[str, Any], split: str, pad_multiple: int, what: str) -> None:
+    """A :class:`DataError` if even the smallest sample of ``split`` (as ``dfmkit prepare`` recorded its latent
+    shapes in ``dfmkit.json``) makes more tokens than a pack holds with the recipe's patches and ``pad_multiple``;
+    a warning if the largest does (those are skipped as ``too_long``)."""
+    shapes = (info.get("latent_shapes") or {}).get(split)
+    if not shapes:
+        return
+    patch_spatial, patch_temporal = patch_sizes(recipe.model.options)
+    per_token = patch_temporal * patch_spatial * patch_spatial
+    seq_length = int(recipe.data.seq_length)
+
+    def tokens(shape: list[int]) -> int:
+        _, t, h, w = (int(x) for x in shape)
+        return round_up(-(-t * h * w // per_token), pad_multiple)
+
+    how = (f"with the recipe's {patch_temporal}x{patch_spatial}x{patch_spatial} patches and padding to a multiple "
+           f"of {pad_multiple}")
+    smallest, largest = tokens(shapes["smallest"]), tokens(shapes["largest"])
+    if smallest > seq_length:
+        raise DataError(f"the smallest sample of {what} (latent {list(shapes['smallest'])}) makes {smallest} tokens "
+                        f"{how}, more than a pack holds (data.seq_length = {seq_length}): no sample fits; raise "
+                        f"data.seq_length to at least {smallest}")
+    if largest > seq_length:
+        log.warning("samples of %s up to latent %s make up to %d tokens %s, more than a pack holds (data.seq_length = "
+                    "%d): those are skipped as too_long", what, list(shapes["largest"]), largest, how, seq_length)
+
+
+def _report_shards(path: str, split: str, info: Mapping[str, Any]) -> None:
+    """Warn about the shards of ``split`` that cannot be read as indexed, before any is read."""
+    damaged = info.get("damaged_shards") or {}
+    for name, samples in split_shards(path, split).items():
+        if name in damaged:
+            why = damaged[name]
+            log.warning("shard %s is damaged (%s): %d of its %d samples are read, the others are counted as "
+                        "unreadable; re-copy or re-prepare it", name, why.get("problem"), why.get("intact", 0), samples)
+        elif samples and (problem := index_problem(Path(path) / name, samples)):
+            log.warning("shard %s: %s", name, problem)
 
 
 def _in_split(shard: str, split: str) -> bool:
@@ -326,16 +384,25 @@ class EnergonLoader:
         self.shuffle = shuffle
         self.num_workers = data.num_workers if num_workers is None else int(num_workers)
         self.dataset_info = _check_dataset(self.path, split)
-        check_fits_model(recipe, self.dataset_info or {}, f"the dataset '{self.path}'")
+        info = self.dataset_info or {}
+        check_fits_model(recipe, info, f"the dataset '{self.path}'")
         if not split_samples(self.path, split):
             raise DataError(f"the '{split}' split of '{self.path}' holds no samples (see .nv-meta/split.yaml)")
+        check_sample_sizes(recipe, info, split, self.pad_multiple, f"the '{split}' split of '{self.path}'")
         self.skips = SkipCounter()
-        if self.dp_rank == 0:  # shards the index left out: counted once, not once per rank
-            for name, why in ((self.dataset_info or {}).get("excluded_shards") or {}).items():
-                if _in_split(name, split):
+        if self.dp_rank == 0:  # said and counted once, not once per rank
+            _report_shards(self.path, split, info)
+            for name, why in (info.get("excluded_shards") or {}).items():
+                if not _in_split(name, split):
+                    continue
+                if int(why.get("samples", 0)):
                     self.skips.count("unreadable", name, f"shard left out of the index: {why.get('problem')}",
-                                     n=max(1, int(why.get("samples", 1))))
+                                     n=int(why["samples"]))
+                else:
+                    log.warning("shard %s was left out of the index (%s); how many samples it held is not known",
+                                name, why.get("problem"))
         self._component = task_encoder
+        children_die_with_this_process()  # the worker processes must not outlive a killed run
         self.samples = 0  # samples delivered (this process)
         self.batches = 0
         self.last_metadata: list[dict] = []
@@ -385,16 +452,23 @@ class EnergonLoader:
     def __iter__(self) -> EnergonLoader:
         return self
 
-    def __next__(self) -> PackedBatch:
+    def _next_pack(self) -> Any:
         if self._iterator is None:
             self._iterator = iter(self._loader)
         if self._fresh:
             self._fresh = False
             with warnings.catch_warnings():  # torch warns that pin_memory has no effect without a GPU
                 warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
-                pack = next(self._iterator)
-        else:
-            pack = next(self._iterator)
+                return next(self._iterator)
+        return next(self._iterator)
+
+    def __next__(self) -> PackedBatch:
+        try:
+            pack = self._next_pack()
+        except NoUsableSamples as exc:  # raised in a worker, or here when there are none
+            self.close()
+            raise DataError(NoUsableSamples.message_of(exc)) from None
+        self.skips.add(getattr(pack, "skipped", ()))
         batch = pack.to_batch()
         self.last_metadata = pack.meta  # the json of each sample of the batch just returned (captions, sizes)
         self.samples += batch.num_samples
@@ -407,7 +481,7 @@ class EnergonLoader:
         return {
             "format": STATE_FORMAT, "kind": "energon", "path": str(self.path), "split": self.split,
             "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_workers": self.num_workers,
-            "samples": self.samples, "batches": self.batches, "skips": self.skips.as_dict(),
+            "samples": self.samples, "batches": self.batches, "skips": self.skips.state(),
             "energon": None if state is None else state_to_json(state),
         }
 

@@ -24,9 +24,9 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
-import tarfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 import torch
 
+from dfmkit.compat.energon import index_damaged_shards, scan_tar
 from dfmkit.components.text_encoders.cache import EmbeddingCache
 from dfmkit.data.shards import (
     DATASET_FORMAT,
@@ -44,7 +45,7 @@ from dfmkit.data.shards import (
     ShardWriter,
     read_dataset_info,
 )
-from dfmkit.data.skips import SkipCounter, SkipError
+from dfmkit.data.skips import SkipCounter, SkipError, report
 from dfmkit.data.sources import ResizeOptions, Source, open_source
 from dfmkit.errors import DfmkitError
 
@@ -106,17 +107,21 @@ def rank_slice(n: int, rank: int, world_size: int) -> range:
 # --------------------------------------------------------------------------------------------
 
 
-def scan_shard(path: Path) -> tuple[int, str]:
-    """(sample keys found, problem or "") from reading a tar's headers; a truncated or damaged tar has a problem."""
-    keys: set[str] = set()
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:  # tarfile raises at a cut-off member or a damaged header
-                if member.isreg():
-                    keys.add(member.name.split("/")[-1].split(".", 1)[0])
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        return len(keys), f"{type(exc).__name__}: {exc}"
-    return len(keys), "" if keys else "no samples"
+def _problem(scan: Any) -> str:
+    return scan.problem or f"it ends after {len(scan.keys)} samples"
+
+
+def _previous_counts(root: Path, info: dict[str, Any]) -> dict[str, int]:
+    """The samples each shard should hold: as ``dfmkit prepare`` wrote them (``shard_samples`` in ``dfmkit.json``)
+    or as an earlier index counted them, whichever is more."""
+    from megatron.energon.flavors.webdataset.config import INFO_JSON_FILENAME, MAIN_FOLDER_NAME
+
+    counts = {name: int(n) for name, n in (info.get("shard_samples") or {}).items()}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        indexed = json.loads((root / MAIN_FOLDER_NAME / INFO_JSON_FILENAME).read_text())["shard_counts"]
+        for name, n in indexed.items():
+            counts[name] = max(counts.get(name, 0), int(n))
+    return counts
 
 
 def index_dataset(path: str | os.PathLike[str], split: str | Sequence[float] | None = None, workers: int = 0) -> dict[str, int]:
@@ -126,9 +131,12 @@ def index_dataset(path: str | os.PathLike[str], split: str | Sequence[float] | N
     that split. A folder with other shard names is split by shard with ``split`` (default all
     train), as ``energon prepare --split-ratio`` does. Returns the sample count per shard.
 
-    A shard that cannot be read to its end (truncated, damaged header) or holds no sample is left
-    out of the index, since Energon's indexer stops at it: it is logged and listed under
-    ``excluded_shards`` in ``dfmkit.json``, and the loader counts its samples as ``unreadable``.
+    A damaged shard (cut off, a damaged header, or fewer samples than ``dfmkit prepare`` wrote into it or an earlier
+    index counted) keeps its intact samples: they are indexed (:func:`dfmkit.compat.energon.index_damaged_shards`),
+    and the shard is indexed with the samples it should hold, so that the loader counts each lost one as
+    ``unreadable``. Such shards are logged and listed under ``damaged_shards`` in ``dfmkit.json``. A shard with no
+    sample found and none known is left out of the index (``excluded_shards``). ``shard_samples`` in ``dfmkit.json``
+    keeps the samples each shard should hold, for the next index to compare with.
     """
     from megatron.energon.flavors import BaseWebdatasetFactory
     from megatron.energon.flavors.webdataset.config import MAIN_FOLDER_NAME
@@ -137,30 +145,47 @@ def index_dataset(path: str | os.PathLike[str], split: str | Sequence[float] | N
     tars = sorted(str(p.relative_to(root)) for p in root.rglob("*.tar"))
     if not tars:
         raise PrepareError(f"no .tar shards under {str(root)!r} to index")
-    excluded = {}
+    info = read_dataset_info(root) or {}
+    known = _previous_counts(root, info)
+    excluded, damaged, expected = {}, {}, {}
     for name in tars:
-        found, problem = scan_shard(root / name)
-        if problem:
-            excluded[name] = {"problem": problem, "samples": found}
-            log.warning("shard %s left out of the index (%s; %d sample(s) in it are lost): re-copy or re-prepare it",
-                        name, problem, found)
-    tars = [name for name in tars if name not in excluded]
-    if not tars:
-        raise PrepareError(f"no readable .tar shard under {str(root)!r} to index")
-    workers = workers or max(1, min(len(tars), os.cpu_count() or 1, 8))
+        with open(root / name, "rb") as file:
+            scan = scan_tar(file)
+        samples = max(known.get(name, 0), len(scan.keys) + scan.partial)
+        if not samples:
+            excluded[name] = {"problem": scan.problem, "samples": 0}
+            log.warning("shard %s left out of the index (%s): no sample found in it", name, scan.problem)
+            continue
+        expected[name] = samples
+        if scan.problem or len(scan.keys) < samples:
+            damaged[name] = scan, samples
+            log.warning("shard %s is damaged (%s): its %d intact samples are indexed, %d of its %d samples are lost "
+                        "and counted as unreadable; re-copy or re-prepare it", name, _problem(scan), len(scan.keys),
+                        samples - len(scan.keys), samples)
+    clean = [name for name in tars if name in expected and name not in damaged]
+    if not clean:  # Energon's indexer needs one shard it can read
+        raise PrepareError(f"no .tar shard under {str(root)!r} can be read to its end "
+                           f"({', '.join(sorted(damaged) + sorted(excluded))}); re-copy or re-prepare them")
+    workers = workers or max(1, min(len(clean), os.cpu_count() or 1, 8))
     kwargs: dict[str, Any]
     if all(name.split("/")[-1].startswith(tuple(f"{s}-" for s in SPLITS)) for name in tars):
         kwargs = {"split_parts_patterns": [(s, rf"^(.*/)?{s}-.*\.tar$") for s in SPLITS]}
+        split_of_damaged = {name: name.split("/")[-1].split("-", 1)[0] for name in damaged}
     else:
         ratios = parse_split(split if split is not None else (1, 0, 0))
         kwargs = {"split_parts_ratio": list(zip(SPLITS, ratios))}
+        split_of_damaged = dict.fromkeys(damaged, "train")  # what is left of a damaged shard trains
     # Energon reports progress with print(); keep it out of our output.
     with contextlib.redirect_stdout(io.StringIO()) as captured:
-        BaseWebdatasetFactory.prepare_dataset(root, tars, workers=workers, progress_fn=lambda x, *_: x, **kwargs)
+        BaseWebdatasetFactory.prepare_dataset(root, clean, workers=workers, progress_fn=lambda x, *_: x, **kwargs)
     log.debug("energon prepare: %s", captured.getvalue().strip())
+    index_damaged_shards(root, {name: (scan, samples, split_of_damaged[name])
+                                for name, (scan, samples) in damaged.items()})
     meta = root / MAIN_FOLDER_NAME
     (meta / "dataset.yaml").write_text("".join(f"{key}: {value}\n" for key, value in ENERGON_DECLARATION.items()))
-    info = read_dataset_info(root) or {}
+    info["shard_samples"] = expected
+    info["damaged_shards"] = {name: {"problem": _problem(scan), "samples": samples, "intact": len(scan.keys)}
+                              for name, (scan, samples) in damaged.items()}
     info["excluded_shards"] = excluded
     with open(root / DATASET_INFO, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True)
@@ -223,6 +248,16 @@ def _check_text(text: Any, dim: int) -> torch.Tensor:
     if not torch.isfinite(text).all():
         raise SkipError("bad_text", "text states hold NaN or Inf")
     return text
+
+
+def widen_shapes(shapes: dict[str, dict[str, list[int]]], split: str, shape: list[int]) -> None:
+    """Keep in ``shapes[split]`` the smallest and the largest latent shape [C, T, H, W] by T * H * W (the tokens a
+    latent makes are in proportion to it, whatever the patches): the loader's check that a sample fits a pack."""
+    extremes = shapes.setdefault(split, {"smallest": shape, "largest": shape})
+    if math.prod(shape[1:]) < math.prod(extremes["smallest"][1:]):
+        extremes["smallest"] = shape
+    if math.prod(shape[1:]) > math.prod(extremes["largest"][1:]):
+        extremes["largest"] = shape
 
 
 def _valid_frames(frames: int, temporal_factor: int) -> int:
@@ -365,6 +400,7 @@ def prepare(
                  mine.start, mine.stop - 1, getattr(src, "description", "source"), total)
 
         skips = SkipCounter()
+        shapes: dict[str, dict[str, list[int]]] = {}
         writers = {s: ShardWriter(out, f"{s}-r{rank:03d}", max_samples=shard_size, fmt=fmt) for s in SPLITS}
         counts = dict.fromkeys(SPLITS, 0)
         temporal = int(getattr(tokenizer, "temporal_factor", 1))
@@ -400,22 +436,29 @@ def prepare(
                 name = split_of(i, ratios)
                 writers[name].write(f"{i:09d}", latent, text, meta)
                 counts[name] += 1
+                widen_shapes(shapes, name, list(latent.shape))
             done += len(chunk)
             if time.perf_counter() - last_log > 10:
                 log.info("prepare: rank %d: %d/%d items", rank, done, len(mine))
                 last_log = time.perf_counter()
-        shards = [str(p.relative_to(out)) for w in writers.values() for p in w.close()]
+        written = {str(p.relative_to(out)): n for w in writers.values() for p, n in zip(w.close(), w.counts)}
+        shards = list(written)
 
         component_info = {
             "tokenizer": _describe_component(tokenizer, job.components["tokenizer"]),
             "text_encoder": _describe_component(text_encoder, job.components["text_encoder"]),
         }
-        gathered = _gather({"counts": counts, "skips": skips.as_dict()}, world_size)
+        gathered = _gather({"counts": counts, "skips": skips.as_dict(), "written": written, "shapes": shapes},
+                           world_size)
         all_counts = {s: sum(g["counts"][s] for g in gathered) for s in SPLITS}
         all_skips: dict[str, int] = {}
+        all_shapes: dict[str, dict[str, list[int]]] = {}
         for g in gathered:
             for reason, n in g["skips"].items():
                 all_skips[reason] = all_skips.get(reason, 0) + n
+            for name, extremes in g["shapes"].items():
+                for shape in extremes.values():
+                    widen_shapes(all_shapes, name, shape)
         if rank == 0:
             info = {
                 "format": DATASET_FORMAT,
@@ -430,6 +473,8 @@ def prepare(
                 "temporal_factor": temporal,
                 "text_dim": int(text_encoder.dim),
                 "resize": attrs.asdict(options),
+                "latent_shapes": all_shapes,
+                "shard_samples": {name: n for g in gathered for name, n in g["written"].items()},
                 **component_info,
             }
             with open(out / DATASET_INFO, "w", encoding="utf-8") as f:
@@ -445,7 +490,7 @@ def prepare(
     result = PrepareResult(out=out, samples=all_counts, skips=all_skips, shards=shards,
                            seconds=time.perf_counter() - started)
     if result.total == 0:
-        raise PrepareError(f"no sample of {description} could be encoded ({SkipCounter(all_skips).report()})")
+        raise PrepareError(f"no sample of {description} could be encoded ({report(all_skips)})")
     return result
 
 
@@ -462,6 +507,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         samples = ", ".join(f"{s} {n}" for s, n in result.samples.items() if n)
         print(f"wrote {result.total} samples ({samples}) to {result.out} in {result.seconds:.1f} s; "
-              f"{SkipCounter(result.skips).report()}")
+              f"{report(result.skips)}")
         print(f"train on it with: data.path={result.out}")
     return 0

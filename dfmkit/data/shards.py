@@ -14,7 +14,9 @@ bfloat16, so safetensors is the default. Nothing in a dataset needs pickle to lo
 
 A dataset folder (written by ``dfmkit prepare``) holds shards named ``<split>-r<rank>-<n>.tar``
 (split is train, val or test), ``dfmkit.json`` describing the whole set (tokenizer and text
-encoder identities, latent channels, text width, counts) and Energon's index in ``.nv-meta/``.
+encoder identities, latent channels, text width, counts, the samples written into each shard
+(``shard_samples``), the smallest and largest latent shape of each split (``latent_shapes``)) and
+Energon's index in ``.nv-meta/``.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class ShardWriter:
         self.max_samples = max(1, int(max_samples))
         self.fmt = fmt
         self.shards: list[Path] = []
+        self.counts: list[int] = []  # samples written into each finished shard
         self.samples = 0
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
@@ -119,6 +122,7 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             os.replace(self._tmp, self.shards[-1])
+            self.counts.append(self._in_shard)
             self._tar = None
 
     def write(self, key: str, latent: torch.Tensor, text: torch.Tensor, meta: Mapping[str, Any]) -> None:

@@ -12,8 +12,9 @@ Per sample (in Energon's cooker, so in the loader's worker processes):
 3. patchify, pad the tokens to ``pad_multiple`` (what tensor x 2*context parallelism need), and
    build the (t, h, w) position ids.
 
-A sample failing a check is skipped (Energon's ``SkipSample``) and counted by reason in the
-loader's :class:`~dfmkit.data.skips.SkipCounter`.
+A sample failing a check is skipped (Energon's ``SkipSample``) and counted by reason, once by its index in the
+split, in the loader's :class:`~dfmkit.data.skips.SkipCounter`; each pack carries the skips counted in its worker
+process since the previous pack on to the loader.
 
 Packing: from each packing buffer (``data.packing_buffer_size`` samples) the samples are put into
 sequences of at most ``data.seq_length`` tokens by first-fit decreasing on their padded lengths;
@@ -74,6 +75,7 @@ class PackSample(Sample):
     latent_shapes: list[tuple[int, int, int, int]]
     keys: list[str]
     meta: list[dict]  # each sample's json, in pack order
+    skipped: list  # the skip records (identity, reason, samples) new in this worker since its last pack
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -210,9 +212,11 @@ class PackedTaskEncoder(TaskEncoder):
         bound = self.options.max_abs_latent
         if bound and largest > bound:
             raise SkipError("nonfinite", f"latent has values up to {largest:g}, beyond max_abs_latent={bound:g}")
-        tokens = (t // pt) * (h // p) * (w // p)
-        if round_up(tokens, self.pad_multiple) > self.seq_length:
-            raise SkipError("too_long", f"{tokens} latent tokens, more than data.seq_length={self.seq_length}")
+        tokens = round_up((t // pt) * (h // p) * (w // p), self.pad_multiple)
+        if tokens > self.seq_length:
+            raise SkipError("too_long", f"latent {list(latent.shape)} makes {tokens} tokens ({pt}x{p}x{p} patches, "
+                            f"padded to a multiple of {self.pad_multiple}), more than a pack of "
+                            f"data.seq_length = {self.seq_length} holds", size=tokens)
         return latent
 
     def check_text(self, text: torch.Tensor) -> torch.Tensor:
@@ -244,16 +248,19 @@ class PackedTaskEncoder(TaskEncoder):
 
     @stateless
     def cook(self, sample: dict) -> EncodedSample:
+        size = None
         try:
             latent, text, meta = self._decode(sample)
             fields = self.encode(self.check_latent(latent), self.check_text(text), meta)
         except SkipError as skip:
-            reason, detail = skip.reason, skip.detail
+            reason, detail, size = skip.reason, skip.detail, skip.size
         except (ValueError, RuntimeError, TypeError, KeyError, IndexError, OverflowError) as exc:
             reason, detail = "error", f"{type(exc).__name__}: {exc}"  # data nobody foresaw: a skip all the same
         else:
+            self.skips.usable()
             return EncodedSample(**basic_sample_keys(sample), **fields)
-        self.skips.count(reason, f"{sample.get('__shard__', '')}/{sample.get('__key__', '')}".lstrip("/"), detail)
+        where = f"{sample.get('__shard__', '')}/{sample.get('__key__', '')}".lstrip("/")
+        self.skips.count(reason, sample_index(sample, where), detail, where=where, size=size)
         raise SkipSample()
 
     # -- packing -------------------------------------------------------------------------------
@@ -268,6 +275,8 @@ class PackedTaskEncoder(TaskEncoder):
 
     @stateless
     def pack_selected_samples(self, samples: list[EncodedSample]) -> PackSample:
+        """One pack of ``samples``; it also carries the skips counted in this process since the last pack to the
+        loader's counter (see :mod:`dfmkit.data.skips`)."""
         keys = [s.__key__ for s in samples]
         buffer, layout = _concat_into_buffer({
             "latents": [s.tokens for s in samples],
@@ -282,7 +291,17 @@ class PackedTaskEncoder(TaskEncoder):
             latent_shapes=[s.latent_shape for s in samples],
             keys=keys,
             meta=[s.meta for s in samples],
+            skipped=self.skips.take_new(),
         )
+
+
+def sample_index(sample: Mapping[str, Any], fallback: str) -> int | str:
+    """A crude sample's identity: its index in the split (Energon's source info or restore key), else ``fallback``."""
+    sources = sample.get("__sources__") or ()
+    if sources and isinstance(getattr(sources[0], "index", None), int):
+        return sources[0].index
+    restore_key = sample.get("__restore_key__") or ()
+    return restore_key[-1] if restore_key and isinstance(restore_key[-1], int) else fallback
 
 
 def _cumsum(values: Sequence[int]) -> list[int]:
