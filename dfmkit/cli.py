@@ -54,14 +54,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     import os
 
     import dfmkit
-    from dfmkit.compat.megatron_checkpoint import results_queue_dies_with_the_run
     from dfmkit.data.skips import report
     from dfmkit.processes import children_die_with_this_process
     from dfmkit.train.checkpoint import find_checkpoint, read_marker
     from dfmkit.train.loop import train
 
     children_die_with_this_process()  # loader workers, checkpoint writers: nothing outlives a killed run
-    results_queue_dies_with_the_run()
     overrides = [*args.overrides, *(["data.mock=true"] if args.mock else [])]
     job = dfmkit.build(args.recipe, overrides)
     result = train(job)

@@ -1,16 +1,15 @@
 """Child processes die with the process that started them, so a killed run leaves nothing running behind it.
 
-A run starts children: Energon's torch DataLoader workers (forked), megatron-core's checkpoint writers (forked
-during a save) and the multiprocessing Manager that serves megatron's write results (spawned on the first save).
-When the run is killed with SIGKILL no Python code of it runs, and such children carried on: loader workers blocked
+A run starts children: Energon's torch DataLoader workers and megatron-core's checkpoint writers (forked during a
+save). When the run is killed with SIGKILL no Python code of it runs, and such children carried on: loader workers blocked
 for good on queues that nobody reads, a save's writers went on writing, each a copy of the run's memory.
 
 - :func:`children_die_with_this_process` registers an ``os.register_at_fork`` hook: every child forked from the
   main thread of this process asks Linux to kill it when this process dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``).
   The hook stays in the children, so their own children die with them in turn.
-- :func:`die_with_parent` does the same from inside a child: a spawned process (fork and exec) runs no fork hooks,
-  so whatever starts one passes it as the child's initializer (:mod:`dfmkit.compat.megatron_checkpoint` does so for
-  megatron's Manager).
+- :func:`die_with_parent` does the same from inside a child (a spawned process, fork and exec, runs no fork hooks:
+  whatever starts one would pass it as the child's initializer). megatron's checkpoint writer used to spawn a
+  Manager; it no longer does (:mod:`dfmkit.compat.megatron_checkpoint`).
 
 multiprocessing's resource tracker needs neither: it exits once every process holding its pipe has gone.
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dfmkit.compat.megatron_checkpoint import synchronous_save_results
 from dfmkit.compat.torch_dcp import MetadataUnpickler, load_weights_only, restricted_unpickling
 from dfmkit.data import DataError
 from dfmkit.data.loader import state_from_json
@@ -119,6 +120,7 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
+    synchronous_save_results()
     dist_checkpointing.save(sharded_state_dict, str(tmp))
     _write_atomic(tmp / f"rank_{_rank():05d}.json", json.dumps(rank_state))
     _barrier()
