@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dfmkit.batch import PackedBatch
 from dfmkit.compat.megatron_optimizer import fill_empty_adam_state
 from dfmkit.devices import resolve_device, resolve_precision
-from dfmkit.diffusion.edm import EDM, LossTerms, NoiseDraw
+from dfmkit.diffusion.edm import EDM, LossTerms, NoiseDraw, as_model_fn, loss_share
 from dfmkit.errors import DfmkitError, RecipeError
 from dfmkit.job import Job
 from dfmkit.recipe import dump_recipe
@@ -135,6 +135,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(
             recipe.optim, recipe.train.train_iters, [self.ddp], self.bf16, distributed_optimizer)
         self.ema = EMA(self.model, ema_decay(recipe.train.ema_decay, recipe.train.ema_halflife))
+        self._model_fn = as_model_fn(self.ddp, self.device, self.model_dtype)
 
         self.step = 0
         self.consumed_sequences = 0
@@ -294,10 +295,6 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------
 
-    def _model_fn(self, x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        batch = batch if batch.text.dtype == self.model_dtype else batch.to(self.device, self.model_dtype)
-        return self.ddp(x.to(self.model_dtype), c_noise, batch)
-
     def shard_draw(self, batch: PackedBatch, draw: NoiseDraw) -> tuple[PackedBatch, NoiseDraw]:
         """This rank's context-parallel shard of ``batch`` and of its noise draw, on the training device."""
         from dfmkit import parallel
@@ -320,22 +317,14 @@ class Trainer:
         batches = [next(self.data) for _ in range(self.micro_batches)]
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        normalization = self.edm.loss_normalization
         loss_sum = torch.zeros((), device=self.device)
         denominator = torch.zeros((), device=self.device)
         for micro, batch in enumerate(batches):
             generator = step_generator(self.recipe.train.seed, self.step, micro, self.env.dp_rank, self.device)
-            terms = self._loss_terms(batch, generator)
-            counts = parallel.all_reduce_context_parallel(terms.token_count.detach().clone(), self.env)
-            if normalization == "sample":
-                micro_loss = (terms.sq_err_sum / counts.clamp(min=1)).sum()
-                micro_count = (counts > 0).sum().float() if self.env.cp_rank == 0 else torch.zeros((), device=self.device)
-            else:
-                micro_loss = terms.sq_err_sum.sum()
-                micro_count = terms.token_count.sum().detach()
-            micro_loss.backward()
-            loss_sum += micro_loss.detach()
-            denominator += micro_count
+            share = loss_share(self._loss_terms(batch, generator), self.edm.loss_normalization, self.env)
+            share.total.backward()
+            loss_sum += share.total.detach()
+            denominator += share.count
         # Gradients are sums over this rank's loss terms: reduce them; the optimizer divides them by the
         # global count as it reads them. (Passing num_tokens to finalize_model_grads would divide them
         # first, reading the count to the host, in a pass of its own.)

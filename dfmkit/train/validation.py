@@ -22,7 +22,7 @@ import torch.distributed as dist
 from dfmkit import parallel
 from dfmkit.batch import PackedBatch
 from dfmkit.data.loader import build_validation_batches
-from dfmkit.diffusion.edm import EDM, ModelFn, NoiseDraw
+from dfmkit.diffusion.edm import EDM, ModelFn, NoiseDraw, loss_share
 from dfmkit.errors import GenerateError
 from dfmkit.generation.outputs import decode, sample_settings, sampler_settings, to_uint8_frames, write_output
 from dfmkit.generation.prompts import encode_prompts, make_requests
@@ -107,7 +107,7 @@ class Validator:
     def validation_loss(self) -> dict[str, float]:
         results = {}
         for sigma in self.config.loss_sigmas:
-            total = torch.zeros(2, device=self.device, dtype=torch.float64)  # sum of per-sample losses, samples
+            total = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss total, count
             for index, batch in enumerate(self.batches):
                 generator = torch.Generator().manual_seed(self.config.seed + index)
                 draw = self.edm.draw(batch, generator)
@@ -115,10 +115,9 @@ class Validator:
                                     keep_text=torch.ones_like(draw.keep_text))
                 local_batch, local_draw = self.shard_draw(batch, draw)
                 terms = self.edm.loss_terms(self.model_fn, local_batch, local_draw, self.model_dtype)
-                counts = parallel.all_reduce_context_parallel(terms.token_count.clone(), self.env)
-                total[0] += (terms.sq_err_sum / counts.clamp(min=1)).sum().double()
-                if self.env.cp_rank == 0:
-                    total[1] += (counts > 0).sum()
+                share = loss_share(terms, self.edm.loss_normalization, self.env)
+                total[0] += share.total.double()
+                total[1] += share.count
             dist.all_reduce(total, group=parallel.data_and_context_group(self.env))
             results[f"val/loss_sigma_{sigma:g}"] = float(total[0] / total[1].clamp(min=1))
         if results:
