@@ -312,10 +312,21 @@ def test_a_missing_dataset_is_prepared_from_its_source(tmp_path):
     assert result["step"] == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
+def test_resume_may_change_how_the_model_is_computed_but_not_what_it_is(tmp_path):
+    """The backbone's options marked COMPUTATION_ONLY (DiT: attention, recompute, compile, fused_kernels, cuda_graphs,
+    use_cpu_initialization) may change on resume; a size may not, and the refusal names it."""
     train(dfmkit.build(tiny_recipe(tmp_path / "ck", train={"train_iters": 3})))
-    other = tiny_recipe(tmp_path / "ck", model={"num_layers": 3}, train={"train_iters": 4})
-    with pytest.raises(ckpt.CheckpointError, match="does not fit the model"):
+    computed_otherwise = tiny_recipe(tmp_path / "ck", model={"fused_kernels": False, "recompute": "full"},
+                                     train={"train_iters": 4})
+    resumed = train(dfmkit.build(computed_otherwise))
+    assert resumed["step"] == 4 and len(resumed["losses"]) == 1 and np.isfinite(resumed["losses"][0])
+    compiled = tiny_recipe(tmp_path / "ck", train={"train_iters": 5},
+                           model={"compile": True, "cuda_graphs": True, "use_cpu_initialization": True})
+    assert Trainer(dfmkit.build(compiled)).step == 4  # loaded (a compiled step on the CPU would only be slow)
+
+    other = tiny_recipe(tmp_path / "ck", model={"num_layers": 3, "fused_kernels": False}, train={"train_iters": 5})
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit the model of this recipe "
+                                                     r"\(model.num_layers: checkpoint 0, recipe 3\)"):
         Trainer(dfmkit.build(other))
 
 

@@ -36,6 +36,7 @@ from dfmkit.compat.megatron_optimizer import fill_empty_adam_state
 from dfmkit.devices import resolve_device, resolve_precision
 from dfmkit.diffusion.edm import EDM, LossTerms, NoiseDraw, as_model_fn, loss_share
 from dfmkit.errors import DfmkitError, RecipeError
+from dfmkit.hookspecs import COMPUTATION_ONLY
 from dfmkit.job import Job
 from dfmkit.recipe import dump_recipe
 from dfmkit.train import checkpoint as ckpt
@@ -279,13 +280,13 @@ class Trainer:
             log.info("resumed from %s at step %d", found, self.step)
 
     def _check_same_model(self, found: Path, marker: dict[str, Any]) -> None:
-        """Refuse, before loading anything, a checkpoint whose [model] section differs from the recipe's."""
+        """Refuse, before loading anything, a checkpoint whose [model] section differs from the recipe's in more
+        than the options the backbone marks as changing only how it is computed."""
         import tomllib
 
         saved = tomllib.loads(marker.get("recipe", "")).get("model", {})
         current = tomllib.loads(dump_recipe(self.recipe, registries=self.job.plugins.registries))["model"]
-        # How the model is computed may change between runs; what it is may not.
-        free = {"attention", "recompute", "use_cpu_initialization", "compile"}
+        free = computation_only_options(self.recipe.model.options)
         differences = [f"model.{key}: checkpoint {saved.get(key)!r}, recipe {current.get(key)!r}"
                        for key in sorted(set(saved) | set(current)) if key not in free and saved.get(key) != current.get(key)]
         if differences:
@@ -442,6 +443,11 @@ class Trainer:
         parallel.barrier()
         return {"step": self.step, "losses": history, "grad_norms": grad_norms, "checkpoint_dir": str(self.checkpoint_dir),
                 "stopped_by_signal": stopped_by is not None}
+
+
+def computation_only_options(options: Any) -> frozenset[str]:
+    """The fields of a component's attrs options marked as changing only how it computes (COMPUTATION_ONLY)."""
+    return frozenset(field.name for field in attrs.fields(type(options)) if field.metadata.get(COMPUTATION_ONLY))
 
 
 def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
