@@ -12,10 +12,10 @@ Attention under CP: each rank computes queries, keys and values for its own toke
 keys and values of the CP group (backward: reduce-scatter) and attends each sample's local queries
 to all real keys of that sample. Text (cross-attention keys) is small and is replicated on every CP rank.
 
-Gradients: each CP rank sees only its tokens, so its parameter gradients are partial sums; they must be
-summed over the CP group (or averaged over data x context, with the loss scaled by CP, as megatron's
-DDP does). The per-rank loss that makes a plain sum exact is the rank's sum over its real tokens
-divided by the global count of real tokens.
+Gradients: each CP rank sees only its tokens, so its parameter gradients are partial sums; they are
+summed over the CP group (megatron's DDP sums over data x context: the DiT's config sets
+``calculate_per_token_loss``). The per-rank loss that makes the sum exact is
+:func:`dfmkit.diffusion.edm.loss_share`: the rank's own error sums over each sample's total count of real tokens.
 """
 
 from __future__ import annotations
