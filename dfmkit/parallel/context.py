@@ -87,13 +87,6 @@ class ContextParallelBatch(PackedBatch):
         )
         return offsets < torch.repeat_interleave(self.seqlens.to(torch.int64), padded, output_size=n)
 
-    def local_seqlens(self) -> torch.Tensor:
-        """[N] int64: real tokens of each sample on this rank."""
-        ids = self.token_sample_ids()
-        return torch.zeros(self.num_samples, dtype=torch.int64, device=ids.device).index_add_(
-            0, ids, self.token_mask().to(torch.int64)
-        )
-
     def with_unconditional(self) -> ContextParallelBatch:
         """This shard of ``dfmkit.batch.with_unconditional(full pack)`` (the pack then its null-text copy).
 
