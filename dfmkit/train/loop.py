@@ -141,6 +141,7 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step (or a skipped one); returns its loss, gradient norm, learning rate, samples, tokens."""
         state = self.state
         batches = [next(self.data) for _ in range(self.micro_batches)]
         generators = [step_generator(self.recipe.train.seed, state.step, micro, self.env.dp_rank, self.device)
