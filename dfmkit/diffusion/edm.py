@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from dfmkit.recipe import DiffusionConfig
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, PackedBatch], torch.Tensor]
+LOSS_NORMALIZATIONS = ("sample", "token")
 
 
 def as_model_fn(model: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype) -> ModelFn:
@@ -61,8 +62,6 @@ def as_model_fn(model: Callable[..., torch.Tensor], device: torch.device, dtype:
         return model(x.to(dtype), c_noise, batch)
 
     return model_fn
-
-LOSS_NORMALIZATIONS = ("sample", "token")
 
 
 @attrs.frozen
