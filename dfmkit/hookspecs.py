@@ -23,6 +23,9 @@ PROJECT = "dfmkit"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+# attrs field metadata key of an options field that only changes how a component computes, not what it is
+COMPUTATION_ONLY = "dfmkit_computation_only"
+
 
 @hookspec
 def dfmkit_register(registries: Registries) -> None:
@@ -47,4 +50,9 @@ def dfmkit_register(registries: Registries) -> None:
       a video of that size, raising ``DfmkitError``/``ValueError`` for sizes the tokenizer does not take;
       with it, the recipe's validation sizes are checked when it is loaded rather than when training
       reaches its first validation.
+
+    A backbone's options mark the fields that change only how the model is computed, not what it is (attention
+    kernels, recomputation, compilation), with ``attrs.field(..., metadata={COMPUTATION_ONLY: True})``
+    (``dfmkit.hookspecs.COMPUTATION_ONLY``): a run may resume a checkpoint with other values of those, while any
+    other difference in the ``[model]`` section is refused (:mod:`dfmkit.train.resume`).
     """

@@ -1,5 +1,6 @@
-"""Shared pieces of the DiT tests: a tiny model, packs of different samples, deterministic weights, and the
-multi-process worker of the parallel parity tests (run through torch.multiprocessing.spawn, gloo, CPU)."""
+"""Shared pieces of the DiT tests: a tiny model, packs of different samples, deterministic weights, and one training
+step through the Trainer's code for the parallel parity tests (:func:`trainer_step`, in this process and in the
+multi-process :func:`worker`, gloo, CPU)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch.distributed as dist
 
 from dfmkit.batch import PackedBatch, Sample, pack
 from dfmkit.components.backbones.options import DiTOptions
-from dfmkit.parallel.context import shard_index
 
 TEXT_DIM = 24
 CHANNELS = 4
@@ -78,27 +78,88 @@ def randomize_(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1) -> No
             param.copy_(full)
 
 
-def masked_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Sum over real tokens of the squared error, over the GLOBAL count of real tokens (exact under CP sums)."""
-    return ((out - target) ** 2).sum(-1)[mask].sum() / count
+def parity_recipe(parallel: dict, model: dict, diffusion: dict, packs: int) -> dict:
+    """The recipe of a parity run: the tiny model with ``model`` options, ``parallel`` sizes, and a global batch of
+    ``packs`` packs (one per data-parallel rank)."""
+    return {
+        "model": {"name": "dit", "preset": "tiny", "in_channels": CHANNELS, "text_dim": TEXT_DIM,
+                  "adaln_lora_rank": 16, "attention": "torch", **model},
+        "parallel": parallel,
+        "diffusion": diffusion,
+        "text_encoder": {"name": "t5-tiny"},
+        "data": {"mock": True, "seq_length": 256},
+        "train": {"train_iters": 10, "global_batch_size": packs, "seed": 7},
+        "optim": {"warmup_iters": 1},
+        "validation": {"interval": 0},
+    }
 
 
-def reference(options: DiTOptions, packs: list[PackedBatch]) -> dict:
-    """Single-process loss (mean over packs), gradients (mean over packs) and outputs."""
-    from dfmkit.components.backbones import dit
+def trainer_step(recipe: dict, packs: list[PackedBatch], overlap: bool = False) -> dict:
+    """The gradients of one training step through the Trainer's code, on this rank (call on every rank).
 
-    model = dit.build(options)
-    randomize_(model)
-    losses, outputs = [], []
-    for seed, batch in enumerate(packs):
-        x, c_noise, target = pack_inputs(batch, seed)
-        out = model(x, c_noise, batch)
-        loss = masked_loss(out, target, batch.token_mask(), int(batch.seqlens.sum())) / len(packs)
-        loss.backward()
-        losses.append(loss.detach())
-        outputs.append(out.detach())
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    return {"loss": sum(losses), "grads": grads, "outputs": outputs}
+    The state is built as the Trainer builds it (:func:`dfmkit.train.state.build_train_state`: the model, megatron's
+    DDP with the batched accumulation, the optimizer), its weights then set by :func:`randomize_`;
+    :func:`dfmkit.train.step.compute_gradients` runs this rank's micro-batches (the noise drawn on the whole pack,
+    the load-balanced context-parallel shard, the EDM loss of :func:`dfmkit.diffusion.edm.loss_share`, backward,
+    megatron's ``finalize_model_grads``) and the gradients are divided by the global count, as the optimizer does.
+    Pack ``i`` of the global batch is drawn with the generator the one-process run uses for it (micro-batch ``i``).
+
+    ``overlap``: megatron's overlapped reduction with small buckets (on GPUs the Trainer overlaps; megatron starts
+    the overlapped reductions from the second backward on, so a first step runs before the one measured); the
+    result then also holds how many layer groups a bucket boundary split and the count of the reductions started
+    and of the gradients still kept as each started (:func:`counting_reductions`).
+
+    Returns the loss, the count, the gradient norm and every parameter's full gradient (TP shards gathered), and
+    the full model output of each of this rank's packs by its index in the global batch.
+    """
+    import dataclasses
+
+    import dfmkit
+    from dfmkit import parallel
+    from dfmkit.diffusion.edm import EDM
+    from dfmkit.train.setup import micro_batches_per_rank
+    from dfmkit.train.state import build_train_state, training_ddp_config
+    from dfmkit.train.step import compute_gradients, step_generator
+
+    job = dfmkit.build(recipe)
+    device = torch.device("cpu")
+    env = parallel.initialize(job.recipe.parallel, device)
+    assert PAD % parallel.required_pad_multiple(job.recipe.parallel) == 0
+    micro = micro_batches_per_rank(job.recipe.train, env)
+    indices = range(env.dp_rank * micro, (env.dp_rank + 1) * micro)
+    ddp_config = training_ddp_config(job.recipe.parallel, env, device)
+    if overlap:
+        ddp_config = dataclasses.replace(ddp_config, overlap_grad_reduce=True, bucket_size=OVERLAP_BUCKET)
+    with contextlib.ExitStack() as stack:
+        if overlap:
+            reductions = stack.enter_context(counting_reductions(lambda: state.ddp))
+        state = build_train_state(job, job.recipe, env, device, torch.float32, ddp_config=ddp_config)
+        randomize_(state.model, env.tp_rank, env.tp_size)
+        outputs = []
+        stack.enter_context(state.model.register_forward_hook(
+            lambda _, args, out: outputs.append(parallel.gather_from_context_parallel(out.detach(), args[2]))))
+        edm = EDM.from_config(job.recipe.diffusion)
+
+        def step():
+            generators = [step_generator(job.recipe.train.seed, 0, i, 0) for i in indices]
+            return compute_gradients(state, edm, [packs[i] for i in indices], generators, env=env, device=device,
+                                     model_dtype=torch.float32)
+
+        if overlap:
+            step()
+            reductions.update(started=0, kept=0)
+            outputs.clear()
+        grads = step()
+        result = {
+            "loss": grads.loss_total / grads.count, "count": grads.count, "grad_norm": grads.grad_norm,
+            "grads": full_gradients(state.model, lambda p: p.main_grad / grads.count),
+            "outputs": dict(zip(indices, outputs, strict=True)),
+        }
+        if overlap:
+            result["split_groups"] = sum(len({state.ddp.param_to_bucket_group[p] for p in params}) > 1
+                                         for params in state.ddp._groups.values())
+            result["reductions"] = dict(reductions)
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,14 +173,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient with tensor-parallel shards concatenated along their partition dim."""
+def full_gradients(model: torch.nn.Module, gradient) -> dict[str, torch.Tensor]:
+    """``gradient(param)`` of every parameter with tensor-parallel shards concatenated along their partition dim."""
     from megatron.core import parallel_state as ps
 
     tp_group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
     grads = {}
     for name, param in model.named_parameters():
-        grad = param.grad
+        grad = gradient(param)
         if tp > 1 and getattr(param, "tensor_model_parallel", False):
             pieces = [torch.empty_like(grad) for _ in range(tp)]
             dist.all_gather(pieces, grad.contiguous(), group=tp_group)
@@ -154,107 +215,27 @@ def counting_reductions(ddp):
         _ParamAndGradBucketGroup.start_grad_sync = start
 
 
-def run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, outdir: str, name: str,
-               ddp: bool = False, overlap: bool = False) -> None:
-    """One layout's forward and backward on this rank's pack shard; rank 0 saves loss and full gradients.
-
-    ``ddp``: reduce gradients the way the training loop does, with its megatron DistributedDataParallel and
-    finalize_model_grads, which SUM over data x context (the DiT's config sets calculate_per_token_loss), so
-    each rank's loss is divided by DP to average the packs, instead of :func:`dfmkit.parallel.reduce_gradients`.
-    ``overlap``: with it, megatron's ``overlap_grad_reduce`` and small buckets, so the batched accumulation adds the
-    gradients of layer groups split by a bucket boundary before that bucket's reduction starts; rank 0 also saves
-    how many groups were split and how many gradients were still kept as each bucket's reduction started.
-    """
-    with contextlib.ExitStack() as stack:
-        _run_layout(options, tensor, sequence, context, outdir, name, ddp, overlap, stack)
-
-
-def _run_layout(options: DiTOptions, tensor: int, sequence: bool, context: int, outdir: str, name: str,
-                ddp: bool, overlap: bool, stack: contextlib.ExitStack) -> None:
-    """:func:`run_layout`; the reduction counter of ``overlap`` stays installed until ``stack`` closes."""
+def worker(rank: int, world: int, port: int, outdir: str, layouts: list[tuple[str, dict, bool]]) -> None:
+    """Run :func:`trainer_step` for each ``(name, recipe, overlap)`` in turn; each rank saves ``<name>-rank<r>.pt``
+    (loss, count, gradient norm, gradients, overlap figures), and the first rank of each data-parallel group
+    ``<name>-out<i>.pt``, the model output for pack ``i``."""
     from megatron.core import parallel_state as ps
 
-    from dfmkit.components.backbones import dit
-    from dfmkit.parallel import (
-        gather_from_context_parallel,
-        initialize,
-        reduce_gradients,
-        required_pad_multiple,
-        shard_for_context_parallel,
-    )
-    from dfmkit.recipe import ParallelConfig
-
-    parallel = ParallelConfig(tensor=tensor, sequence=sequence, context=context)
-    assert PAD % required_pad_multiple(parallel) == 0
-    layout = initialize(parallel, seed=1234)
-    model = dit.build(options, parallel=parallel)
-    randomize_(model, layout.tp_rank, layout.tp_size)
-    module = model
-    if ddp:
-        from megatron.core.distributed import DistributedDataParallelConfig
-
-        from dfmkit.compat.megatron_ddp import BatchedAccumulationDDP
-
-        config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
-                                               bucket_size=OVERLAP_BUCKET if overlap else None)
-        if overlap:
-            reductions = stack.enter_context(counting_reductions(lambda: model))
-        model = BatchedAccumulationDDP(model.config, config, model)
-
-    packs = make_packs()
-    seed = layout.dp_rank
-    batch = packs[seed]
-    x, c_noise, target = pack_inputs(batch, seed)
-    shard, x = shard_for_context_parallel(batch, x, layout)
-    if layout.cp_size > 1:
-        target = target[shard_index(batch.cu_seqlens.tolist(), layout.cp_size, layout.cp_rank)]
-    if overlap:  # megatron overlaps the reductions from the second backward on: the first one learns their order
-        from megatron.core.distributed import finalize_model_grads
-
-        warm_up = masked_loss(model(x, c_noise, shard), target, shard.token_mask(), int(batch.seqlens.sum()))
-        (warm_up / layout.dp_size).backward()
-        finalize_model_grads([model])
-        model.zero_grad_buffer()
-        reductions.update(started=0, kept=0)
-    out = model(x, c_noise, shard)
-    loss = masked_loss(out, target, shard.token_mask(), int(batch.seqlens.sum()))
-    if ddp:
-        from megatron.core.distributed import finalize_model_grads
-
-        (loss / layout.dp_size).backward()
-        finalize_model_grads([model])
-        for param in module.parameters():
-            param.grad = param.main_grad
-    else:
-        loss.backward()
-        reduce_gradients(model)
-
-    total = loss.detach().clone()
-    dist.all_reduce(total)  # sums CP pieces and DP packs, counted once per TP rank
-    total /= layout.tp_size * layout.dp_size
-    grads = full_gradients(module)
-    full_out = gather_from_context_parallel(out.detach(), shard)
-    if layout.tp_rank == 0 and layout.cp_rank == 0:
-        torch.save(full_out, os.path.join(outdir, f"{name}-out{layout.dp_rank}.pt"))
-    if layout.rank == 0:
-        saved = {"loss": total, "grads": grads}
-        if overlap:
-            saved["split_groups"] = sum(len({model.param_to_bucket_group[p] for p in params}) > 1
-                                        for params in model._groups.values())
-            saved["reductions"] = reductions
-        torch.save(saved, os.path.join(outdir, f"{name}.pt"))
-    dist.barrier()
-    ps.destroy_model_parallel()
-
-
-def worker(rank: int, world: int, port: int, outdir: str, layouts: list[tuple[str, dict, dict]]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )
     try:
-        for name, parallel, option_overrides in layouts:
-            run_layout(tiny_options(**option_overrides), outdir=outdir, name=name, **parallel)
+        packs = make_packs()
+        for name, recipe, overlap in layouts:
+            result = trainer_step(recipe, packs, overlap)
+            outputs = result.pop("outputs")
+            if ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
+                for index, out in outputs.items():
+                    torch.save(out, os.path.join(outdir, f"{name}-out{index}.pt"))
+            torch.save(result, os.path.join(outdir, f"{name}-rank{rank}.pt"))
+            dist.barrier()
+            ps.destroy_model_parallel()
     finally:
         dist.destroy_process_group()

@@ -12,6 +12,7 @@ import torch
 
 from dfmkit.batch import PackedBatch, Sample, pack
 from dfmkit.diffusion import EDM, LossTerms, drop_condition
+from dfmkit.diffusion.edm import loss_share
 from dfmkit.diffusion.analytic import GaussianMixture
 from dfmkit.recipe import DiffusionConfig, load_recipe
 from toys import TOY_SECTIONS
@@ -36,6 +37,12 @@ def make_pack(sizes, channels=4, patch=2, pad_multiple=1, seed=0, text_lengths=N
 
 def with_latents(batch: PackedBatch, latents: torch.Tensor) -> PackedBatch:
     return dataclasses.replace(batch, latents=latents)
+
+
+def mean_loss(terms: LossTerms, normalization: str = "sample") -> torch.Tensor:
+    """The loss of one process's batch: its share's total over its count."""
+    share = loss_share(terms, normalization)
+    return share.total / share.count
 
 
 # -- preconditioning -------------------------------------------------------------------------
@@ -172,7 +179,7 @@ def test_loss_of_the_exact_denoiser_equals_its_analytic_value_given_sigma():
     # Each element's squared error is (posterior std)^2 chi^2_1: relative std sqrt(2 / elements).
     rel_std = math.sqrt(2 / (256 * 16))
     assert torch.all((per_sample / expected - 1).abs() < 5 * rel_std)
-    pack_loss = float(edm.reduce_loss(terms))
+    pack_loss = float(mean_loss(terms))
     assert pack_loss == pytest.approx(float(expected.mean()), rel=5 * rel_std / math.sqrt(64))
 
 
@@ -209,19 +216,22 @@ def test_the_exact_denoiser_minimises_the_loss():
     batch = gaussian_pack(data, num_samples=32, h=16, w=16, seed=4)
     draw = edm.draw(batch, torch.Generator().manual_seed(5))
     exact = data.model_fn(edm)
-    best = float(edm.reduce_loss(edm.loss_terms(exact, batch, draw)))
+    best = float(mean_loss(edm.loss_terms(exact, batch, draw)))
     for scale in (0.9, 1.1):
-        worse = edm.reduce_loss(edm.loss_terms(lambda x, c, b: exact(x, c, b) * scale, batch, draw))
+        worse = mean_loss(edm.loss_terms(lambda x, c, b: exact(x, c, b) * scale, batch, draw))
         assert float(worse) > best
 
 
 def test_sample_normalisation_weighs_samples_equally_and_token_normalisation_weighs_tokens():
     edm = EDM()
     terms = LossTerms(sq_err_sum=torch.tensor([2.0, 300.0]), token_count=torch.tensor([2.0, 100.0]))
-    assert float(edm.reduce_loss(terms, "sample")) == pytest.approx((1.0 + 3.0) / 2)
-    assert float(edm.reduce_loss(terms, "token")) == pytest.approx(302.0 / 102.0)
-    assert float(EDM(loss_normalization="token").reduce_loss(terms)) == pytest.approx(302.0 / 102.0)
-    assert float(edm.reduce_loss(terms, "sample", denominator=4)) == pytest.approx(4.0 / 4)
+    sample, token = loss_share(terms, "sample"), loss_share(terms, "token")
+    assert (float(sample.total), float(sample.count)) == (1.0 + 3.0, 2.0)
+    assert (float(token.total), float(token.count)) == (302.0, 102.0)
+    empty = LossTerms(sq_err_sum=torch.tensor([2.0, 0.0]), token_count=torch.tensor([2.0, 0.0]))
+    assert float(loss_share(empty, "sample").count) == 1.0  # a sample without real tokens does not count
+    with pytest.raises(ValueError, match="loss normalization must be one of sample, token"):
+        loss_share(terms, "pixel")
 
     # A 16-token image and a 1024-token video: per-sample loss 1 and 3 -> "sample" gives 2 whatever the sizes.
     batch = make_pack([(8, 8), (64, 64)])
@@ -235,8 +245,11 @@ def test_sample_normalisation_weighs_samples_equally_and_token_normalisation_wei
         return (d - edm.c_skip(sigma) * x) / edm.c_out(sigma)
 
     terms = edm.loss_terms(off_by_target, batch, draw)
-    assert float(edm.reduce_loss(terms, "sample")) == pytest.approx(2.0, rel=1e-4)
-    assert float(edm.reduce_loss(terms, "token")) == pytest.approx((16 * 1 + 1024 * 3) / 1040, rel=1e-4)
+    assert float(mean_loss(terms, "sample")) == pytest.approx(2.0, rel=1e-4)
+    assert float(mean_loss(terms, "token")) == pytest.approx((16 * 1 + 1024 * 3) / 1040, rel=1e-4)
+    token_edm = EDM(loss_normalization="token")
+    assert float(token_edm.loss(off_by_target, batch, torch.Generator().manual_seed(0))) == pytest.approx(
+        (16 * 1 + 1024 * 3) / 1040, rel=1e-4)
 
 
 def test_padding_never_contributes_to_the_loss_or_the_gradient():
@@ -252,48 +265,40 @@ def test_padding_never_contributes_to_the_loss_or_the_gradient():
         return torch.where(pad.unsqueeze(-1), torch.nan, out)  # garbage on padding rows
 
     dirty = with_latents(batch, torch.where(pad.unsqueeze(-1), 1e6, batch.latents))
-    loss = edm.reduce_loss(edm.loss_terms(net, dirty, draw))
+    loss = mean_loss(edm.loss_terms(net, dirty, draw))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(weight.grad)
     with torch.no_grad():
-        clean = edm.reduce_loss(edm.loss_terms(lambda x, c, b: weight * x, batch, draw))
+        clean = mean_loss(edm.loss_terms(lambda x, c, b: weight * x, batch, draw))
         assert float(loss) == pytest.approx(float(clean), rel=1e-6)
 
 
-def shard(batch: PackedBatch, part: int, parts: int = 2) -> tuple[PackedBatch, torch.Tensor]:
-    """Contiguous piece ``part`` of every sample (a stand-in for a context-parallel split); returns token indices."""
-    index, seqlens, padded = [], [], []
-    for start, end, real in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(), batch.seqlens.tolist()):
-        size = (end - start) // parts
-        lo = start + part * size
-        index.append(torch.arange(lo, lo + size))
-        seqlens.append(min(max(real - part * size, 0), size))
-        padded.append(size)
-    index = torch.cat(index)
-    cu = torch.tensor([0, *np.cumsum(padded)], dtype=torch.int32)
-    return dataclasses.replace(
-        batch, latents=batch.latents[index], pos_ids=batch.pos_ids[index],
-        seqlens=torch.tensor(seqlens, dtype=torch.int32), cu_seqlens=cu,
-    ), index
+def test_draw_on_the_full_batch_then_shard_gives_the_same_sums_and_counts():
+    """The trainer draws on the whole pack and gives each context-parallel rank its load-balanced shard of the pack
+    and of the noise (dfmkit.parallel.shard_for_context_parallel): the ranks' per-sample sums and real-token counts
+    add up to the whole pack's. (The loss across ranks: tests/test_parallel.py, against one process.)"""
+    from dfmkit.parallel import shard_for_context_parallel
 
-
-def test_draw_on_the_full_batch_then_shard_gives_the_same_loss():
     edm = EDM()
     batch = make_pack([(4, 8), (8, 8), (2, 4)], pad_multiple=8)
+    assert not batch.token_mask().all()  # padding tokens fall into the shards too
     draw = edm.draw(batch, torch.Generator().manual_seed(0))
     net = lambda x_in, c_noise, b: 0.7 * x_in + c_noise[b.token_sample_ids()].unsqueeze(-1)  # noqa: E731
     full = edm.loss_terms(net, batch, draw)
-    parts = [shard(batch, r) for r in range(2)]
-    terms = [edm.loss_terms(net, b, attrs.evolve(draw, noise=draw.noise[i])) for b, i in parts]
+    shards = [shard_for_context_parallel(batch, draw.noise, _ContextRank(2, rank)) for rank in range(2)]
+    terms = [edm.loss_terms(net, shard, attrs.evolve(draw, noise=noise)) for shard, noise in shards]
     torch.testing.assert_close(terms[0].sq_err_sum + terms[1].sq_err_sum, full.sq_err_sum)
-    counts = terms[0].token_count + terms[1].token_count  # what an all-reduce of the counts gives
-    torch.testing.assert_close(counts, full.token_count)
-    for normalization in ("sample", "token"):
-        per_rank = [edm.reduce_loss(LossTerms(t.sq_err_sum, counts), normalization) for t in terms]
-        assert float(sum(per_rank)) == pytest.approx(float(edm.reduce_loss(full, normalization)), rel=1e-6)
+    torch.testing.assert_close(terms[0].token_count + terms[1].token_count, full.token_count)
+    assert all(0 < t.token_count.sum() < full.token_count.sum() for t in terms)
 
     with pytest.raises(Exception, match="context-parallel shard"):
-        edm.loss_terms(net, parts[0][0], draw)  # the full batch's noise on a shard
+        edm.loss_terms(net, shards[0][0], draw)  # the full batch's noise on a shard
+
+
+@attrs.frozen
+class _ContextRank:
+    cp_size: int
+    cp_rank: int
 
 
 def test_model_dtype_is_what_the_network_sees():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +18,8 @@ from dfmkit.eval.digits import (
     _load_digits,
     digit_classifier,
     evaluate_digits,
-    heldout_digits,
     prompt_digit,
     render_digits,
-    write_samples,
 )
 from dfmkit.eval.fid import (
     INCEPTION_ENV,
@@ -58,6 +58,27 @@ def no_inception_weights(monkeypatch, tmp_path):
 
 def digit_prompts(labels) -> list[str]:
     return [f"a handwritten digit {int(k)}" for k in labels]
+
+
+def heldout_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The held-out real digits ``[N, 8, 8]`` (0..16) and their labels, never seen by the classifier."""
+    images, labels = _load_digits()
+    indices = digit_classifier().heldout_indices
+    return images[indices], labels[indices]
+
+
+def write_samples(folder: Path, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[Path]:
+    """Images as ``NNN.png`` with a sidecar ``NNN.json`` ``{"prompt", "index", "file"}``, like ``dfmkit generate``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+        path = folder / f"{index:03d}.png"
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
+        path.with_suffix(".json").write_text(json.dumps({"prompt": prompt, "index": index, "file": path.name}))
+        written.append(path)
+    return written
 
 
 # --------------------------------------------------------------------------------------------

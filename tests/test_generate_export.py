@@ -72,9 +72,9 @@ def trained(tmp_path_factory):
     trainer = Trainer(job)
     result = trainer.train()
     assert result["step"] == 2 and (root / "ckpt" / "iter_0000002" / "dfmkit.json").is_file()
-    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    ema = {n: s.detach().clone() for n, s in zip(names, trainer.ema.shadow)}
-    raw = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    names = [n for n, p in trainer.state.model.named_parameters() if p.requires_grad]
+    ema = {n: s.detach().clone() for n, s in zip(names, trainer.state.ema.shadow)}
+    raw = {n: p.detach().clone() for n, p in trainer.state.model.named_parameters()}
     return {"root": root, "job": job, "ema": ema, "raw": raw}
 
 

@@ -1,9 +1,12 @@
-"""Every parallel layout gives the single-process model's loss, gradients and outputs (CPU, gloo, fp32).
+"""Every parallel layout gives the single-process run's loss, gradients and outputs (CPU, gloo, fp32), through the
+Trainer's own code: its state (megatron DDP with the batched accumulation), its step's gradients (the noise draw, the
+load-balanced context-parallel shard, the EDM loss, finalize_model_grads) and the optimizer's division by the global
+count (dit_harness.trainer_step).
 
 Workers are forked from a forkserver that has torch and megatron imported already (imports are most of
 the cost of a process), run every layout of their world size in turn, and save loss, full gradients
-(TP shards concatenated, CP/DP/TP reductions done) and the gathered output. The reference is the same
-tiny model (weights set from parameter names, see dit_harness.randomize_) run in this process.
+(TP shards concatenated) and the gathered output. The reference is the same step of the same tiny model (weights
+set from parameter names, see dit_harness.randomize_) in this process, on the whole global batch.
 """
 
 from __future__ import annotations
@@ -20,45 +23,59 @@ from dfmkit.parallel import required_pad_multiple, split_for_context_parallel
 from dfmkit.parallel.context import ContextParallelBatch, shard_index
 from dfmkit.recipe import ParallelConfig
 
+TOKEN = {"loss_normalization": "token"}
 LAYOUTS = {
-    # name: (world size, parallel sizes, packs compared (= data-parallel size), model option overrides)
-    "tp2": (2, dict(tensor=2, sequence=False, context=1), 1, {}),
-    "tp2_sp": (2, dict(tensor=2, sequence=True, context=1), 1, {}),
-    "cp2": (2, dict(tensor=1, sequence=False, context=2), 1, {}),
-    "dp2": (2, dict(tensor=1, sequence=False, context=1), 2, {}),
-    "tp2_sp_sincos_full_adaln": (2, dict(tensor=2, sequence=True, context=1), 1,
-                                 dict(position_embedding="sincos3d", adaln_lora_rank=0)),
-    "cp2_recompute": (2, dict(tensor=1, sequence=False, context=2), 1, dict(recompute="full")),
-    "tp2_cp2": (4, dict(tensor=2, sequence=False, context=2), 1, {}),
-    "tp2_sp_cp2_ddp": (4, dict(tensor=2, sequence=True, context=2, ddp=True), 1, {}),
-    "dp2_ddp_overlap": (2, dict(tensor=1, sequence=False, context=1, ddp=True, overlap=True), 2, {}),
+    # name: (world size, parallel sizes, packs (= data-parallel size), model options, diffusion options, overlap)
+    "tp2": (2, dict(tensor=2), 1, {}, {}, False),
+    "tp2_sp": (2, dict(tensor=2, sequence=True), 1, {}, {}, False),
+    "cp2": (2, dict(context=2), 1, {}, {}, False),
+    "dp2": (2, dict(), 2, {}, {}, False),
+    "tp2_sp_sincos_full_adaln": (2, dict(tensor=2, sequence=True), 1,
+                                 dict(position_embedding="sincos3d", adaln_lora_rank=0), {}, False),
+    "cp2_recompute": (2, dict(context=2), 1, dict(recompute="full"), {}, False),
+    "dp2_overlap": (2, dict(), 2, {}, {}, True),
+    "tp2_cp2": (4, dict(tensor=2, context=2), 1, {}, {}, False),
+    "tp2_sp_cp2_token": (4, dict(tensor=2, sequence=True, context=2), 1, {}, TOKEN, False),
+    "dp2_cp2_token": (4, dict(context=2), 2, {}, TOKEN, False),
 }
 
 RTOL = 1e-5  # of each tensor's largest magnitude; fp32 reordering of sums gives about 5e-7
 
 
+def _recipe(name: str) -> dict:
+    _, parallel, packs, model, diffusion, _ = LAYOUTS[name]
+    return H.parity_recipe(parallel, model, diffusion, packs)
+
+
+def _reference_key(name: str) -> tuple:
+    _, _, packs, model, diffusion, _ = LAYOUTS[name]
+    return packs, tuple(sorted(model.items())), tuple(sorted(diffusion.items()))
+
+
 def _spawn(world: int, outdir: str) -> None:
-    layouts = [(name, parallel, overrides) for name, (w, parallel, _, overrides) in LAYOUTS.items() if w == world]
-    multiprocessing.set_forkserver_preload(["dit_harness", "dfmkit.components.backbones.dit"])
+    layouts = [(name, _recipe(name), spec[-1]) for name, spec in LAYOUTS.items() if spec[0] == world]
+    multiprocessing.set_forkserver_preload(["dit_harness", "dfmkit.components.backbones.dit", "dfmkit.train.step"])
     mp.start_processes(H.worker, args=(world, H.free_port(), outdir, layouts), nprocs=world, start_method="forkserver")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("parallel")
-    for world in sorted({w for w, _, _, _ in LAYOUTS.values()}):
+    for world in sorted({spec[0] for spec in LAYOUTS.values()}):
         _spawn(world, str(outdir))
     return outdir
 
 
 @pytest.fixture(scope="module")
 def references():
+    """The one-process step of each layout's model and global batch, in this process."""
     packs = H.make_packs()
     refs = {}
-    for _, _, dp, overrides in LAYOUTS.values():
-        key = (dp, tuple(sorted(overrides.items())))
+    for name in LAYOUTS:
+        key = _reference_key(name)
         if key not in refs:
-            refs[key] = H.reference(H.tiny_options(**overrides), packs[:dp])
+            _, _, dp, model, diffusion, _ = LAYOUTS[name]
+            refs[key] = H.trainer_step(H.parity_recipe({}, model, diffusion, dp), packs)
     return refs
 
 
@@ -68,17 +85,21 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(results, references, name):
-    world, parallel, dp, overrides = LAYOUTS[name]
-    ref = references[(dp, tuple(sorted(overrides.items())))]
-    got = torch.load(results / f"{name}.pt")
-    assert _close(got["loss"], ref["loss"]) < RTOL, (got["loss"], ref["loss"])
-    assert set(got["grads"]) == set(ref["grads"])
-    worst = {n: _close(got["grads"][n], g) for n, g in ref["grads"].items()}
-    bad = {n: e for n, e in worst.items() if not e < RTOL}
-    assert not bad, f"{name}: gradients differ from the single-process model: {bad}"
-    for rank in range(dp):
-        out = torch.load(results / f"{name}-out{rank}.pt")
-        assert _close(out, ref["outputs"][rank]) < RTOL
+    """On every rank: the loss, the count it divides by, the gradient norm and the gradients the optimizer reads."""
+    world, _, dp, _, _, _ = LAYOUTS[name]
+    ref = references[_reference_key(name)]
+    for rank in range(world):
+        got = torch.load(results / f"{name}-rank{rank}.pt")
+        assert torch.equal(got["count"], ref["count"]), rank  # samples (or real tokens) of the global batch
+        assert _close(got["loss"], ref["loss"]) < RTOL, (rank, got["loss"], ref["loss"])
+        assert _close(got["grad_norm"], ref["grad_norm"]) < RTOL, (rank, got["grad_norm"], ref["grad_norm"])
+        assert set(got["grads"]) == set(ref["grads"])
+        worst = {n: _close(got["grads"][n], g) for n, g in ref["grads"].items()}
+        bad = {n: e for n, e in worst.items() if not e < RTOL}
+        assert not bad, f"{name}, rank {rank}: gradients differ from the single-process run: {bad}"
+    for index in range(dp):
+        out = torch.load(results / f"{name}-out{index}.pt")
+        assert _close(out, ref["outputs"][index]) < RTOL
 
 
 def test_overlapped_reduction_starts_with_every_gradient_added(results):
@@ -86,15 +107,22 @@ def test_overlapped_reduction_starts_with_every_gradient_added(results):
     some layer's parameters straddle two buckets, and no bucket starts its reduction while the batched
     accumulation still keeps a gradient of one of its parameters (without the add before each start, 26 were kept
     and the layout's gradients above were wrong)."""
-    saved = torch.load(results / "dp2_ddp_overlap.pt")
+    saved = torch.load(results / "dp2_overlap-rank0.pt")
     assert saved["split_groups"] > 0
     assert saved["reductions"]["started"] > 1 and saved["reductions"]["kept"] == 0, saved["reductions"]
 
 
-def test_gradients_are_not_trivial(references):
-    """The comparison means something: every parameter gets a gradient of a sensible size."""
-    for name, grad in references[(1, ())]["grads"].items():
+def test_the_comparison_means_something(references):
+    """Every parameter gets a gradient of a sensible size; the norm the optimizer clips by is the norm of exactly
+    these gradients; "sample" and "token" normalisation give different losses of the same batch (its samples have
+    different sizes)."""
+    ref = references[(1, (), ())]
+    for name, grad in ref["grads"].items():
         assert grad.abs().max() > 1e-6, name
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref["grads"].values()]))
+    assert _close(ref["grad_norm"], norm) < RTOL
+    token = references[(1, (), tuple(TOKEN.items()))]
+    assert token["count"] > ref["count"] and _close(token["loss"], ref["loss"]) > 1e-3
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +155,8 @@ def test_split_is_load_balanced_and_covers_every_token():
     assert index[0][: 2 * first].tolist() == [*range(0, first), *range(3 * first, 4 * first)]
     assert index[1][: 2 * first].tolist() == [*range(first, 2 * first), *range(2 * first, 3 * first)]
     # Real-token counts add up per sample across the ranks.
-    assert torch.equal(sum(s.local_seqlens() for s in shards), batch.seqlens.to(torch.int64))
+    real = [torch.bincount(s.token_sample_ids()[s.token_mask()], minlength=batch.num_samples) for s in shards]
+    assert torch.equal(sum(real), batch.seqlens.to(torch.int64))
 
 
 def test_split_rejects_lengths_that_do_not_divide():

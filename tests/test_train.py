@@ -139,12 +139,12 @@ class NonFinite:
 def test_non_finite_losses_skip_steps_then_stop_with_a_save(tmp_path):
     job = dfmkit.build(tiny_recipe(tmp_path / "nan", train={"max_nonfinite_steps": 2, "train_iters": 10}))
     trainer = Trainer(job, data=NonFinite(job.recipe))
-    before = [p.detach().clone() for p in trainer.model.parameters()]
+    before = [p.detach().clone() for p in trainer.state.model.parameters()]
     with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite loss or gradient norm"):
         trainer.train()
-    assert trainer.step == 4 and trainer.nonfinite_total == 2
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # skipped steps changed nothing
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert trainer.state.step == 4 and trainer.state.nonfinite_total == 2
+    assert all(torch.isfinite(p).all() for p in trainer.state.model.parameters())  # skipped steps changed nothing
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.state.model.parameters()))
     assert ckpt.find_checkpoint(tmp_path / "nan").name == "iter_0000004"
 
 
@@ -175,16 +175,16 @@ def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path):
     job = dfmkit.build(tiny_recipe(tmp_path / "nan_grad"))
     trainer = Trainer(job)
     trainer.train_step()
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    steps_before = [dict(s)["step"].clone() for _, inner in torch_adams(trainer.optimizer) for s in inner.state.values()]
-    hook = next(trainer.model.parameters()).register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in trainer.state.model.parameters()]
+    steps_before = [dict(s)["step"].clone() for _, inner in torch_adams(trainer.state.optimizer) for s in inner.state.values()]
+    hook = next(trainer.state.model.parameters()).register_hook(lambda grad: grad * float("nan"))
     metrics = trainer.train_step()
     hook.remove()
-    assert metrics["skipped_nonfinite"] == 1.0 and trainer.nonfinite_total == 1 and trainer.step == 2
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
-    steps_after = [s["step"] for _, inner in torch_adams(trainer.optimizer) for s in inner.state.values()]
+    assert metrics["skipped_nonfinite"] == 1.0 and trainer.state.nonfinite_total == 1 and trainer.state.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.state.model.parameters()))
+    steps_after = [s["step"] for _, inner in torch_adams(trainer.state.optimizer) for s in inner.state.values()]
     assert all(torch.equal(a, b) for a, b in zip(steps_before, steps_after))  # Adam did not count it
-    assert trainer.ema.num_updates == 1
+    assert trainer.state.ema.num_updates == 1
     assert torch.isfinite(torch.tensor(trainer.train_step()["loss"])) and trainer.nonfinite_in_a_row == 0
 
 
@@ -197,17 +197,17 @@ def test_clipping_on_the_device_matches_clipping_on_the_host(tmp_path):
     for fused in (True, False):
         torch.manual_seed(0)
         trainer = Trainer(dfmkit.build(tiny_recipe(tmp_path / str(fused), optim={"clip_grad": 0.05})))
-        for _, inner in torch_adams(trainer.optimizer):
+        for _, inner in torch_adams(trainer.state.optimizer):
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = fused, not fused
         for _ in range(3):
             metrics = trainer.train_step()
         assert metrics["grad_norm"] > 0.05  # clipping did something
-        optimizer = trainer.optimizer
+        optimizer = trainer.state.optimizer
         optimizer.prepare_grads()
         grad_norm = main_grad_norm(optimizer)
         assert float(grad_norm) == pytest.approx(optimizer.get_grad_norm(), rel=1e-6)  # megatron's own count
-        weights.append([p.detach().clone() for p in trainer.model.parameters()])
+        weights.append([p.detach().clone() for p in trainer.state.model.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -257,7 +257,7 @@ def test_validation_skips_non_finite_samples_with_a_warning_and_training_goes_on
                          validation={"interval": 1, "prompts": ["a handwritten digit 3", "a handwritten digit 7"],
                                      "height": 8, "width": 8, "loss_batches": 0})
     trainer = Trainer(dfmkit.build(recipe))
-    for shadow in trainer.ema.shadow:
+    for shadow in trainer.state.ema.shadow:
         shadow.fill_(float("nan"))  # stays NaN through the EMA updates
     with caplog.at_level("WARNING", logger="dfmkit"):
         result = trainer.train()
@@ -337,10 +337,21 @@ def test_a_missing_dataset_is_prepared_from_its_source(tmp_path):
     assert result["step"] == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
+def test_resume_may_change_how_the_model_is_computed_but_not_what_it_is(tmp_path):
+    """The backbone's options marked COMPUTATION_ONLY (DiT: attention, recompute, compile, fused_kernels, cuda_graphs,
+    use_cpu_initialization) may change on resume; a size may not, and the refusal names it."""
     train(dfmkit.build(tiny_recipe(tmp_path / "ck", train={"train_iters": 3})))
-    other = tiny_recipe(tmp_path / "ck", model={"num_layers": 3}, train={"train_iters": 4})
-    with pytest.raises(ckpt.CheckpointError, match="does not fit the model"):
+    computed_otherwise = tiny_recipe(tmp_path / "ck", model={"fused_kernels": False, "recompute": "full"},
+                                     train={"train_iters": 4})
+    resumed = train(dfmkit.build(computed_otherwise))
+    assert resumed["step"] == 4 and len(resumed["losses"]) == 1 and np.isfinite(resumed["losses"][0])
+    compiled = tiny_recipe(tmp_path / "ck", train={"train_iters": 5},
+                           model={"compile": True, "cuda_graphs": True, "use_cpu_initialization": True})
+    assert Trainer(dfmkit.build(compiled)).state.step == 4  # loaded (a compiled step on the CPU would only be slow)
+
+    other = tiny_recipe(tmp_path / "ck", model={"num_layers": 3, "fused_kernels": False}, train={"train_iters": 5})
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit the model of this recipe "
+                                                     r"\(model.num_layers: checkpoint 0, recipe 3\)"):
         Trainer(dfmkit.build(other))
 
 
@@ -488,12 +499,12 @@ def test_cuda_distributed_optimizer_writes_its_master_weights_into_the_model(tmp
     from dfmkit.compat.megatron_optimizer import copy_main_params_with_foreach
 
     trainer = Trainer(dfmkit.build(tiny_recipe(tmp_path)))
-    assert copy_main_params_with_foreach(trainer.optimizer) >= 1
-    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    assert copy_main_params_with_foreach(trainer.state.optimizer) >= 1
+    before = {name: p.detach().clone() for name, p in trainer.state.model.named_parameters()}
     for _ in range(2):
         trainer.train_step()
     pairs = 0
-    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+    for opt in getattr(trainer.state.optimizer, "chained_optimizers", [trainer.state.optimizer]):
         for main_groups, model_groups in ((opt.shard_fp32_from_float16_groups, opt.model_float16_groups),
                                           (opt.shard_fp32_groups, opt.model_fp32_groups)):
             for main_group, model_group in zip(main_groups, model_groups):
@@ -501,4 +512,4 @@ def test_cuda_distributed_optimizer_writes_its_master_weights_into_the_model(tmp
                     assert torch.equal(model.detach().view(-1), main.detach().view(-1).to(model.dtype))
                     pairs += 1
     assert pairs == len(before)
-    assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+    assert any(not torch.equal(before[name], p) for name, p in trainer.state.model.named_parameters())

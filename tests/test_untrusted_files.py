@@ -195,7 +195,7 @@ def test_a_pickle_in_the_dcp_metadata_is_refused(copy, tmp_path, reader):
 
 def test_the_untampered_checkpoint_loads(copy):
     recipe, found = copy
-    assert Trainer(dfmkit.build(recipe)).step == 2
+    assert Trainer(dfmkit.build(recipe)).state.step == 2
     load(found, device="cpu", keep_text_encoder=False)
 
 

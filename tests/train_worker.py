@@ -37,9 +37,6 @@ def main() -> None:
             return real_save(root, iteration, *args, **kwargs)
 
         checkpoint.save_checkpoint = save_then_die
-        import dfmkit.train.loop as loop
-
-        loop.ckpt.save_checkpoint = save_then_die
     result = train(dfmkit.build(config["recipe"]), until_step=config.get("until_step"))
     if int(os.environ.get("RANK", 0)) == 0:
         with open(config["out"], "w") as f:

@@ -55,7 +55,7 @@ per layer vs D*r + r*9*D = 2.95 M). Computed per token instead it would be 256x 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -200,10 +200,3 @@ def mfu(flops_per_s: float, peak: float = DEFAULT_PEAK_FLOPS, devices: int = 1) 
     if not peak > 0 or not devices >= 1:
         raise ValueError(f"peak must be > 0 and devices >= 1, got peak={peak!r}, devices={devices!r}")
     return flops_per_s / (peak * devices)
-
-
-def format_breakdown(breakdown: Mapping[str, int]) -> str:
-    """One line for logs: each part in GFLOPs and its share of the total."""
-    total = sum(breakdown.values())
-    parts = ", ".join(f"{k} {v / 1e9:.3g}G ({100 * v / total:.1f}%)" for k, v in breakdown.items() if v)
-    return f"{total / 1e9:.4g} GFLOPs: {parts}"

@@ -174,7 +174,7 @@ def run_case(preset: str, layout: Layout, *, seq_length: int, latent_shape: Sequ
         shape = DiTShape.from_options(options)
         step_flops = training_flops(shape, batch.seqlens.tolist(), batch.seqlens_kv.tolist()) * dp
         tokens = int(batch.seqlens.sum()) * dp
-        params = sum(p.numel() for p in trainer.model.parameters()) * layout.tensor  # TP shards summed back
+        params = sum(p.numel() for p in trainer.state.model.parameters()) * layout.tensor  # TP shards summed back
         row = {
             "model": preset, "params_M": round(params / 1e6, 1), "layout": layout.name, "dp": dp,
             "attention": attention, "recompute": options.recompute, "compile": options.compile,

@@ -19,15 +19,19 @@ a 4k-token video and a 256-token image weigh the same. "token" normalisation (th
 averages over all real tokens of the pack instead. Padding tokens never contribute.
 
 The random draws are separate from the loss so a training loop can draw on the FULL packed batch,
-split the batch (and the draw's ``noise``) across context-parallel ranks, and all-reduce the
-per-sample sums and counts of :class:`LossTerms`:
+split the batch (and the draw's ``noise``) across context-parallel ranks, and compute per-sample sums
+and counts of :class:`LossTerms` on each rank:
 
     draw = edm.draw(batch, generator)                       # sigma [N], noise [L, F], keep_text [N]
     terms = edm.loss_terms(model_fn, batch, draw)           # sums [N] (weighted), counts [N]
-    loss = edm.reduce_loss(terms)                           # scalar
+    share = loss_share(terms, "sample", env)                # this rank's total and count
+    loss = share.total / share.count                        # summed over ranks and micro-batches first
+
+As in NVlabs/edm's training loop, a rank back-propagates the SUM of its samples' losses and the mean is taken
+over the whole (global) batch after the gradients are summed across ranks: ``share.count`` is what it divides by.
 
 ``model_fn(x_in [L, F], c_noise [N] float32, batch) -> F_theta [L, F]`` is the raw network; this
-module does the preconditioning.
+module does the preconditioning (:func:`as_model_fn` makes one of a model of another dtype).
 """
 
 from __future__ import annotations
@@ -40,13 +44,24 @@ import torch
 from attrs import validators as v
 
 from dfmkit.batch import BatchError, PackedBatch
+from dfmkit.parallel import ParallelLayout, all_reduce_context_parallel
 
 if TYPE_CHECKING:
     from dfmkit.recipe import DiffusionConfig
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, PackedBatch], torch.Tensor]
-
 LOSS_NORMALIZATIONS = ("sample", "token")
+
+
+def as_model_fn(model: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype) -> ModelFn:
+    """``model`` (a backbone, or megatron's DDP around one) as the raw network: ``x`` and the batch's text are cast to
+    the model's ``dtype`` (the batch moved to ``device`` then), ``c_noise`` stays float32."""
+
+    def model_fn(x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        batch = batch if batch.text.dtype == dtype else batch.to(device, dtype)
+        return model(x.to(dtype), c_noise, batch)
+
+    return model_fn
 
 
 @attrs.frozen
@@ -66,8 +81,7 @@ class NoiseDraw:
 class LossTerms:
     """Per-sample sums of ``lambda (D - x0)^2`` (feature mean per token) and real-token counts.
 
-    Both are additive over token shards, so context-parallel ranks all-reduce them (or just the
-    counts, see :meth:`EDM.reduce_loss`) before normalising.
+    Both are additive over token shards: :func:`loss_share` sums the counts over the context-parallel ranks.
     """
 
     sq_err_sum: torch.Tensor  # [N] float32, summed over this shard's real tokens
@@ -189,34 +203,6 @@ class EDM:
         counts = torch.zeros(n, dtype=dtype, device=x0.device).index_add_(0, sample_ids, mask.to(dtype))
         return LossTerms(sq_err_sum=sums, token_count=counts)
 
-    def reduce_loss(
-        self, terms: LossTerms, normalization: str | None = None, denominator: torch.Tensor | float | None = None
-    ) -> torch.Tensor:
-        """The scalar loss: ``numerator / denominator`` with, for normalisation
-
-        - "sample": numerator = sum_i sq_err_sum_i / token_count_i, denominator = samples with tokens;
-        - "token":  numerator = sum_i sq_err_sum_i,                  denominator = sum_i token_count_i.
-
-        Under context parallelism, all-reduce ``token_count`` (and an explicit ``denominator``)
-        but keep each rank's own ``sq_err_sum``: the loss is linear in the sums, so the ranks'
-        losses add up to the loss of the whole batch and summing gradients over the CP group
-        gives the exact gradient. A loop that wants the mean over all samples (or tokens) of a
-        global batch passes that global count as ``denominator``.
-        """
-        normalization = normalization or self.loss_normalization
-        counts = terms.token_count
-        if normalization == "sample":
-            numerator = (terms.sq_err_sum / counts.clamp(min=1)).sum()
-            default = (counts > 0).sum()
-        elif normalization == "token":
-            numerator = terms.sq_err_sum.sum()
-            default = counts.sum()
-        else:
-            choices = ", ".join(LOSS_NORMALIZATIONS)
-            raise ValueError(f"loss normalization must be one of {choices}, got {normalization!r}")
-        denominator = default if denominator is None else denominator
-        return numerator / torch.as_tensor(denominator, dtype=numerator.dtype, device=numerator.device).clamp(min=1)
-
     def loss(
         self,
         model_fn: ModelFn,
@@ -224,8 +210,44 @@ class EDM:
         generator: torch.Generator | None = None,
         model_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Draw, loss terms and reduction in one call (a single process, no context parallelism)."""
-        return self.reduce_loss(self.loss_terms(model_fn, batch, self.draw(batch, generator), model_dtype))
+        """The loss of ``batch`` with a fresh draw, in one call (a single process, no context parallelism)."""
+        share = loss_share(self.loss_terms(model_fn, batch, self.draw(batch, generator), model_dtype),
+                           self.loss_normalization)
+        return share.total / share.count.clamp(min=1)
+
+
+@attrs.frozen
+class LossShare:
+    """One rank's part of a batch's loss: the batch's loss is the sum of the ranks' ``total`` over the sum of their
+    ``count`` (and so for several micro-batches). ``total`` carries the gradient; ``count`` does not."""
+
+    total: torch.Tensor  # scalar, float32
+    count: torch.Tensor  # scalar, float32: samples ("sample") or real tokens ("token") this share counts
+
+
+def loss_share(terms: LossTerms, normalization: str, env: ParallelLayout | None = None) -> LossShare:
+    """This rank's share of the loss of the samples in ``terms``, for normalisation
+
+    - "sample": total = sum_i sq_err_sum_i / token_count_i, count = samples with real tokens;
+    - "token":  total = sum_i sq_err_sum_i,                 count = sum_i token_count_i.
+
+    Under context parallelism (``env.cp_size`` > 1) a rank holds part of every sample's tokens: the token counts
+    are summed over the context-parallel group first (a sample's mean divides by all of its tokens), each rank
+    keeps its own error sums, and only context-parallel rank 0 counts the samples. The loss is linear in the sums,
+    so the ranks' totals add up to the batch's, and summing the gradients over the ranks gives its exact gradient.
+    """
+    if normalization not in LOSS_NORMALIZATIONS:
+        choices = ", ".join(LOSS_NORMALIZATIONS)
+        raise ValueError(f"loss normalization must be one of {choices}, got {normalization!r}")
+    if normalization == "token":
+        return LossShare(total=terms.sq_err_sum.sum(), count=terms.token_count.sum().detach())
+    counts = terms.token_count.detach().clone()
+    if env is not None and env.cp_size > 1:
+        all_reduce_context_parallel(counts, env)
+    total = (terms.sq_err_sum / counts.clamp(min=1)).sum()
+    counts_samples = env is None or env.cp_rank == 0
+    count = (counts > 0).sum().float() if counts_samples else torch.zeros((), device=counts.device)
+    return LossShare(total=total, count=count)
 
 
 def drop_condition(batch: PackedBatch, keep_text: torch.Tensor) -> PackedBatch:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,28 +143,6 @@ def digit_classifier() -> DigitClassifier:
     rendered = _round_trip(images[heldout])
     classifier.heldout_accuracy_rendered = float((classifier.predict(rendered) == labels[heldout]).mean())
     return classifier
-
-
-def heldout_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The held-out real digits ``[N, 8, 8]`` (0..16) and their labels, never seen by the classifier."""
-    images, labels = _load_digits()
-    indices = digit_classifier().heldout_indices
-    return images[indices], labels[indices]
-
-
-def write_samples(folder: str | Path, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[Path]:
-    """Images as ``NNN.png`` with a sidecar ``NNN.json`` ``{"prompt", "index", "file"}``, like ``dfmkit generate``."""
-    from PIL import Image
-
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-        path = out / f"{index:03d}.png"
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
-        path.with_suffix(".json").write_text(json.dumps({"prompt": prompt, "index": index, "file": path.name}))
-        written.append(path)
-    return written
 
 
 def _read_prompt(image_path: Path) -> str:

@@ -21,8 +21,7 @@ import attrs
 import torch
 
 from dfmkit import parallel
-from dfmkit.batch import PackedBatch
-from dfmkit.diffusion.edm import EDM
+from dfmkit.diffusion.edm import EDM, as_model_fn
 from dfmkit.errors import GenerateError
 from dfmkit.generation.loading import generation_parallel, load_model
 from dfmkit.generation.memory import check_memory, memory_need
@@ -104,14 +103,11 @@ class Generator:
         self._text_encoder = encoder if self.keep_text_encoder else None
         return states
 
-    def _model_fn(self, x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        batch = batch if batch.text.dtype == self.model_dtype else batch.to(self.device, self.model_dtype)
-        return self.model(x.to(self.model_dtype), c_noise, batch)
-
     def _sampling_model(self) -> SamplingModel:
         p, pt = patch_sizes(self.recipe.model.options)
         pad = parallel.required_pad_multiple(ParallelConfig(tensor=self.env.tp_size, context=self.env.cp_size))
-        return SamplingModel(self._model_fn, self.edm, self.env, self.device, self.model_dtype, p, pt, pad)
+        model_fn = as_model_fn(self.model, self.device, self.model_dtype)
+        return SamplingModel(model_fn, self.edm, self.env, self.device, self.model_dtype, p, pt, pad)
 
     @torch.no_grad()
     def generate(

@@ -1,4 +1,4 @@
-"""Parallelism: megatron-core process groups, context-parallel packing, gradient reduction.
+"""Parallelism: megatron-core process groups and context-parallel packing.
 
 - :func:`initialize` / :func:`destroy`: torch.distributed (NCCL on GPU, gloo on CPU) and megatron's
   parallel_state from a recipe's ``[parallel]`` (tensor, sequence, context; data = the rest).
@@ -7,7 +7,9 @@
   is what the data pipeline pads each sample to.
 - :func:`all_reduce_context_parallel`, :func:`data_and_context_group`, :func:`barrier`: the reductions a
   loss needs.
-- :func:`reduce_gradients`: the gradient reduction a parallel layout needs after ``backward()``.
+
+Gradients are reduced by megatron's DDP and ``finalize_model_grads``, as the trainer builds them
+(:mod:`dfmkit.train.state`, :mod:`dfmkit.train.step`).
 
 megatron is adapted to CPU-only machines (gloo runs) in :mod:`dfmkit.compat.megatron_cpu`, which
 :func:`initialize` applies when there is no GPU.
@@ -20,7 +22,6 @@ from dfmkit.parallel.context import (
     shard_for_context_parallel,
     split_for_context_parallel,
 )
-from dfmkit.parallel.grads import reduce_gradients
 from dfmkit.parallel.state import (
     ParallelError,
     ParallelLayout,
@@ -48,7 +49,6 @@ __all__ = [
     "initialize",
     "is_initialized",
     "layout",
-    "reduce_gradients",
     "required_pad_multiple",
     "seed_model_parallel",
     "shard_for_context_parallel",

@@ -12,10 +12,10 @@ Attention under CP: each rank computes queries, keys and values for its own toke
 keys and values of the CP group (backward: reduce-scatter) and attends each sample's local queries
 to all real keys of that sample. Text (cross-attention keys) is small and is replicated on every CP rank.
 
-Gradients: each CP rank sees only its tokens, so its parameter gradients are partial sums; they must be
-summed over the CP group (or averaged over data x context, with the loss scaled by CP, as megatron's
-DDP does). The per-rank loss that makes a plain sum exact is the rank's sum over its real tokens
-divided by the global count of real tokens.
+Gradients: each CP rank sees only its tokens, so its parameter gradients are partial sums; they are
+summed over the CP group (megatron's DDP sums over data x context: the DiT's config sets
+``calculate_per_token_loss``). The per-rank loss that makes the sum exact is
+:func:`dfmkit.diffusion.edm.loss_share`: the rank's own error sums over each sample's total count of real tokens.
 """
 
 from __future__ import annotations
@@ -86,13 +86,6 @@ class ContextParallelBatch(PackedBatch):
             self.global_cu_seqlens[:-1].to(self.latents.device, torch.int64), padded, output_size=n
         )
         return offsets < torch.repeat_interleave(self.seqlens.to(torch.int64), padded, output_size=n)
-
-    def local_seqlens(self) -> torch.Tensor:
-        """[N] int64: real tokens of each sample on this rank."""
-        ids = self.token_sample_ids()
-        return torch.zeros(self.num_samples, dtype=torch.int64, device=ids.device).index_add_(
-            0, ids, self.token_mask().to(torch.int64)
-        )
 
     def with_unconditional(self) -> ContextParallelBatch:
         """This shard of ``dfmkit.batch.with_unconditional(full pack)`` (the pack then its null-text copy).

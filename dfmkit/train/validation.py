@@ -23,9 +23,8 @@ import torch
 import torch.distributed as dist
 
 from dfmkit import parallel
-from dfmkit.batch import PackedBatch
 from dfmkit.data.loader import build_validation_batches
-from dfmkit.diffusion.edm import EDM, ModelFn, NoiseDraw
+from dfmkit.diffusion.edm import EDM, ModelFn, loss_share
 from dfmkit.errors import GenerateError
 from dfmkit.generation.outputs import (
     decode,
@@ -45,13 +44,11 @@ from dfmkit.job import Job
 from dfmkit.parallel import ParallelLayout
 from dfmkit.train.ema import EMA
 from dfmkit.train.logger import MetricsLogger
+from dfmkit.train.step import shard_draw
 
 log = logging.getLogger("dfmkit")
 
 VIDEO_FPS = 24
-
-ShardDrawFn = Callable[[PackedBatch, NoiseDraw], tuple[PackedBatch, NoiseDraw]]
-
 
 @contextlib.contextmanager
 def ema_evaluation(model: torch.nn.Module, ema: EMA) -> Iterator[None]:
@@ -80,18 +77,18 @@ class Validator:
     """Validation of a training run: :meth:`run` at a step computes the loss and generates the prompts.
 
     It sees the run through what it needs: ``model_fn(x, c_noise, batch)`` (the live model's call),
-    ``ema_weights()`` (a context in which the model holds its EMA weights, in eval mode), ``shard_draw``
-    (a batch and its noise draw to this rank's context-parallel shard, on the device), the parallel
-    ``env``, the device and dtype, the pack padding, the folder for generated files and the logger."""
+    ``ema_weights()`` (a context in which the model holds its EMA weights, in eval mode), the parallel ``env``,
+    the device and dtype, the pack padding, the folder for generated files and the logger. Its loss is the
+    training loss (the trainer's context-parallel sharding and :func:`~dfmkit.diffusion.edm.loss_share`) at
+    fixed noise levels."""
 
     def __init__(self, job: Job, *, model_fn: ModelFn, ema_weights: Callable[[], AbstractContextManager[Any]],
-                 shard_draw: ShardDrawFn, env: ParallelLayout, device: torch.device, model_dtype: torch.dtype,
+                 env: ParallelLayout, device: torch.device, model_dtype: torch.dtype,
                  pad_multiple: int, out_dir: Path, logger: MetricsLogger):
         self.job = job
         self.config = job.recipe.validation
         self.model_fn = model_fn
         self.ema_weights = ema_weights
-        self.shard_draw = shard_draw
         self.env = env
         self.device = device
         self.model_dtype = model_dtype
@@ -121,18 +118,17 @@ class Validator:
     def validation_loss(self) -> dict[str, float]:
         results = {}
         for sigma in self.config.loss_sigmas:
-            total = torch.zeros(2, device=self.device, dtype=torch.float64)  # sum of per-sample losses, samples
+            total = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss total, count
             for index, batch in enumerate(self.batches):
                 generator = torch.Generator().manual_seed(self.config.seed + index)
                 draw = self.edm.draw(batch, generator)
                 draw = attrs.evolve(draw, sigma=torch.full_like(draw.sigma, sigma),
                                     keep_text=torch.ones_like(draw.keep_text))
-                local_batch, local_draw = self.shard_draw(batch, draw)
+                local_batch, local_draw = shard_draw(batch, draw, self.env, self.device)
                 terms = self.edm.loss_terms(self.model_fn, local_batch, local_draw, self.model_dtype)
-                counts = parallel.all_reduce_context_parallel(terms.token_count.clone(), self.env)
-                total[0] += (terms.sq_err_sum / counts.clamp(min=1)).sum().double()
-                if self.env.cp_rank == 0:
-                    total[1] += (counts > 0).sum()
+                share = loss_share(terms, self.edm.loss_normalization, self.env)
+                total[0] += share.total.double()
+                total[1] += share.count
             dist.all_reduce(total, group=parallel.data_and_context_group(self.env))
             results[f"val/loss_sigma_{sigma:g}"] = float(total[0] / total[1].clamp(min=1))
         if results:

@@ -1,5 +1,9 @@
 """Options of the ``dit`` backbone (the recipe's ``[model]`` section). Light: attrs only, no torch.
 
+Fields marked ``COMPUTATION_ONLY`` (attention, recompute, compile, fused_kernels, cuda_graphs,
+use_cpu_initialization) change how the model is computed (or first initialised), not what it is: a run may
+resume a checkpoint with other values of them (see :mod:`dfmkit.hookspecs`).
+
 Presets; ``num_layers``, ``hidden_size`` and ``num_heads`` override the preset when non-zero.
 Parameters as built with the default options (in_channels 16, patch 2x2x1, text_dim 1024,
 adaLN-LoRA rank 256), counted by tests/test_backbone.py::test_preset_parameter_counts:
@@ -23,6 +27,8 @@ from typing import Any
 
 import attrs
 from attrs import validators as v
+
+from dfmkit.hookspecs import COMPUTATION_ONLY
 
 PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 64, 4),
@@ -63,25 +69,27 @@ class DiTOptions:
     position_embedding: str = attrs.field(default="rope3d", validator=v.in_(POSITION_EMBEDDINGS))
     rope_theta: float = attrs.field(default=10000.0, validator=v.gt(0))
     timestep_channels: int = attrs.field(default=256, validator=v.gt(0))  # sinusoid width before the MLP
-    attention: str = "torch"  # a registered attention backend: torch, torch-sdpa, torch-varlen, torch-cudnn, torch-flex, te
+    # a registered attention backend: torch, torch-sdpa, torch-varlen, torch-cudnn, torch-flex, te
+    attention: str = attrs.field(default="torch", metadata={COMPUTATION_ONLY: True})
     layernorm_epsilon: float = attrs.field(default=1e-6, validator=v.gt(0))
     init_std: float = attrs.field(default=0.02, validator=v.gt(0))
-    recompute: str = attrs.field(default="none", validator=v.in_(RECOMPUTE))
+    recompute: str = attrs.field(default="none", validator=v.in_(RECOMPUTE), metadata={COMPUTATION_ONLY: True})
     # torch.compile each DiT layer: inductor fuses the elementwise work around the matmuls and attention
     # (norms, adaLN modulation, RoPE, gated residuals). Faster on GPU (1.3-1.4x for DiT-XL on an H100); meant
     # for GPUs: on the CPU the per-sample attention loop of mixed-size packs recompiles for each new pack.
-    compile: bool = False
+    compile: bool = attrs.field(default=False, metadata={COMPUTATION_ONLY: True})
     # Triton kernels on CUDA in bf16/fp16 for the adaLN chain (gated residual + LayerNorm + modulation) and for
     # the attentions' q/k RMSNorm (+ RoPE in self-attention) (dfmkit/kernels/adaln.py, qkv.py), eager or
     # compiled. Off: the torch code, which inductor fuses when compiled. No effect elsewhere (CPU, fp32), where
     # the torch code runs.
-    fused_kernels: bool = True
+    fused_kernels: bool = attrs.field(default=True, metadata={COMPUTATION_ONLY: True})
     # With compile: each compiled layer's kernels replay as CUDA graphs (inductor's CUDA graph trees), one launch
     # for about a hundred. For steps the host holds up: small models, and packs of few long samples (DiT-XL on
     # 15 x 1024 tokens). A pack of a new shape records new graphs, which keep their own memory: meant for packs
     # of one shape (a fixed seq_length, images of one size). No effect without a GPU.
-    cuda_graphs: bool = False
-    use_cpu_initialization: bool = False  # always on without a GPU; identical weights for every TP size
+    cuda_graphs: bool = attrs.field(default=False, metadata={COMPUTATION_ONLY: True})
+    # always on without a GPU; identical weights for every TP size
+    use_cpu_initialization: bool = attrs.field(default=False, metadata={COMPUTATION_ONLY: True})
 
     def __attrs_post_init__(self) -> None:
         layers, hidden, heads = self.resolved()

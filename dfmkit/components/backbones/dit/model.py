@@ -13,10 +13,9 @@ gradient is all-reduced over the TP group inside the layer, so no parameter need
 gradient reduction. Context parallelism: see :mod:`dfmkit.parallel.context`; keys and values are
 all-gathered over the CP group inside self-attention.
 
-Gradient reductions left to the caller (megatron DDP + ``finalize_model_grads`` or
-:func:`dfmkit.parallel.reduce_gradients`): average over DP, sum over CP, and sum over TP of the
-per-head q/k RMSNorm weights (named ``q_layernorm``/``k_layernorm``; ``config.qk_layernorm`` is set
-so megatron does it).
+Gradient reductions left to the caller (megatron DDP + ``finalize_model_grads``, as the trainer runs them in
+:mod:`dfmkit.train.step`): sum over DP and CP, and sum over TP of the per-head q/k RMSNorm weights (named
+``q_layernorm``/``k_layernorm``; ``config.qk_layernorm`` is set so megatron does it).
 """
 
 from __future__ import annotations
