@@ -16,9 +16,8 @@ tokens), three times what their memory traffic needs, and the backward then asse
 from three pieces. Here the forward reads qkv once and writes q, k and v (v contiguous, as attention
 kernels prefer); the backward reads the three output gradients and q and k, and writes the qkv gradient
 whole, with per-program partial sums for the two norm weights (no atomics: deterministic). A tile holds
-whole tokens (all heads), so each token's angles are loaded once and broadcast over its heads. Cross-attention's
-query norm was 6.6 ms of inductor kernels in the same step; here it moves the bytes at 93% of copy bandwidth
-forward and 64% backward (benchmarks/fused_kernels.py). The torch code in
+whole tokens (all heads), so each token's angles are loaded once and broadcast over its heads. The same kernels
+do cross-attention's query norm and its text keys' norm with the values' split. The torch code in
 :mod:`~dfmkit.components.backbones.dit.attention` is the reference and the path wherever :func:`available` is false.
 """
 
@@ -160,8 +159,7 @@ if triton is not None:
             if COPIED:
                 copy_a, copy_b = _load_halves(GRAD_COPY + out_base, out, mask, HALF)
                 _store_halves(grad_src + NORMED * D, source, mask, copy_a, copy_b, HALF)
-        # Partials laid out [weight channel, program], so that their sum over programs reads contiguous rows. That
-        # sum still takes about 12 us a call (1.0 ms of an H100's DiT-XL step, 86 calls): 4096 partials a channel.
+        # Partials laid out [weight channel, program], so that their sum over programs reads contiguous rows.
         programs = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_HALF)
         parts = GRAD_W_PARTS + cols * programs + program

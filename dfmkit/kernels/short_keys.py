@@ -12,17 +12,8 @@ atomics: deterministic).
 
 Why: on short keys a library kernel's fixed costs dominate. cuDNN's backward runs two extra passes over the
 queries' size, one for ``rowsum(dO * O)`` and one turning an fp32 query gradient into bf16; here both happen in
-registers. Forward + backward of one DiT-XL layer's attention on an H200 (16 heads of 72 channels, bf16,
-benchmarks/attention_kernels.py):
-
-    cross-attention, 15 x 1024 tokens -> 10 text tokens each    0.122 ms   cuDNN 0.202, flash varlen 0.296
-    self-attention, 256 x 64 tokens (128-pixel images)          0.222 ms   cuDNN 0.362
-    cross-attention, 128 x 256 tokens -> 77 text tokens each    0.503 ms   cuDNN 0.460, flash varlen 0.712
-
-so the torch backend leaves equal-length segments of more than ``BEATS_CUDNN_UP_TO`` keys to cuDNN. A backward in
-two passes over the queries (query gradients, then key and value gradients from the transposed scores, as in
-Triton's fused-attention tutorial) was no faster at 77 keys: 0.516 ms at its best launch shape against 0.505
-(same H200), and was removed (it is in the history at 54bfb63).
+registers. They beat cuDNN up to 64 keys a segment and lose to it on equal segments of 77 (docs/performance.md),
+so the torch backend leaves equal-length segments of more than ``BEATS_CUDNN_UP_TO`` keys to cuDNN.
 
 Launch shapes are per key tile (``LAUNCH``), swept on an H200 by benchmarks/attention_kernels.py.
 :func:`takes` says where the kernels apply; the torch backend calls them there
@@ -188,8 +179,8 @@ def _blocks(head_dim: int, max_k: int) -> tuple[int, int, int, tuple[int, int, i
 def _strides(*tensors: torch.Tensor) -> dict:
     """The tensors' token strides (arguments: Triton specialises on multiples of 16 anyway) and head strides
     (constants: an argument of 72 is no multiple of 16, so Triton could not know a head's channels start
-    16-byte aligned and vectorise the loads; with this and the 64 + 16 split the kernels went from 0.77 to
-    0.50 ms at 128 x 256 -> 77 and from 0.20 to 0.12 ms at 15 x 1024 -> 10, H200)."""
+    16-byte aligned and vectorise the loads: with this and the 64 + 16 split the kernels took about 2/3 of the
+    time)."""
     names = ["q", "k", "v", "o", "do"][: len(tensors)]
     return {**{f"stride_{n}t": t.stride(0) for n, t in zip(names, tensors)},
             **{f"stride_{n}h": t.stride(1) for n, t in zip(names, tensors)}}
