@@ -69,6 +69,23 @@ def run_worker(tmp_path, recipe, name, nproc=1, **config):
     return result, (json.loads(out.read_text()) if out.exists() else None)
 
 
+def run_cli(tmp_path, args, name, nproc=1, timeout=240):
+    """``dfmkit ARGS`` in a process of its own (under torchrun with ``nproc`` > 1); returns (exit code, output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+                                      str(_free_port())]
+    command = [sys.executable, *launcher, "-m", "dfmkit.cli", *args]
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            process.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, log.read_text()
+
+
 def _free_port() -> int:
     import socket
 
@@ -513,3 +530,24 @@ def test_cuda_distributed_optimizer_writes_its_master_weights_into_the_model(tmp
                     pairs += 1
     assert pairs == len(before)
     assert any(not torch.equal(before[name], p) for name, p in trainer.state.model.named_parameters())
+
+
+def test_dfmkit_run_sums_the_skipped_samples_of_every_data_parallel_rank(tmp_path):
+    """Each data-parallel rank's loader counts the bad samples of its own part: the summary of `dfmkit run` (and the
+    checkpoint) hold the sum over the ranks, not rank 0's part."""
+    from test_data_harness import index_dataset, members, run_recipe, write_info, write_raw
+
+    nan = torch.full((3, 1, 8, 8), float("nan"))
+    for shard in range(2):  # one shard a rank, every 4th sample NaN: 2 bad samples in each part
+        keys = range(shard * 8, shard * 8 + 8)
+        write_raw(tmp_path / f"train-{shard}-000000.tar",
+                  [(f"{k:09d}", members(k, lat=nan if k % 4 == 0 else None)) for k in keys])
+    write_info(tmp_path)
+    index_dataset(tmp_path)
+    recipe = run_recipe(tmp_path, tmp_path / "ck", train_iters=2).replace("global_batch_size = 1",
+                                                                         "global_batch_size = 2")
+    (tmp_path / "run.toml").write_text(recipe)
+    code, output = run_cli(tmp_path, ["run", str(tmp_path / "run.toml")], "dp", nproc=2)
+    assert code == 0, output[-3000:]
+    assert "data: 4 skipped (nonfinite 4)" in output.splitlines()
+    assert ckpt.read_marker(ckpt.find_checkpoint(tmp_path / "ck"))["skipped_samples"] == {"nonfinite": 4}

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from dfmkit import parallel
 from dfmkit.data.loader import build_train_loader
+from dfmkit.data.skips import REASONS
 from dfmkit.diffusion.edm import EDM, as_model_fn
 from dfmkit.errors import DfmkitError
 from dfmkit.job import Job
@@ -119,9 +120,15 @@ class Trainer:
                          model_dtype=self.model_dtype, pad_multiple=self.pad_multiple,
                          out_dir=self.checkpoint_dir / "validation_generation", logger=self.logger)
 
-    def _skips(self) -> dict[str, int]:
+    def skipped_samples(self) -> dict[str, int]:
+        """The samples skipped so far by reason, summed over the data-parallel ranks (each rank's loader counts its
+        own part of the data; tensor- and context-parallel peers read the same part). Every rank must call it."""
         skips = getattr(self.data, "skips", None)
-        return skips.as_dict() if skips is not None else {}
+        mine = skips.as_dict() if skips is not None else {}
+        counts = torch.tensor([mine.get(reason, 0) for reason in REASONS], dtype=torch.int64, device=self.device)
+        if self.env.dp_size > 1:
+            dist.all_reduce(counts, group=parallel.data_parallel_group())
+        return {reason: n for reason, n in zip(REASONS, counts.tolist()) if n}
 
     def _run_config(self) -> dict[str, Any]:
         return tomllib.loads(dump_recipe(self.recipe, registries=self.job.plugins.registries))
@@ -132,7 +139,7 @@ class Trainer:
             "recipe": dump_recipe(self.recipe, registries=self.job.plugins.registries),
             "model": self.recipe.model.name,
             "parallel": {"tensor": self.env.tp_size, "context": self.env.cp_size, "data": self.env.dp_size},
-            "skipped_samples": self._skips(),
+            "skipped_samples": self.skipped_samples(),
         }
         rank_state = {"rng": ckpt.rng_state(),
                       "loader": self.data.save_state() if hasattr(self.data, "save_state") else None}
@@ -230,7 +237,7 @@ class Trainer:
                         "train/tokens_per_s": window_tokens / elapsed,
                         "train/nonfinite_steps": float(state.nonfinite_total),
                     }
-                    values.update({f"data/skipped_{k}": float(v) for k, v in self._skips().items()})
+                    values.update({f"data/skipped_{k}": float(v) for k, v in self.skipped_samples().items()})
                     self.logger.scalars(state.step, values)
                     self.logger.step_line(state.step, values)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
@@ -249,11 +256,14 @@ class Trainer:
                 signal.signal(sig, handler)
         if stopped_by is not None and self.env.rank == 0:
             log.info("stopped by signal %s at step %d; saved to %s", stopped_by, state.step, self.checkpoint_dir)
+        skipped = self.skipped_samples()
         parallel.barrier()
         return {"step": state.step, "losses": history, "grad_norms": grad_norms,
-                "checkpoint_dir": str(self.checkpoint_dir), "stopped_by_signal": stopped_by is not None}
+                "checkpoint_dir": str(self.checkpoint_dir), "stopped_by_signal": stopped_by is not None,
+                "skipped_samples": skipped}
 
 
 def train(job: Job, *, mock: bool = False, until_step: int | None = None, data: Any = None) -> dict[str, Any]:
-    """Train the job's recipe; returns the final step, the per-step losses and the checkpoint folder."""
+    """Train the job's recipe; returns the final step, the per-step losses and gradient norms, the checkpoint folder,
+    whether a signal stopped it, and the samples skipped by reason (summed over the data-parallel ranks)."""
     return Trainer(job, mock=mock, data=data).train(until_step)
