@@ -64,3 +64,64 @@ def test_a_longer_run_continues_the_schedule_it_stretches(tmp_path, caplog):
         "train.train_iters is 12 in the recipe, 6 in the checkpoint: the recipe's applies from step 7"]
     result = longer.train()
     assert result["step"] == 12 and len(result["losses"]) == 6
+
+
+def _dataset(root, shards):
+    from test_data_harness import index_dataset, write_good, write_info
+
+    root.mkdir(parents=True, exist_ok=True)
+    for number, keys in enumerate(shards):
+        write_good(root, f"train-{number}", keys)
+    write_info(root)
+    index_dataset(root)
+
+
+def test_a_resume_on_changed_data_is_refused_by_name_or_restarts_its_position_when_asked(tmp_path, caplog):
+    """The data position saved at step 2 belongs to the index it was read from. The same index in another folder
+    (moved data) goes on where it was. Re-prepared data (a shard holds other samples) or another dataset is refused
+    with the dataset, the change and the fix named (it ended in an error inside Energon, or went on at a meaningless
+    position); checkpoint.on_data_change = "restart" resumes everything else and reads the data from its start."""
+    import shutil
+
+    from test_data_harness import run_recipe
+
+    from dfmkit.train import checkpoint as ckpt
+
+    data = tmp_path / "data"
+    _dataset(data, [range(0, 30), range(30, 60)])
+    (tmp_path / "run.toml").write_text(run_recipe(data, tmp_path / "ck", train_iters=2))
+    recipe = str(tmp_path / "run.toml")
+    train(dfmkit.build(recipe))
+
+    shutil.copytree(data, tmp_path / "moved")
+    here = Trainer(dfmkit.build(recipe, ["train.train_iters=4"]))
+    moved = Trainer(dfmkit.build(recipe, [f"data.path={tmp_path / 'moved'}", "train.train_iters=4"]))
+    assert moved.state.step == 2 and moved.data.batches == 2
+    assert next(moved.data).keys == next(here.data).keys
+
+    shutil.rmtree(data)
+    _dataset(data, [range(0, 30), range(30, 50)])  # prepared again: the second shard holds 20 samples, not 30
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        Trainer(dfmkit.build(recipe, ["train.train_iters=4"]))
+    assert str(refused.value) == (
+        f"cannot resume the data position: the 'train' split of '{data}' is not the data the saved position belongs "
+        "to: shard train-1-000000.tar held 30 samples, now 20 (2 shards with 60 samples then, 2 with 50 now). Point "
+        "data.path at the data the checkpoint read, or resume on this data from its start with "
+        "checkpoint.on_data_change=\"restart\" (the model, optimizer, schedule and step 2 are restored)")
+    other = tmp_path / "other"
+    _dataset(other, [range(0, 10)])
+    with pytest.raises(ckpt.CheckpointError, match=f"the 'train' split of '{other}' is not the data the saved "
+                                                   f"position belongs to \\(that was read from '{data}'\\): shard "
+                                                   "train-0-000000.tar held 30 samples, now 10; shard "
+                                                   "train-1-000000.tar \\(30 samples\\) is gone"):
+        Trainer(dfmkit.build(recipe, [f"data.path={other}", "train.train_iters=4"]))
+
+    with caplog.at_level(logging.WARNING, logger="dfmkit"):
+        restarted = Trainer(dfmkit.build(recipe, ["train.train_iters=4", "checkpoint.on_data_change=restart"]))
+    assert restarted.state.step == 2 and restarted.data.batches == 0
+    assert any(r.getMessage().endswith("checkpoint.on_data_change = \"restart\": the data is read from its start "
+                                       "(and its skipped samples counted afresh), everything else resumes at step 2")
+               for r in caplog.records)
+    fresh = Trainer(dfmkit.build(recipe, ["checkpoint.resume=false", f"checkpoint.dir={tmp_path / 'fresh'}"]))
+    assert next(restarted.data).keys == next(fresh.data).keys
+    assert restarted.train()["step"] == 4

@@ -9,7 +9,10 @@
   :func:`state_to_json` and read back by :func:`state_from_json`, which builds only plain values and
   the few Energon state classes such a state holds (an exact list, never a class named by the file):
   no pickle anywhere, and the result can go into the checkpoint's per-rank JSON file as it is.
-- ``restore_state(state)``: the next batch after a restore is the batch that followed the save.
+- ``restore_state(state)``: the next batch after a restore is the batch that followed the save. The state records the
+  split's index (its shards and their samples); a state saved on a dataset whose index differs (a shard re-written
+  with other samples, added or gone, another dataset) is refused (:class:`DatasetChanged`, naming the differences):
+  its position means nothing there. The same index under another path (a moved dataset) is restored.
 - ``skips``: a :class:`~dfmkit.data.skips.SkipCounter` of the samples skipped so far, by reason, each bad
   sample counted once however often it is read (``skips.report()`` sums them up). The counts follow the batches
   delivered (each pack carries those its worker counted), and are the same with and without a resume.
@@ -358,6 +361,14 @@ def _in_split(shard: str, split: str) -> bool:
     return named == split
 
 
+class DatasetChanged(DataError):
+    """A loader state saved on a dataset whose index differs from this one's (``changes`` says how)."""
+
+    def __init__(self, message: str, changes: list[str]):
+        super().__init__(message)
+        self.changes = changes
+
+
 class EnergonLoader:
     """Packed batches from an Energon-indexed folder; an iterator with savable state."""
 
@@ -386,7 +397,8 @@ class EnergonLoader:
         self.dataset_info = _check_dataset(self.path, split)
         info = self.dataset_info or {}
         check_fits_model(recipe, info, f"the dataset '{self.path}'")
-        if not split_samples(self.path, split):
+        self.shards = split_shards(self.path, split)  # the split's index: samples by shard
+        if not sum(self.shards.values()):
             raise DataError(f"the '{split}' split of '{self.path}' holds no samples (see .nv-meta/split.yaml)")
         check_sample_sizes(recipe, info, split, self.pad_multiple, f"the '{split}' split of '{self.path}'")
         self.skips = SkipCounter()
@@ -481,7 +493,7 @@ class EnergonLoader:
         return {
             "format": STATE_FORMAT, "kind": "energon", "path": str(self.path), "split": self.split,
             "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_workers": self.num_workers,
-            "samples": self.samples, "batches": self.batches, "skips": self.skips.state(),
+            "samples": self.samples, "batches": self.batches, "skips": self.skips.state(), "shards": self.shards,
             "energon": None if state is None else state_to_json(state),
         }
 
@@ -491,6 +503,7 @@ class EnergonLoader:
             return
         if state.get("format") != STATE_FORMAT or state.get("kind") != "energon":
             raise DataError(f"not an Energon loader state of this dfmkit version: {str(state)[:120]}")
+        self._check_same_dataset(state)
         for key, mine in (("dp_rank", self.dp_rank), ("dp_size", self.dp_size), ("num_workers", self.num_workers)):
             if int(state[key]) != mine:
                 raise DataError(f"loader state was saved with {key}={state[key]}, this run has {key}={mine}; "
@@ -502,6 +515,34 @@ class EnergonLoader:
         self.samples, self.batches = int(state.get("samples", 0)), int(state.get("batches", 0))
         if state.get("energon") is not None:
             self._loader.restore_state_rank(state_from_json(state["energon"]))
+
+    def _check_same_dataset(self, state: Mapping[str, Any]) -> None:
+        """Raise :class:`DatasetChanged` unless ``state`` was saved on a split with this one's index (shard names and
+        samples; a state that does not record it is taken as it is)."""
+        saved = state.get("shards")
+        if saved is None:
+            return
+        changes = [] if state.get("split") == self.split else [f"the split was '{state.get('split')}'"]
+        for name in sorted(set(saved) | set(self.shards)):
+            then, now = saved.get(name), self.shards.get(name)
+            if then is None:
+                changes.append(f"shard {name} is new ({now} samples)")
+            elif now is None:
+                changes.append(f"shard {name} ({then} samples) is gone")
+            elif then != now:
+                changes.append(f"shard {name} held {then} samples, now {now}")
+        moved = str(state.get("path")) != str(self.path)
+        if not changes:
+            if moved and self.dp_rank == 0:
+                log.info("the data position saved on '%s' goes on in '%s', whose index is the same", state.get("path"),
+                         self.path)
+            return
+        listed = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        read_from = f" (that was read from '{state.get('path')}')" if moved else ""
+        raise DatasetChanged(
+            f"the '{self.split}' split of '{self.path}' is not the data the saved position belongs to{read_from}: "
+            f"{listed} ({len(saved)} shards with {sum(saved.values())} samples then, {len(self.shards)} with "
+            f"{sum(self.shards.values())} now)", changes)
 
     def close(self) -> None:
         """Stop the worker processes."""
