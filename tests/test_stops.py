@@ -1,19 +1,142 @@
-"""How a run ends when something outside it goes wrong: a full disk during a save or under TensorBoard."""
+"""How a run ends when told to (SIGTERM/SIGINT, wherever it waits) or when something outside it goes wrong (a full
+disk during a save or under TensorBoard)."""
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import signal
+import time
 
 import pytest
-from test_train import tiny_recipe
+from test_train import finish_worker, start_worker, tiny_recipe
 
 import dfmkit
+from dfmkit.data.mock import MockLoader
 from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.loop import Trainer, train
 
 NO_SPACE = os.strerror(errno.ENOSPC)
+
+
+def test_a_stop_signal_during_a_step_lets_it_finish_then_saves_and_stops(tmp_path):
+    trainer = Trainer(dfmkit.build(tiny_recipe(tmp_path / "sig", train={"train_iters": 10})))
+    sent = []
+
+    def signal_during_step_2(_module, _args):
+        if trainer.state.step == 1 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+
+    trainer.state.model.register_forward_pre_hook(signal_during_step_2)
+    result = trainer.train()
+    assert result["stopped_by_signal"] and result["step"] == 2 and len(result["losses"]) == 2
+    assert ckpt.find_checkpoint(tmp_path / "sig").name == "iter_0000002"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+class SignalWhileFetching(MockLoader):
+    """Mock packs that send this process SIGTERM while batch ``batch`` (counting from 0) is fetched."""
+
+    def __init__(self, recipe, batch: int):
+        super().__init__(recipe)
+        self.batch = batch
+
+    def __next__(self):
+        if self.batches == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__next__()
+
+
+def _saved_loader(root, step):
+    return json.loads((root / f"iter_{step:07d}" / "rank_00000.json").read_text())["loader"]
+
+
+def test_a_stop_signal_while_fetching_saves_the_last_step_with_the_data_where_it_ended(tmp_path):
+    """SIGTERM while the second batch of step 3 is fetched: the fetch stops, and the save holds step 2 with the data
+    after step 2's batches (step 3's first batch is not counted as read), so the resumed run gives the losses of a
+    run never stopped, bit for bit."""
+    whole = train(dfmkit.build(tiny_recipe(tmp_path / "whole")))
+    recipe = tiny_recipe(tmp_path / "sig", checkpoint={"save_interval": 0})
+    job = dfmkit.build(recipe)
+    stopped = Trainer(job, data=SignalWhileFetching(job.recipe, batch=5)).train()  # 2 batches a step
+    assert stopped["stopped_by_signal"] and stopped["step"] == 2
+    assert ckpt.complete_iterations(tmp_path / "sig") == [2] and _saved_loader(tmp_path / "sig", 2)["batches"] == 4
+    rest = train(dfmkit.build(recipe))
+    assert stopped["losses"] + rest["losses"] == whole["losses"]
+
+
+def test_a_run_stuck_waiting_for_data_stops_within_seconds_of_sigterm_and_resumes_exactly(tmp_path):
+    """A data loader that never delivers its 6th batch (step 3 has one of its two): SIGTERM, as `timeout` or a
+    scheduler sends it, ends the run within seconds (it waited for the step forever), and the checkpoint holds step 2
+    with the data after its batches; the run resumes from it with the losses of a run never stopped."""
+    recipe = tiny_recipe(tmp_path / "ck", checkpoint={"save_interval": 0})
+    process, *rest = start_worker(tmp_path, recipe, "stuck", block_data_after={0: 5})
+    _wait_for(tmp_path / "blocking.rank0", process)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    result, out = finish_worker(process, *rest, timeout=60)
+    took = time.monotonic() - sent
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert took < 15, f"{took:.1f} s after SIGTERM"
+    assert out["step"] == 2 and ckpt.complete_iterations(tmp_path / "ck") == [2]
+    assert _saved_loader(tmp_path / "ck", 2)["batches"] == 4
+    whole = train(dfmkit.build(tiny_recipe(tmp_path / "whole")))
+    resumed = train(dfmkit.build(recipe))
+    assert out["losses"] + resumed["losses"] == whole["losses"]
+
+
+def test_ranks_that_all_wait_for_data_stop_together_and_save_the_last_step(tmp_path):
+    """Two data-parallel ranks under torchrun, both stuck in step 3 (one of its two batches each): SIGTERM to
+    torchrun, which sends it on to both ranks; after a few seconds' grace each stops waiting, they agree, and save
+    step 2 with each rank's data where that step ended."""
+    recipe = tiny_recipe(tmp_path / "ck", train={"global_batch_size": 4}, checkpoint={"save_interval": 0})
+    process, *rest = start_worker(tmp_path, recipe, "stuck", nproc=2, block_data_after={0: 5, 1: 5})
+    for rank in (0, 1):
+        _wait_for(tmp_path / f"blocking.rank{rank}", process)
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    result, out = finish_worker(process, *rest, timeout=60)
+    took = time.monotonic() - sent
+    assert out is not None and out["step"] == 2, result.stdout[-3000:]
+    assert took < 20, f"{took:.1f} s after SIGTERM"
+    assert ckpt.complete_iterations(tmp_path / "ck") == [2]
+    for rank in (0, 1):
+        saved = json.loads((tmp_path / "ck" / "iter_0000002" / f"rank_{rank:05d}.json").read_text())["loader"]
+        assert saved["batches"] == 4 and saved["dp_rank"] == rank
+
+
+def test_a_rank_stuck_waiting_while_another_is_inside_the_step_ends_both_without_a_save(tmp_path):
+    """Rank 0's data is stuck in step 3 while rank 1 has its batches and waits inside the step for rank 0: they
+    cannot save together. Both end within seconds of SIGTERM without a save, and say which checkpoint is the last
+    complete one."""
+    recipe = tiny_recipe(tmp_path / "ck", train={"global_batch_size": 4}, checkpoint={"save_interval": 2})
+    process, *rest = start_worker(tmp_path, recipe, "stuck", nproc=2, block_data_after={0: 5})
+    _wait_for(tmp_path / "blocking.rank0", process)
+    time.sleep(1.0)  # rank 1 reaches the step's first collective
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    result, out = finish_worker(process, *rest, timeout=60)
+    took = time.monotonic() - sent
+    assert took < 20, f"{took:.1f} s after SIGTERM"
+    assert out is None and ckpt.complete_iterations(tmp_path / "ck") == [2]
+    last = (f"not saved. The last complete checkpoint is {tmp_path / 'ck' / 'iter_0000002'} (step 2); a run started "
+            "again resumes from it.")
+    said = [line for line in result.stdout.splitlines() if "error: stopped by SIGTERM" in line]
+    assert len(said) == 2, result.stdout[-3000:]
+    assert any("while waiting for the batches of step 3, while another rank was inside that step, waiting for this "
+               f"one: {last}" in line for line in said)
+    assert any(f"during step 3, which another rank left (" in line and line.endswith(last) for line in said)
+
+
+def _wait_for(marker, process, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert process.poll() is None, "the run ended before its data got stuck"
+        assert time.monotonic() < deadline, f"no {marker.name} after {timeout} s"
+        time.sleep(0.2)
 
 
 def _toml(recipe: dict) -> str:

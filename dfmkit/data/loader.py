@@ -9,6 +9,8 @@
   :func:`state_to_json` and read back by :func:`state_from_json`, which builds only plain values and
   the few Energon state classes such a state holds (an exact list, never a class named by the file):
   no pickle anywhere, and the result can go into the checkpoint's per-rank JSON file as it is.
+- ``position()`` and ``rewind(position)``: where the loader is, cheaply enough to take at each step's start, and
+  back there (the batches delivered since come again), for a stop that interrupts a step's batches.
 - ``restore_state(state)``: the next batch after a restore is the batch that followed the save. The state records the
   split's index (its shards and their samples); a state saved on a dataset whose index differs (a shard re-written
   with other samples, added or gone, another dataset) is refused (:class:`DatasetChanged`, naming the differences):
@@ -60,7 +62,7 @@ import numpy as np
 import torch
 
 from dfmkit.batch import PackedBatch, round_up
-from dfmkit.compat.energon import harden_readers, index_problem, shutdown_workers
+from dfmkit.compat.energon import harden_readers, index_problem, loader_position, shutdown_workers, state_at
 from dfmkit.data import DataError, check_fits_model
 from dfmkit.latent_sizes import patch_sizes
 from dfmkit.data.mock import MockLoader
@@ -72,6 +74,9 @@ from dfmkit.processes import children_die_with_this_process
 log = logging.getLogger("dfmkit.data")
 
 STATE_FORMAT = "dfmkit-loader-state/1"
+
+#: Seconds a worker process may take to say where it was (:meth:`EnergonLoader.rewind`): it answers between samples.
+REWIND_TIMEOUT_S = 10.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,13 +494,27 @@ class EnergonLoader:
 
     def save_state(self) -> dict[str, Any]:
         """This rank's loader position and skip counts, as JSON-ready data."""
-        state = self._loader.save_state_rank()
+        return self._state(self._loader.save_state_rank(), self.samples, self.batches, self.skips.state())
+
+    def _state(self, energon: Any, samples: int, batches: int, skips: dict[str, Any]) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT, "kind": "energon", "path": str(self.path), "split": self.split,
             "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_workers": self.num_workers,
-            "samples": self.samples, "batches": self.batches, "skips": self.skips.state(), "shards": self.shards,
-            "energon": None if state is None else state_to_json(state),
+            "samples": samples, "batches": batches, "skips": skips, "shards": self.shards,
+            "energon": None if energon is None else state_to_json(energon),
         }
+
+    def position(self) -> tuple[Any, ...]:
+        """Where the loader is now: cheap enough for every step (no question to the worker processes)."""
+        return loader_position(self._loader), self.samples, self.batches, self.skips.recorded
+
+    def rewind(self, position: tuple[Any, ...]) -> None:
+        """Go back to ``position`` (of :meth:`position`): the batches delivered since come again, and the counts and
+        :meth:`save_state` are those of then. The worker processes are asked where they were then (they answer
+        between samples; one that does not within :data:`REWIND_TIMEOUT_S` is a TimeoutError)."""
+        energon, samples, batches, skip_records = position
+        self.restore_state(self._state(state_at(self._loader, energon, REWIND_TIMEOUT_S), samples, batches,
+                                       self.skips.state(skip_records)))
 
     def restore_state(self, state: Mapping[str, Any] | None) -> None:
         """Continue from a :meth:`save_state` result (same recipe, DP layout and worker count)."""

@@ -14,14 +14,18 @@ clipping and the skip of a non-finite step are decided on the device (see
 the host read the step's loss, norm and flags, while the GPU works through the queue.
 
 Where a run stops: at ``train.train_iters`` (or ``until_step``), after ``train.max_nonfinite_steps`` non-finite
-steps in a row (:class:`TrainingStopped`, after a save), or on SIGTERM/SIGINT (the step finishes, the state is
-saved). Saves: :meth:`Trainer.save`.
+steps in a row (:class:`TrainingStopped`, after a save), or on SIGTERM/SIGINT, within seconds wherever it waits
+(:mod:`dfmkit.train.stopping`): a signal during a step lets the step finish, and every rank saves the state after it;
+a signal while a rank waits for its next batches stops the wait (with several processes after a few seconds' grace,
+so that slow data still joins a step another rank began) and the ranks save the state of the last step they all
+completed, the data at that step's end, if all stopped so; else the run ends without a save
+(:class:`~dfmkit.train.stopping.StoppedWithoutSaving`, naming the last complete checkpoint). Saves:
+:meth:`Trainer.save`.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import tomllib
 from pathlib import Path
@@ -46,6 +50,14 @@ from dfmkit.train.resume import resume
 from dfmkit.train.setup import ensure_dataset, micro_batches_per_rank, training_device
 from dfmkit.train.state import build_train_state
 from dfmkit.train.step import compute_gradients, step_generator
+from dfmkit.train.stopping import (
+    DATA_GRACE_S,
+    DataWaitInterrupted,
+    StopSignals,
+    StoppedWithoutSaving,
+    all_ranks_stopped,
+    stop_group,
+)
 from dfmkit.train.validation import Validator, ema_evaluation
 
 log = logging.getLogger("dfmkit")
@@ -83,8 +95,9 @@ class Trainer:
 
     def __init__(self, job: Job, *, mock: bool = False, data: Any = None):
         """``mock``: train on mock data whatever ``data.mock`` says. ``data``: an iterator of PackedBatch to train on
-        instead of the recipe's loader (benchmarks, tests); it may offer ``save_state()``/``restore_state()`` and
-        ``skips`` like the loader."""
+        instead of the recipe's loader (benchmarks, tests); it may offer ``save_state()``/``restore_state()``,
+        ``position()``/``rewind()`` and ``skips`` like the loader (a stop that interrupts a step's batches saves only
+        data that can go back to the step's start)."""
         children_die_with_this_process()  # loader workers, checkpoint writers: nothing outlives a killed run
         if mock and not job.recipe.data.mock:
             job = Job(attrs.evolve(job.recipe, data=attrs.evolve(job.recipe.data, mock=True)), job.plugins)
@@ -104,7 +117,8 @@ class Trainer:
                                       pad_multiple=self.pad_multiple)
         self.data = data
         self.nonfinite_in_a_row = 0
-        self._stop_signal: int | None = None
+        self.stop = StopSignals(grace=0.0 if self.env.world_size == 1 else DATA_GRACE_S)
+        self._stop_group = stop_group()
         self.stop_requested = False  # a stop signal reached some rank by the last step (all ranks know it)
         self.checkpoint_dir = Path(recipe.checkpoint.dir)
         resume(self.state, self.data, recipe, job.plugins.registries, self.env)
@@ -150,14 +164,15 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step (or a skipped one); returns its loss, gradient norm, learning rate, samples, tokens."""
         state = self.state
-        batches = [next(self.data) for _ in range(self.micro_batches)]
+        with self.stop.waiting_for_data():
+            batches = [next(self.data) for _ in range(self.micro_batches)]
         generators = [step_generator(self.recipe.train.seed, state.step, micro, self.env.dp_rank, self.device)
                       for micro in range(len(batches))]
         grads = compute_gradients(state, self.edm, batches, generators, env=self.env, device=self.device,
                                   model_dtype=self.model_dtype)
         # Every rank must agree to skip a step (non-finite loss or gradients) and to stop, so both flags are
         # reduced over all ranks; the stop request rides along to save a collective.
-        signalled = 1.0 if self._stop_signal is not None else 0.0
+        signalled = 1.0 if self.stop.received is not None else 0.0
         flags = torch.stack([(~torch.isfinite(grads.loss_total)).float(),
                              (~torch.isfinite(grads.grad_norm)).float(),
                              torch.full((), signalled, device=self.device)])
@@ -191,76 +206,106 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """Make SIGTERM/SIGINT finish the step, save and stop; returns the handlers to put back."""
+    def _last_checkpoint(self) -> str:
+        found = ckpt.find_checkpoint(self.checkpoint_dir)
+        if found is None:
+            return f"There is no complete checkpoint in {self.checkpoint_dir} yet."
+        return (f"The last complete checkpoint is {found} (step {ckpt.read_marker(found).get('iteration')}); a run "
+                "started again resumes from it.")
 
-        def request_stop(signum, _frame):
-            self._stop_signal = signum
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, request_stop)
-        return previous
+    def _stop_at_the_step_start(self, position: Any) -> None:
+        """A stop signal cut the wait for the next step's batches short: the data goes back to where the step began,
+        and every rank must have stopped so (:mod:`dfmkit.train.stopping`), or StoppedWithoutSaving."""
+        where = f"stopped by {self.stop.name} while waiting for the batches of step {self.state.step + 1}"
+        try:
+            if position is not None:
+                self.data.rewind(position)
+            elif hasattr(self.data, "save_state"):
+                raise ValueError(f"{type(self.data).__name__} has no rewind()")
+        except Exception as exc:
+            raise StoppedWithoutSaving(f"{where}; its data could not go back to the start of the step ("
+                                       f"{type(exc).__name__}: {exc}): not saved. {self._last_checkpoint()}") from None
+        if not all_ranks_stopped(self._stop_group):
+            raise StoppedWithoutSaving(f"{where}, while another rank was inside that step, waiting for this one: not "
+                                       f"saved. {self._last_checkpoint()}")
 
     def train(self, until_step: int | None = None) -> dict[str, Any]:
         """Train to ``train.train_iters``, or stop (and save) after ``until_step`` like a preempted run."""
+        state = self.state
+        try:
+            with self.stop:
+                history, grad_norms = self._loop(until_step)
+        except Exception as exc:
+            if self.stop.received is None or self.env.world_size == 1 or isinstance(exc, DfmkitError):
+                raise
+            # A rank inside a step whose peer stopped without it: the step's collective fails when the peer exits.
+            gist = (str(exc).strip().splitlines() or [""])[-1][:200]
+            raise StoppedWithoutSaving(f"stopped by {self.stop.name} during step {state.step + 1}, which another rank "
+                                       f"left ({type(exc).__name__}: {gist}): not saved. {self._last_checkpoint()}"
+                                       ) from None
+        finally:
+            self.logger.close()
+        stopped = (self.stop_requested or self.stop.received is not None) and state.step < self._last_step(until_step)
+        if stopped and self.env.rank == 0:
+            log.info("stopped by %s at step %d; saved to %s", self.stop.name if self.stop.received else
+                     "a signal on another rank", state.step, self.checkpoint_dir)
+        skipped = self.skipped_samples()
+        parallel.barrier()
+        return {"step": state.step, "losses": history, "grad_norms": grad_norms,
+                "checkpoint_dir": str(self.checkpoint_dir), "stopped_by_signal": stopped, "skipped_samples": skipped}
+
+    def _last_step(self, until_step: int | None) -> int:
+        return self.recipe.train.train_iters if until_step is None else min(until_step, self.recipe.train.train_iters)
+
+    def _loop(self, until_step: int | None) -> tuple[list[float], list[float]]:
+        """The steps up to ``until_step`` or a stop, and the last save; returns the losses and gradient norms."""
         recipe, state = self.recipe, self.state
         cfg = recipe.train
-        previous_handlers = self._install_signal_handlers()
         history: list[float] = []
         grad_norms: list[float] = []
         window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
         save_interval = recipe.checkpoint.save_interval
-        stopped_by = None
-        try:
-            last = cfg.train_iters if until_step is None else min(until_step, cfg.train_iters)
-            while state.step < last:
+        while state.step < self._last_step(until_step):
+            position = self.data.position() if hasattr(self.data, "rewind") else None
+            try:
                 metrics = self.train_step()
-                history.append(metrics["loss"])
-                grad_norms.append(metrics.get("grad_norm", float("nan")))
-                window_samples += metrics.get("samples", 0.0) * self.env.dp_size
-                window_tokens += metrics.get("tokens", 0.0) * self.env.dp_size
-                if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    self.save()
-                    raise TrainingStopped(
-                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm (step "
-                        f"{state.step}); the state was saved to {self.checkpoint_dir}. Lower optim.lr, check the data, "
-                        "or raise train.max_nonfinite_steps")
-                self.logger.advance(state.step, f"loss {metrics['loss']:.4f}")
-                if state.step % cfg.log_interval == 0 or state.step == cfg.train_iters:
-                    elapsed = time.perf_counter() - window_start
-                    values = {
-                        "train/loss": metrics["loss"],
-                        "train/lr": metrics.get("lr", float("nan")),
-                        "train/grad_norm": metrics.get("grad_norm", float("nan")),
-                        "train/samples_per_s": window_samples / elapsed,
-                        "train/tokens_per_s": window_tokens / elapsed,
-                        "train/nonfinite_steps": float(state.nonfinite_total),
-                    }
-                    values.update({f"data/skipped_{k}": float(v) for k, v in self.skipped_samples().items()})
-                    self.logger.scalars(state.step, values)
-                    self.logger.step_line(state.step, values)
-                    window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
-                if self.validator is not None and state.step % recipe.validation.interval == 0:
-                    self.validator.run(state.step)
-                if save_interval and state.step % save_interval == 0:
-                    self.save()
-                if self.stop_requested:
-                    stopped_by = self._stop_signal or "a stop signal on another rank"
-                    break
-            if not save_interval or state.step % save_interval != 0:
+            except DataWaitInterrupted:
+                self._stop_at_the_step_start(position)
+                break
+            history.append(metrics["loss"])
+            grad_norms.append(metrics.get("grad_norm", float("nan")))
+            window_samples += metrics.get("samples", 0.0) * self.env.dp_size
+            window_tokens += metrics.get("tokens", 0.0) * self.env.dp_size
+            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 self.save()
-        finally:
-            self.logger.close()
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
-        if stopped_by is not None and self.env.rank == 0:
-            log.info("stopped by signal %s at step %d; saved to %s", stopped_by, state.step, self.checkpoint_dir)
-        skipped = self.skipped_samples()
-        parallel.barrier()
-        return {"step": state.step, "losses": history, "grad_norms": grad_norms,
-                "checkpoint_dir": str(self.checkpoint_dir), "stopped_by_signal": stopped_by is not None,
-                "skipped_samples": skipped}
+                raise TrainingStopped(
+                    f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm (step "
+                    f"{state.step}); the state was saved to {self.checkpoint_dir}. Lower optim.lr, check the data, "
+                    "or raise train.max_nonfinite_steps")
+            self.logger.advance(state.step, f"loss {metrics['loss']:.4f}")
+            if state.step % cfg.log_interval == 0 or state.step == cfg.train_iters:
+                elapsed = time.perf_counter() - window_start
+                values = {
+                    "train/loss": metrics["loss"],
+                    "train/lr": metrics.get("lr", float("nan")),
+                    "train/grad_norm": metrics.get("grad_norm", float("nan")),
+                    "train/samples_per_s": window_samples / elapsed,
+                    "train/tokens_per_s": window_tokens / elapsed,
+                    "train/nonfinite_steps": float(state.nonfinite_total),
+                }
+                values.update({f"data/skipped_{k}": float(v) for k, v in self.skipped_samples().items()})
+                self.logger.scalars(state.step, values)
+                self.logger.step_line(state.step, values)
+                window_start, window_samples, window_tokens = time.perf_counter(), 0.0, 0.0
+            if self.validator is not None and state.step % recipe.validation.interval == 0:
+                self.validator.run(state.step)
+            if save_interval and state.step % save_interval == 0:
+                self.save()
+            if self.stop_requested:
+                break
+        if not save_interval or state.step % save_interval != 0:
+            self.save()
+        return history, grad_norms
 
 
 def train(job: Job, *, mock: bool = False, until_step: int | None = None, data: Any = None) -> dict[str, Any]:
