@@ -186,6 +186,8 @@ def test_rewind_goes_back_to_a_position_after_an_interrupted_fetch(tmp_path, wor
     assert (loader.batches, loader.samples, loader.skips.as_dict()) == (3, samples, skipped)
     state = json.loads(json.dumps(loader.save_state()))
     assert [next(loader).keys for _ in range(4)] == expected
+    loader.rewind(position)  # again, from where it had read to after the rewind
+    assert loader.position()[1:3] == position[1:3] and [next(loader).keys for _ in range(4)] == expected
     loader.close()
     resumed = build_train_loader(r)
     resumed.restore_state(state)

@@ -88,6 +88,41 @@ def test_a_run_stuck_waiting_for_data_stops_within_seconds_of_sigterm_and_resume
     assert out["losses"] + resumed["losses"] == whole["losses"]
 
 
+def test_a_loader_worker_stuck_in_a_read_ends_the_run_within_seconds_of_sigterm_without_a_save(tmp_path):
+    """The Energon loader's worker process stops for good inside a sample (as a read of a hung file system does):
+    the run waits, for its next batch or for the worker to say where it is for a save. SIGTERM ends it within
+    seconds; the worker cannot say where the data was, so nothing is saved, and the message names the last complete
+    checkpoint, which `latest` still names."""
+    from test_data_harness import TEXT_DIM, index_dataset, write_good, write_info
+
+    (tmp_path / "data").mkdir()
+    write_good(tmp_path / "data", "train-a", range(0, 40))
+    write_good(tmp_path / "data", "train-b", range(40, 80))
+    write_info(tmp_path / "data")
+    index_dataset(tmp_path / "data")
+    recipe = tiny_recipe(tmp_path / "ck", model={"text_dim": TEXT_DIM}, train={"train_iters": 1000},
+                         checkpoint={"save_interval": 1},
+                         data={"mock": False, "path": str(tmp_path / "data"), "num_workers": 1, "seq_length": 256,
+                               "packing_buffer_size": 4, "shuffle_buffer_size": 0})
+    process, *rest = start_worker(tmp_path, recipe, "stalled", stall_loader_after=30)
+    _wait_for(tmp_path / "stalled", process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    result, _ = finish_worker(process, *rest, timeout=60)
+    took = time.monotonic() - sent
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert took < 25, f"{took:.1f} s after SIGTERM"
+    said = [line for line in result.stdout.splitlines() if line.startswith("error: stopped by SIGTERM")]
+    assert len(said) == 1, result.stdout[-3000:]
+    last = ckpt.find_checkpoint(tmp_path / "ck")
+    assert said[0].endswith(f"not saved. The last complete checkpoint is {last} (step {int(last.name[5:])}); a run "
+                            "started again resumes from it.")
+    assert ("while the data loader was asked for its position" in said[0]
+            or "its data could not go back to the start of the step (TimeoutError" in said[0])
+    assert not list((tmp_path / "ck").glob(".tmp_*"))
+
+
 def test_ranks_that_all_wait_for_data_stop_together_and_save_the_last_step(tmp_path):
     """Two data-parallel ranks under torchrun, both stuck in step 3 (one of its two batches each): SIGTERM to
     torchrun, which sends it on to both ranks; after a few seconds' grace each stops waiting, they agree, and save

@@ -1,7 +1,7 @@
 """A training run in its own process, for the tests: ``python tests/train_worker.py CONFIG.json``.
 
 CONFIG holds {"recipe": {...}, "until_step": n or null, "out": path, "kill_during_save_at": step or null,
-"block_data_after": {rank: n} or null}. Writes {"losses": [...], "grad_norms": [...], "step": n} to ``out`` (rank 0);
+"block_data_after": {rank: n} or null, "stall_loader_after": n or null}. Writes {"losses": [...], "grad_norms": [...], "step": n} to ``out`` (rank 0);
 a DfmkitError is printed as ``error: ...`` with exit code 2, as the CLI does. Under torchrun every rank runs it.
 """
 
@@ -31,6 +31,24 @@ def blocking_mock_data(recipe, after: int, marker: Path):
     return BlocksAfter(recipe, dp_rank=rank, dp_size=world)  # data parallelism only
 
 
+def stall_task_encoder(after: int, marker: Path) -> None:
+    """The packed task encoder stops for good at its sample ``after`` (in the loader's worker process: as a read of a
+    hung file system does); ``marker`` gets the process id then."""
+    import itertools
+
+    from dfmkit.components.task_encoders.packed import PackedTaskEncoder
+
+    decode, decoded = PackedTaskEncoder._decode, itertools.count()
+
+    def decode_or_stall(self, sample):
+        if next(decoded) >= after:
+            marker.write_text(str(os.getpid()))
+            threading.Event().wait()
+        return decode(self, sample)
+
+    PackedTaskEncoder._decode = decode_or_stall  # not the cooker, which Energon requires to be stateless
+
+
 def main() -> None:
     config = json.loads(open(sys.argv[1]).read())
     import dfmkit
@@ -57,6 +75,9 @@ def main() -> None:
             return real_save(root, iteration, *args, **kwargs)
 
         checkpoint.save_checkpoint = save_then_die
+    stall = config.get("stall_loader_after")
+    if stall is not None:
+        stall_task_encoder(stall, Path(config["out"]).with_name("stalled"))
     job = dfmkit.build(config["recipe"])
     data = None
     rank = int(os.environ.get("RANK", 0))

@@ -75,8 +75,8 @@ log = logging.getLogger("dfmkit.data")
 
 STATE_FORMAT = "dfmkit-loader-state/1"
 
-#: Seconds a worker process may take to say where it was (:meth:`EnergonLoader.rewind`): it answers between samples.
-REWIND_TIMEOUT_S = 10.0
+#: Seconds a stopping run waits for a worker process to say where it is or was (it answers between two samples).
+WORKER_ANSWER_S = 10.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,6 +425,7 @@ class EnergonLoader:
         self.last_metadata: list[dict] = []
         self._loader: Any = None
         self._iterator: Iterator[Any] | None = None
+        self._rewound: dict[str, Any] | None = None  # the state of a rewind, restored at the next batch
         self._build()
 
     def _task_encoder(self) -> Any:
@@ -480,6 +481,8 @@ class EnergonLoader:
         return next(self._iterator)
 
     def __next__(self) -> PackedBatch:
+        if self._rewound is not None:
+            self.restore_state(self._rewound)
         try:
             pack = self._next_pack()
         except NoUsableSamples as exc:  # raised in a worker, or here when there are none
@@ -494,6 +497,8 @@ class EnergonLoader:
 
     def save_state(self) -> dict[str, Any]:
         """This rank's loader position and skip counts, as JSON-ready data."""
+        if self._rewound is not None:
+            return self._rewound
         return self._state(self._loader.save_state_rank(), self.samples, self.batches, self.skips.state())
 
     def _state(self, energon: Any, samples: int, batches: int, skips: dict[str, Any]) -> dict[str, Any]:
@@ -506,20 +511,26 @@ class EnergonLoader:
 
     def position(self) -> tuple[Any, ...]:
         """Where the loader is now: cheap enough for every step (no question to the worker processes)."""
+        if self._rewound is not None:
+            self.restore_state(self._rewound)
         return loader_position(self._loader), self.samples, self.batches, self.skips.recorded
 
     def rewind(self, position: tuple[Any, ...]) -> None:
         """Go back to ``position`` (of :meth:`position`): the batches delivered since come again, and the counts and
         :meth:`save_state` are those of then. The worker processes are asked where they were then (they answer
-        between samples; one that does not within :data:`REWIND_TIMEOUT_S` is a TimeoutError)."""
+        between samples; one that does not within :data:`WORKER_ANSWER_S` is a TimeoutError). They are replaced
+        only when the next batch is asked for: a run that stops after the rewind does not wait for them."""
         energon, samples, batches, skip_records = position
-        self.restore_state(self._state(state_at(self._loader, energon, REWIND_TIMEOUT_S), samples, batches,
-                                       self.skips.state(skip_records)))
+        self._rewound = self._state(state_at(self._loader, energon, WORKER_ANSWER_S), samples, batches,
+                                    self.skips.state(skip_records))
+        self.samples, self.batches = samples, batches
+        self.skips.load(self._rewound["skips"])
 
     def restore_state(self, state: Mapping[str, Any] | None) -> None:
         """Continue from a :meth:`save_state` result (same recipe, DP layout and worker count)."""
         if not state:
             return
+        self._rewound = None
         if state.get("format") != STATE_FORMAT or state.get("kind") != "energon":
             raise DataError(f"not an Energon loader state of this dfmkit version: {str(state)[:120]}")
         self._check_same_dataset(state)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from dfmkit import parallel
-from dfmkit.data.loader import build_train_loader
+from dfmkit.data.loader import WORKER_ANSWER_S, build_train_loader
 from dfmkit.data.skips import REASONS
 from dfmkit.diffusion.edm import EDM, as_model_fn
 from dfmkit.errors import DfmkitError
@@ -122,6 +122,7 @@ class Trainer:
         self.stop_requested = False  # a stop signal reached some rank by the last step (all ranks know it)
         self.checkpoint_dir = Path(recipe.checkpoint.dir)
         resume(self.state, self.data, recipe, job.plugins.registries, self.env)
+        self.saved_step = self.state.step  # the step whose state a checkpoint holds (a fresh run's step 0 needs none)
         self.logger = MetricsLogger(recipe.logging, str(self.checkpoint_dir), self._run_config(),
                                     enabled=self.env.rank == 0, total_steps=recipe.train.train_iters,
                                     start_step=self.state.step)
@@ -155,9 +156,20 @@ class Trainer:
             "parallel": {"tensor": self.env.tp_size, "context": self.env.cp_size, "data": self.env.dp_size},
             "skipped_samples": self.skipped_samples(),
         }
-        rank_state = {"rng": ckpt.rng_state(),
-                      "loader": self.data.save_state() if hasattr(self.data, "save_state") else None}
-        return self.state.save(self.checkpoint_dir, marker, rank_state, self.recipe.checkpoint.keep_last)
+        loader = None
+        if hasattr(self.data, "save_state"):
+            try:  # the loader's worker processes say where they are between samples: one may be stuck in a read
+                with self.stop.waiting_for_data(grace=WORKER_ANSWER_S):
+                    loader = self.data.save_state()
+            except DataWaitInterrupted:
+                raise StoppedWithoutSaving(
+                    f"stopped by {self.stop.name} while the data loader was asked for its position at step "
+                    f"{self.state.step} (a worker process stuck in a read does not answer): not saved. "
+                    f"{self._last_checkpoint()}") from None
+        rank_state = {"rng": ckpt.rng_state(), "loader": loader}
+        saved = self.state.save(self.checkpoint_dir, marker, rank_state, self.recipe.checkpoint.keep_last)
+        self.saved_step = self.state.step
+        return saved
 
     # -- one step --------------------------------------------------------------------------
 
@@ -247,8 +259,9 @@ class Trainer:
             self.logger.close()
         stopped = (self.stop_requested or self.stop.received is not None) and state.step < self._last_step(until_step)
         if stopped and self.env.rank == 0:
-            log.info("stopped by %s at step %d; saved to %s", self.stop.name if self.stop.received else
-                     "a signal on another rank", state.step, self.checkpoint_dir)
+            log.info("stopped by %s at step %d; %s", self.stop.name if self.stop.received else
+                     "a signal on another rank", state.step, f"saved to {self.checkpoint_dir}" if state.step else
+                     "nothing to save before the first step")
         skipped = self.skipped_samples()
         parallel.barrier()
         return {"step": state.step, "losses": history, "grad_norms": grad_norms,
@@ -303,7 +316,7 @@ class Trainer:
                 self.save()
             if self.stop_requested:
                 break
-        if not save_interval or state.step % save_interval != 0:
+        if state.step != self.saved_step:
             self.save()
         return history, grad_norms
 

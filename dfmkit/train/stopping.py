@@ -13,6 +13,10 @@ The rule (:class:`dfmkit.train.loop.Trainer` follows it):
   (:func:`all_ranks_stopped`). Otherwise some rank is inside the step, waiting for this one, and cannot save: no
   rank saves, and the run ends with :class:`StoppedWithoutSaving`, which names the last complete checkpoint.
 
+- A save waits for the data loader's worker processes to say where they are (between two samples); after a stop
+  signal at most :data:`~dfmkit.data.loader.WORKER_ANSWER_S` seconds: a worker stuck in a read ends the run without
+  a save (:class:`StoppedWithoutSaving`).
+
 A second signal changes nothing: a Ctrl-C under torchrun reaches each rank twice (from the terminal, and passed on).
 """
 
@@ -50,19 +54,17 @@ class StopSignals:
     def __init__(self, grace: float = 0.0):
         self.grace = grace
         self.received: int | None = None
-        self._waiting = False
+        self._waiting: float | None = None  # the grace of the wait under way
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._on_signal)
-        if self.grace > 0:
-            self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_grace_over)
+        self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_grace_over)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if signal.SIGALRM in self._previous:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -70,32 +72,32 @@ class StopSignals:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.received is None:
             self.received = signum
-            if self._waiting:
-                self._stop_waiting()
+            if self._waiting is not None:
+                self._stop_waiting(self._waiting)
 
-    def _stop_waiting(self) -> None:
-        if self.grace > 0:
-            signal.setitimer(signal.ITIMER_REAL, self.grace)  # then _on_grace_over
+    @staticmethod
+    def _stop_waiting(grace: float) -> None:
+        if grace > 0:
+            signal.setitimer(signal.ITIMER_REAL, grace)  # then _on_grace_over
         else:
             raise DataWaitInterrupted
 
     def _on_grace_over(self, _signum: int, _frame: Any) -> None:
-        if self._waiting:
+        if self._waiting is not None:
             raise DataWaitInterrupted
 
     @contextlib.contextmanager
-    def waiting_for_data(self) -> Iterator[None]:
+    def waiting_for_data(self, grace: float | None = None) -> Iterator[None]:
         """The body waits for data: a stop signal (one that came before it too) raises :class:`DataWaitInterrupted`
-        in it, at once or after ``grace`` seconds."""
-        self._waiting = True
+        in it, at once or after ``grace`` seconds (default: the run's)."""
+        self._waiting = self.grace if grace is None else grace
         try:
             if self.received is not None:
-                self._stop_waiting()
+                self._stop_waiting(self._waiting)
             yield
         finally:
-            self._waiting = False
-            if self.grace > 0:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            self._waiting = None
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     @property
     def name(self) -> str:
