@@ -12,7 +12,6 @@ The rule (:class:`dfmkit.train.loop.Trainer` follows it):
   save the state of the last step they all completed, if every rank stopped so within :data:`AGREEMENT_S` seconds
   (:func:`all_ranks_stopped`). Otherwise some rank is inside the step, waiting for this one, and cannot save: no
   rank saves, and the run ends with :class:`StoppedWithoutSaving`, which names the last complete checkpoint.
-
 - A save waits for the data loader's worker processes to say where they are (between two samples); after a stop
   signal at most :data:`~dfmkit.data.loader.WORKER_ANSWER_S` seconds: a worker stuck in a read ends the run without
   a save (:class:`StoppedWithoutSaving`).
@@ -55,6 +54,7 @@ class StopSignals:
         self.grace = grace
         self.received: int | None = None
         self._waiting: float | None = None  # the grace of the wait under way
+        self._armed = False  # the grace timer runs
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -64,7 +64,7 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        self._disarm()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -75,12 +75,16 @@ class StopSignals:
             if self._waiting is not None:
                 self._stop_waiting(self._waiting)
 
-    @staticmethod
-    def _stop_waiting(grace: float) -> None:
-        if grace > 0:
-            signal.setitimer(signal.ITIMER_REAL, grace)  # then _on_grace_over
-        else:
+    def _stop_waiting(self, grace: float) -> None:
+        if grace <= 0:
             raise DataWaitInterrupted
+        self._armed = True
+        signal.setitimer(signal.ITIMER_REAL, grace)  # then _on_grace_over
+
+    def _disarm(self) -> None:
+        if self._armed:
+            self._armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     def _on_grace_over(self, _signum: int, _frame: Any) -> None:
         if self._waiting is not None:
@@ -97,7 +101,7 @@ class StopSignals:
             yield
         finally:
             self._waiting = None
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._disarm()
 
     @property
     def name(self) -> str:
