@@ -75,10 +75,7 @@ def test_a_run_stuck_waiting_for_data_stops_within_seconds_of_sigterm_and_resume
     process, *rest = start_worker(tmp_path, recipe, "stuck", block_data_after={0: 5})
     _wait_for(tmp_path / "blocking.rank0", process)
     time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    result, out = finish_worker(process, *rest, timeout=60)
-    took = time.monotonic() - sent
+    result, out, took = sigterm(process, rest)
     assert result.returncode == 0, result.stdout[-3000:]
     assert took < 15, f"{took:.1f} s after SIGTERM"
     assert out["step"] == 2 and ckpt.complete_iterations(tmp_path / "ck") == [2]
@@ -107,10 +104,7 @@ def test_a_loader_worker_stuck_in_a_read_ends_the_run_within_seconds_of_sigterm_
     process, *rest = start_worker(tmp_path, recipe, "stalled", stall_loader_after=30)
     _wait_for(tmp_path / "stalled", process)
     time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    result, _ = finish_worker(process, *rest, timeout=60)
-    took = time.monotonic() - sent
+    result, _, took = sigterm(process, rest)
     assert result.returncode == 2, result.stdout[-3000:]
     assert took < 25, f"{took:.1f} s after SIGTERM"
     said = [line for line in result.stdout.splitlines() if line.startswith("error: stopped by SIGTERM")]
@@ -131,10 +125,7 @@ def test_ranks_that_all_wait_for_data_stop_together_and_save_the_last_step(tmp_p
     process, *rest = start_worker(tmp_path, recipe, "stuck", nproc=2, block_data_after={0: 5, 1: 5})
     for rank in (0, 1):
         _wait_for(tmp_path / f"blocking.rank{rank}", process)
-    process.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    result, out = finish_worker(process, *rest, timeout=60)
-    took = time.monotonic() - sent
+    result, out, took = sigterm(process, rest)
     assert out is not None and out["step"] == 2, result.stdout[-3000:]
     assert took < 20, f"{took:.1f} s after SIGTERM"
     assert ckpt.complete_iterations(tmp_path / "ck") == [2]
@@ -151,10 +142,7 @@ def test_a_rank_stuck_waiting_while_another_is_inside_the_step_ends_both_without
     process, *rest = start_worker(tmp_path, recipe, "stuck", nproc=2, block_data_after={0: 5})
     _wait_for(tmp_path / "blocking.rank0", process)
     time.sleep(1.0)  # rank 1 reaches the step's first collective
-    process.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    result, out = finish_worker(process, *rest, timeout=60)
-    took = time.monotonic() - sent
+    result, out, took = sigterm(process, rest)
     assert took < 20, f"{took:.1f} s after SIGTERM"
     assert out is None and ckpt.complete_iterations(tmp_path / "ck") == [2]
     last = (f"not saved. The last complete checkpoint is {tmp_path / 'ck' / 'iter_0000002'} (step 2); a run started "
@@ -164,6 +152,15 @@ def test_a_rank_stuck_waiting_while_another_is_inside_the_step_ends_both_without
     assert any("while waiting for the batches of step 3, while another rank was inside that step, waiting for this "
                f"one: {last}" in line for line in said)
     assert any(f"during step 3, which another rank left (" in line and line.endswith(last) for line in said)
+
+
+def sigterm(process, rest):
+    """SIGTERM to a worker of :func:`start_worker` (or its torchrun); its result, output and the seconds it took to
+    end (a minute at most: then TimeoutExpired)."""
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    result, out = finish_worker(process, *rest, timeout=60)
+    return result, out, time.monotonic() - sent
 
 
 def _wait_for(marker, process, timeout=180):
