@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import dfmkit
     from dfmkit.data.skips import report
     from dfmkit.processes import children_die_with_this_process
-    from dfmkit.train.checkpoint import find_checkpoint, read_marker
+    from dfmkit.train.checkpoint import find_checkpoint
     from dfmkit.train.loop import train
 
     children_die_with_this_process()  # loader workers, checkpoint writers: nothing outlives a killed run
@@ -64,12 +64,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = dfmkit.build(args.recipe, overrides)
     result = train(job)
     if result["stopped_by_signal"]:
-        print(f"stopped at step {result['step']}; checkpoint in {result['checkpoint_dir']}", file=sys.stderr)
+        found = find_checkpoint(result["checkpoint_dir"])
+        print(f"stopped at step {result['step']}; {f'checkpoint {found}' if found else 'nothing saved'}",
+              file=sys.stderr)
     if int(os.environ.get("RANK", "0")) == 0:
-        # The skipped samples by reason, as the final checkpoint has them (data-parallel rank 0's loader).
-        checkpoint = find_checkpoint(result["checkpoint_dir"])
-        skipped = read_marker(checkpoint).get("skipped_samples") if checkpoint else None
-        print(f"data: {report(skipped or {})}")
+        print(f"data: {report(result['skipped_samples'])}")  # summed over the data-parallel ranks
     return 0
 
 

@@ -235,6 +235,9 @@ class CheckpointConfig:
     keep_last: int = attrs.field(default=3, validator=_positive)
     resume: bool = True
     load: str = ""  # start from this checkpoint instead of the newest one in `dir`
+    # A resume on data whose index differs from the one the checkpoint read: "refuse" (an error naming the change),
+    # or "restart" (everything else resumes; the data is read from its start).
+    on_data_change: str = attrs.field(default="refuse", validator=v.in_(["refuse", "restart"]))
 
 
 @attrs.define(kw_only=True)

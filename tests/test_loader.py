@@ -147,6 +147,55 @@ def test_restored_loader_gives_the_same_next_batches(tmp_path, workers):
     resumed.close()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rewind_goes_back_to_a_position_after_an_interrupted_fetch(tmp_path, workers):
+    """A stop signal can interrupt the loader anywhere in a fetch (waiting for a worker, or reading in this process);
+    rewinding to the position taken before goes back there exactly: the same batches come next, the counts of
+    batches and skipped samples are those of then, and the state saved after the rewind restores it in a new
+    loader."""
+    nan = torch.full((3, 1, 8, 8), float("nan"))
+    write_raw(tmp_path / "train-a-000000.tar", [(f"{k:09d}", members(k, lat=nan if k % 5 == 0 else None))
+                                                 for k in range(60)])
+    write_info(tmp_path)
+    index_dataset(tmp_path)
+    r = recipe(tmp_path, num_workers=workers, shuffle_buffer_size=10, packing_buffer_size=6)
+    loader = build_train_loader(r)
+    for _ in range(3):
+        next(loader)
+    position, skipped, samples = loader.position(), loader.skips.as_dict(), loader.samples
+    expected = [next(loader).keys for _ in range(4)]
+    assert loader.skips.as_dict() != skipped  # the batches after the position count more bad samples
+
+    class Interrupted(BaseException):  # as the trainer's stop signal raises (not an Exception: nothing counts it)
+        pass
+
+    def interrupt(*_):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
+    try:
+        with pytest.raises(Interrupted):
+            for _ in range(1000):
+                next(loader)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    loader.rewind(position)
+    assert (loader.batches, loader.samples, loader.skips.as_dict()) == (3, samples, skipped)
+    state = json.loads(json.dumps(loader.save_state()))
+    assert [next(loader).keys for _ in range(4)] == expected
+    loader.rewind(position)  # again, from where it had read to after the rewind
+    assert loader.position()[1:3] == position[1:3] and [next(loader).keys for _ in range(4)] == expected
+    loader.close()
+    resumed = build_train_loader(r)
+    resumed.restore_state(state)
+    assert resumed.skips.as_dict() == skipped
+    assert [next(resumed).keys for _ in range(4)] == expected
+    resumed.close()
+
+
 def test_state_codec_round_trip_and_refusals():
     from megatron.energon.rng import SystemRng
     from megatron.energon.state import FlexState

@@ -45,7 +45,9 @@ def tiny_recipe(checkpoint_dir, **sections):
     return recipe
 
 
-def run_worker(tmp_path, recipe, name, nproc=1, **config):
+def start_worker(tmp_path, recipe, name, nproc=1, **config):
+    """tests/train_worker.py in a session of its own (under torchrun with ``nproc`` > 1); returns the process, its
+    command, and the paths of its log and of its result."""
     out = tmp_path / f"{name}.json"
     config_file = tmp_path / f"{name}.config.json"
     config_file.write_text(json.dumps({"recipe": recipe, "out": str(out), **config}))
@@ -60,13 +62,40 @@ def run_worker(tmp_path, recipe, name, nproc=1, **config):
     # process behind, which would hold pipes open; it is ended with the session.
     with open(log, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return process, command, log, out
+
+
+def finish_worker(process, command, log, out, timeout=240):
+    """Wait for a worker of :func:`start_worker` (at most ``timeout`` s, then kill its session: TimeoutExpired);
+    returns (CompletedProcess with its output, its result or None)."""
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    result = subprocess.CompletedProcess(command, process.returncode, log.read_text(), log.read_text())
+    return result, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def run_worker(tmp_path, recipe, name, nproc=1, **config):
+    return finish_worker(*start_worker(tmp_path, recipe, name, nproc, **config))
+
+
+def run_cli(tmp_path, args, name, nproc=1, timeout=240):
+    """``dfmkit ARGS`` in a process of its own (under torchrun with ``nproc`` > 1); returns (exit code, output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+                                      str(_free_port())]
+    command = [sys.executable, *launcher, "-m", "dfmkit.cli", *args]
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            process.wait(timeout=240)
+            process.wait(timeout=timeout)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-    result = subprocess.CompletedProcess(command, process.returncode, log.read_text(), log.read_text())
-    return result, (json.loads(out.read_text()) if out.exists() else None)
+    return process.returncode, log.read_text()
 
 
 def _free_port() -> int:
@@ -146,29 +175,6 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_save(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.state.model.parameters())  # skipped steps changed nothing
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.state.model.parameters()))
     assert ckpt.find_checkpoint(tmp_path / "nan").name == "iter_0000004"
-
-
-class SignalAt:
-    """Mock packs that send this process SIGTERM while the batches of step ``step`` are drawn."""
-
-    def __init__(self, recipe, step: int):
-        from dfmkit.data.mock import MockLoader
-
-        self.inner, self.batch = MockLoader(recipe), step * recipe.train.global_batch_size
-
-    def __next__(self):
-        batch = next(self.inner)
-        if self.inner.batches == self.batch:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return batch
-
-
-def test_a_stop_signal_finishes_the_step_saves_and_stops(tmp_path):
-    job = dfmkit.build(tiny_recipe(tmp_path / "sig", train={"train_iters": 10}))
-    result = Trainer(job, data=SignalAt(job.recipe, step=2)).train()
-    assert result["stopped_by_signal"] and result["step"] == 2 and len(result["losses"]) == 2
-    assert ckpt.find_checkpoint(tmp_path / "sig").name == "iter_0000002"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
 
 
 def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path):
@@ -513,3 +519,24 @@ def test_cuda_distributed_optimizer_writes_its_master_weights_into_the_model(tmp
                     pairs += 1
     assert pairs == len(before)
     assert any(not torch.equal(before[name], p) for name, p in trainer.state.model.named_parameters())
+
+
+def test_dfmkit_run_sums_the_skipped_samples_of_every_data_parallel_rank(tmp_path):
+    """Each data-parallel rank's loader counts the bad samples of its own part: the summary of `dfmkit run` (and the
+    checkpoint) hold the sum over the ranks, not rank 0's part."""
+    from test_data_harness import index_dataset, members, run_recipe, write_info, write_raw
+
+    nan = torch.full((3, 1, 8, 8), float("nan"))
+    for shard in range(2):  # one shard a rank, every 4th sample NaN: 2 bad samples in each part
+        keys = range(shard * 8, shard * 8 + 8)
+        write_raw(tmp_path / f"train-{shard}-000000.tar",
+                  [(f"{k:09d}", members(k, lat=nan if k % 4 == 0 else None)) for k in keys])
+    write_info(tmp_path)
+    index_dataset(tmp_path)
+    recipe = run_recipe(tmp_path, tmp_path / "ck", train_iters=2).replace("global_batch_size = 1",
+                                                                         "global_batch_size = 2")
+    (tmp_path / "run.toml").write_text(recipe)
+    code, output = run_cli(tmp_path, ["run", str(tmp_path / "run.toml")], "dp", nproc=2)
+    assert code == 0, output[-3000:]
+    assert "data: 4 skipped (nonfinite 4)" in output.splitlines()
+    assert ckpt.read_marker(ckpt.find_checkpoint(tmp_path / "ck"))["skipped_samples"] == {"nonfinite": 4}

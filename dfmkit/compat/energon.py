@@ -24,6 +24,14 @@ Checked on megatron-energon 7.4.1, torch 2.13.0.
   that would otherwise look for a usable sample forever.
 - :func:`shutdown_workers`: Energon's savable loader is a torch ``DataLoader``; its worker processes are stopped
   through the DataLoader's private ``_iterator`` and that iterator's ``_shutdown_workers``.
+- :func:`loader_position` / :func:`state_at`: the state ``SavableDataLoader.save_state_rank()`` would have given at
+  an earlier point, for a stop that interrupts a step's batches and saves the step's start. With worker processes
+  ``save_state_rank`` sends the workers the last sample index received from each (the private
+  ``_worker_sample_counters``, with ``_next_worker_id``) and each answers with its checkpoint at that index from the
+  few it keeps (``get_checkpoint`` through ``cmd_queues``/``result_queues``; it answers between samples, so taking it
+  at every step would wait for the workers); :func:`loader_position` copies those counters, and :func:`state_at`
+  asks the workers for them, with a time limit, and merges the answers as ``save_state_rank`` does. Without workers,
+  or before they start (``_has_workers``), the state is read in this process and is the position itself.
 """
 
 from __future__ import annotations
@@ -276,6 +284,48 @@ def shutdown_workers(loader: Any) -> None:
         shutdown()
 
 
+@dataclasses.dataclass(frozen=True)
+class LoaderPosition:
+    """Where an Energon savable loader was: its state (read in this process), or what its workers are asked for it."""
+
+    state: Any = None  # a SavableDataLoaderState or None (the loader's start), when read in this process
+    worker_sample_counters: tuple[int, ...] | None = None  # the last sample index received from each worker
+    next_worker_id: int = 0
+
+
+def loader_position(loader: Any) -> LoaderPosition:
+    """Where Energon's savable ``loader`` is now (cheap: no question to the worker processes)."""
+    if loader.num_workers > 0 and loader._has_workers:
+        return LoaderPosition(worker_sample_counters=tuple(loader._worker_sample_counters),
+                              next_worker_id=loader._next_worker_id)
+    return LoaderPosition(state=loader.save_state_rank())
+
+
+def state_at(loader: Any, position: LoaderPosition, timeout: float) -> Any:
+    """``loader.save_state_rank()`` as it was at ``position``; a worker that does not answer within ``timeout``
+    seconds is a TimeoutError."""
+    import queue
+
+    from megatron.energon.savable_loader import SavableDataLoaderState
+
+    if position.worker_sample_counters is None:
+        return position.state
+    for commands in loader.cmd_queues:
+        commands.put(("get_checkpoint", list(position.worker_sample_counters)))
+    answers: dict[int, Any] = {}
+    for results in loader.result_queues:
+        try:
+            answers.update(results.get(timeout=timeout))
+        except queue.Empty:
+            raise TimeoutError(f"a data loader worker did not say where it was within {timeout:g} s") from None
+    worker_states = [answers[worker] for worker in range(len(answers))]
+    for answer in worker_states:
+        if isinstance(answer, Exception):
+            raise answer
+    return SavableDataLoaderState(worker_states=worker_states, next_worker_id=position.next_worker_id,
+                                  micro_batch_size=loader._get_batch_size())
+
+
 def _fields(cls: type) -> Sequence[str]:
     return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else list(
         getattr(cls, "__annotations__", {}))
@@ -320,6 +370,22 @@ def check() -> list[str]:
         source = inspect.getsource(sample_loader.WebdatasetSampleLoaderDataset)
         if "self.slice_offsets" not in source:
             problems.append(f"{patch}: a WebdatasetSampleLoaderDataset no longer has 'slice_offsets'")
+    patch = "loader_position"
+    from megatron.energon import savable_loader
+
+    problems += missing_attributes(patch, savable_loader.SavableDataLoader, "save_state_rank", "_get_batch_size")
+    problems += missing_parameters(patch, savable_loader.SavableDatasetWrapper, "get_checkpoint",
+                                   "last_sample_indexes")
+    problems += [f"{patch}: {savable_loader.__name__}.SavableDataLoaderState has no field '{name}'"
+                 for name in ("worker_states", "next_worker_id", "micro_batch_size")
+                 if name not in _fields(savable_loader.SavableDataLoaderState)]
+    import inspect
+
+    source = inspect.getsource(savable_loader.SavableDataLoader)
+    problems += [f"{patch}: a SavableDataLoader no longer has '{name}'"
+                 for name in ("_has_workers", "_worker_sample_counters", "_next_worker_id", "cmd_queues",
+                              "result_queues", '_worker_command("get_checkpoint", self._worker_sample_counters)')
+                 if name not in source]
     patch = "shutdown_workers"
     if not hasattr(torch.utils.data.DataLoader([]), "_iterator"):
         problems.append(f"{patch}: a torch.utils.data.DataLoader has no '_iterator'")

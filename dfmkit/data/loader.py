@@ -9,7 +9,12 @@
   :func:`state_to_json` and read back by :func:`state_from_json`, which builds only plain values and
   the few Energon state classes such a state holds (an exact list, never a class named by the file):
   no pickle anywhere, and the result can go into the checkpoint's per-rank JSON file as it is.
-- ``restore_state(state)``: the next batch after a restore is the batch that followed the save.
+- ``position()`` and ``rewind(position)``: where the loader is, cheaply enough to take at each step's start, and
+  back there (the batches delivered since come again), for a stop that interrupts a step's batches.
+- ``restore_state(state)``: the next batch after a restore is the batch that followed the save. The state records the
+  split's index (its shards and their samples); a state saved on a dataset whose index differs (a shard re-written
+  with other samples, added or gone, another dataset) is refused (:class:`DatasetChanged`, naming the differences):
+  its position means nothing there. The same index under another path (a moved dataset) is restored.
 - ``skips``: a :class:`~dfmkit.data.skips.SkipCounter` of the samples skipped so far, by reason, each bad
   sample counted once however often it is read (``skips.report()`` sums them up). The counts follow the batches
   delivered (each pack carries those its worker counted), and are the same with and without a resume.
@@ -57,7 +62,7 @@ import numpy as np
 import torch
 
 from dfmkit.batch import PackedBatch, round_up
-from dfmkit.compat.energon import harden_readers, index_problem, shutdown_workers
+from dfmkit.compat.energon import harden_readers, index_problem, loader_position, shutdown_workers, state_at
 from dfmkit.data import DataError, check_fits_model
 from dfmkit.latent_sizes import patch_sizes
 from dfmkit.data.mock import MockLoader
@@ -69,6 +74,9 @@ from dfmkit.processes import children_die_with_this_process
 log = logging.getLogger("dfmkit.data")
 
 STATE_FORMAT = "dfmkit-loader-state/1"
+
+#: Seconds a stopping run waits for a worker process to say where it is or was (it answers between two samples).
+WORKER_ANSWER_S = 10.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +366,14 @@ def _in_split(shard: str, split: str) -> bool:
     return named == split
 
 
+class DatasetChanged(DataError):
+    """A loader state saved on a dataset whose index differs from this one's (``changes`` says how)."""
+
+    def __init__(self, message: str, changes: list[str]):
+        super().__init__(message)
+        self.changes = changes
+
+
 class EnergonLoader:
     """Packed batches from an Energon-indexed folder; an iterator with savable state."""
 
@@ -386,7 +402,8 @@ class EnergonLoader:
         self.dataset_info = _check_dataset(self.path, split)
         info = self.dataset_info or {}
         check_fits_model(recipe, info, f"the dataset '{self.path}'")
-        if not split_samples(self.path, split):
+        self.shards = split_shards(self.path, split)  # the split's index: samples by shard
+        if not sum(self.shards.values()):
             raise DataError(f"the '{split}' split of '{self.path}' holds no samples (see .nv-meta/split.yaml)")
         check_sample_sizes(recipe, info, split, self.pad_multiple, f"the '{split}' split of '{self.path}'")
         self.skips = SkipCounter()
@@ -408,6 +425,7 @@ class EnergonLoader:
         self.last_metadata: list[dict] = []
         self._loader: Any = None
         self._iterator: Iterator[Any] | None = None
+        self._rewound: dict[str, Any] | None = None  # the state of a rewind, restored at the next batch
         self._build()
 
     def _task_encoder(self) -> Any:
@@ -463,6 +481,8 @@ class EnergonLoader:
         return next(self._iterator)
 
     def __next__(self) -> PackedBatch:
+        if self._rewound is not None:
+            self.restore_state(self._rewound)
         try:
             pack = self._next_pack()
         except NoUsableSamples as exc:  # raised in a worker, or here when there are none
@@ -477,20 +497,43 @@ class EnergonLoader:
 
     def save_state(self) -> dict[str, Any]:
         """This rank's loader position and skip counts, as JSON-ready data."""
-        state = self._loader.save_state_rank()
+        if self._rewound is not None:
+            return self._rewound
+        return self._state(self._loader.save_state_rank(), self.samples, self.batches, self.skips.state())
+
+    def _state(self, energon: Any, samples: int, batches: int, skips: dict[str, Any]) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT, "kind": "energon", "path": str(self.path), "split": self.split,
             "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_workers": self.num_workers,
-            "samples": self.samples, "batches": self.batches, "skips": self.skips.state(),
-            "energon": None if state is None else state_to_json(state),
+            "samples": samples, "batches": batches, "skips": skips, "shards": self.shards,
+            "energon": None if energon is None else state_to_json(energon),
         }
+
+    def position(self) -> tuple[Any, ...]:
+        """Where the loader is now: cheap enough for every step (no question to the worker processes)."""
+        if self._rewound is not None:
+            self.restore_state(self._rewound)
+        return loader_position(self._loader), self.samples, self.batches, self.skips.recorded
+
+    def rewind(self, position: tuple[Any, ...]) -> None:
+        """Go back to ``position`` (of :meth:`position`): the batches delivered since come again, and the counts and
+        :meth:`save_state` are those of then. The worker processes are asked where they were then (they answer
+        between samples; one that does not within :data:`WORKER_ANSWER_S` is a TimeoutError). They are replaced
+        only when the next batch is asked for: a run that stops after the rewind does not wait for them."""
+        energon, samples, batches, skip_records = position
+        self._rewound = self._state(state_at(self._loader, energon, WORKER_ANSWER_S), samples, batches,
+                                    self.skips.state(skip_records))
+        self.samples, self.batches = samples, batches
+        self.skips.load(self._rewound["skips"])
 
     def restore_state(self, state: Mapping[str, Any] | None) -> None:
         """Continue from a :meth:`save_state` result (same recipe, DP layout and worker count)."""
         if not state:
             return
+        self._rewound = None
         if state.get("format") != STATE_FORMAT or state.get("kind") != "energon":
             raise DataError(f"not an Energon loader state of this dfmkit version: {str(state)[:120]}")
+        self._check_same_dataset(state)
         for key, mine in (("dp_rank", self.dp_rank), ("dp_size", self.dp_size), ("num_workers", self.num_workers)):
             if int(state[key]) != mine:
                 raise DataError(f"loader state was saved with {key}={state[key]}, this run has {key}={mine}; "
@@ -502,6 +545,34 @@ class EnergonLoader:
         self.samples, self.batches = int(state.get("samples", 0)), int(state.get("batches", 0))
         if state.get("energon") is not None:
             self._loader.restore_state_rank(state_from_json(state["energon"]))
+
+    def _check_same_dataset(self, state: Mapping[str, Any]) -> None:
+        """Raise :class:`DatasetChanged` unless ``state`` was saved on a split with this one's index (shard names and
+        samples; a state that does not record it is taken as it is)."""
+        saved = state.get("shards")
+        if saved is None:
+            return
+        changes = [] if state.get("split") == self.split else [f"the split was '{state.get('split')}'"]
+        for name in sorted(set(saved) | set(self.shards)):
+            then, now = saved.get(name), self.shards.get(name)
+            if then is None:
+                changes.append(f"shard {name} is new ({now} samples)")
+            elif now is None:
+                changes.append(f"shard {name} ({then} samples) is gone")
+            elif then != now:
+                changes.append(f"shard {name} held {then} samples, now {now}")
+        moved = str(state.get("path")) != str(self.path)
+        if not changes:
+            if moved and self.dp_rank == 0:
+                log.info("the data position saved on '%s' goes on in '%s', whose index is the same", state.get("path"),
+                         self.path)
+            return
+        listed = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        read_from = f" (that was read from '{state.get('path')}')" if moved else ""
+        raise DatasetChanged(
+            f"the '{self.split}' split of '{self.path}' is not the data the saved position belongs to{read_from}: "
+            f"{listed} ({len(saved)} shards with {sum(saved.values())} samples then, {len(self.shards)} with "
+            f"{sum(self.shards.values())} now)", changes)
 
     def close(self) -> None:
         """Stop the worker processes."""

@@ -77,6 +77,12 @@ class MockLoader:
         return {"format": STATE_FORMAT, "kind": "mock", "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "batches": self.batches, "skips": {}}
 
+    def position(self) -> int:
+        return self.batches
+
+    def rewind(self, position: int) -> None:
+        self.batches = position
+
     def restore_state(self, state: Mapping[str, Any] | None) -> None:
         if not state:
             return

@@ -22,6 +22,7 @@ stops it (:class:`NoUsableSamples`) once every sample of its part of the data ha
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
@@ -167,11 +168,17 @@ class SkipCounter:
         """One line for logs: '3 skipped (nonfinite 2, too_long 1)' or 'no samples skipped'."""
         return report(self.as_dict())
 
-    def state(self) -> dict[str, Any]:
-        """The records as JSON data: sample indices as [start, stop) ranges by reason, named records by name."""
+    @property
+    def recorded(self) -> int:
+        """How many records there are (:meth:`state` of that many gives the counter as it is now)."""
+        return len(self._records)
+
+    def state(self, records: int | None = None) -> dict[str, Any]:
+        """The records (the first ``records`` made, or all) as JSON data: sample indices as [start, stop) ranges by
+        reason, named records by name."""
         indices: dict[str, list[int]] = {}
         named: dict[str, list[Any]] = {}
-        for identity, (reason, n) in self._records.items():
+        for identity, (reason, n) in itertools.islice(self._records.items(), records):
             if isinstance(identity, int) and n == 1:
                 indices.setdefault(reason, []).append(identity)
             else:

@@ -6,7 +6,7 @@
   :func:`gather_from_context_parallel`: a packed batch per CP rank and back; :func:`required_pad_multiple`
   is what the data pipeline pads each sample to.
 - :func:`all_reduce_context_parallel`, :func:`data_and_context_group`, :func:`barrier`: the reductions a
-  loss needs.
+  loss needs; :func:`data_parallel_group`: the ranks that read different parts of the data.
 
 Gradients are reduced by megatron's DDP and ``finalize_model_grads``, as the trainer builds them
 (:mod:`dfmkit.train.state`, :mod:`dfmkit.train.step`).
@@ -28,6 +28,7 @@ from dfmkit.parallel.state import (
     all_reduce_context_parallel,
     barrier,
     data_and_context_group,
+    data_parallel_group,
     destroy,
     ensure_initialized,
     initialize,
@@ -43,6 +44,7 @@ __all__ = [
     "all_reduce_context_parallel",
     "barrier",
     "data_and_context_group",
+    "data_parallel_group",
     "destroy",
     "ensure_initialized",
     "gather_from_context_parallel",

@@ -181,6 +181,14 @@ def layout() -> ParallelLayout:
     )
 
 
+def data_parallel_group() -> dist.ProcessGroup:
+    """The group of ranks that read different parts of the data (data parallel; tensor and context peers read the
+    same)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
 def data_and_context_group(env: ParallelLayout | None = None) -> dist.ProcessGroup:
     """The group of ranks that hold different tokens of the global batch (data x context parallel)."""
     from megatron.core import parallel_state as ps

@@ -9,8 +9,10 @@ Layout of ``checkpoint.dir``::
 
 A save writes everything into the ``.tmp_`` folder, then ``dfmkit.json`` (the completeness
 marker), then renames the folder and replaces ``latest`` with ``os.replace``. A crash at any
-point leaves ``latest`` naming a checkpoint that loads. Per-rank state that is not a tensor
-(RNG states, the loader position) goes to ``rank_<r>.json``, never through pickle.
+point leaves ``latest`` naming a checkpoint that loads. A write that fails (a full disk) fails the save on every
+rank with a :class:`CheckpointError` that says why and names the checkpoint still there; the ``.tmp_`` folder is
+removed. Per-rank state that is not a tensor (RNG states, the loader position) goes to ``rank_<r>.json``, never
+through pickle.
 
 Loading runs no code from the checkpoint (:func:`load_sharded`): ``common.pt`` is read weights-only,
 torch.distributed.checkpoint's ``.metadata`` with an unpickler that admits only the classes such a file is made of,
@@ -22,22 +24,27 @@ A checkpoint that holds anything else is refused, naming the file, before any of
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dfmkit.compat.megatron_checkpoint import synchronous_save_results
 from dfmkit.compat.torch_dcp import MetadataUnpickler, load_weights_only, restricted_unpickling
 from dfmkit.data import DataError
 from dfmkit.data.loader import state_from_json
 from dfmkit.errors import CheckpointError
+
+log = logging.getLogger("dfmkit")
 
 MARKER = "dfmkit.json"
 LATEST = "latest"
@@ -59,11 +66,15 @@ def _barrier() -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def complete_iterations(root: Path) -> list[int]:
@@ -108,32 +119,119 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Save on every rank; returns the published folder. ``marker`` is written by rank 0 only."""
+    """Save on every rank; returns the published folder. ``marker`` is written by rank 0 only.
+
+    A write that fails on any rank (a full disk, a quota, a file system error) fails the save on every rank alike:
+    the unfinished ``.tmp_`` folder is removed and a :class:`CheckpointError` says why, how much room the file system
+    has, and which complete checkpoint is still there to resume from."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
     final = iteration_dir(root, iteration)
     tmp = root / f".tmp_{final.name}"
-    if _rank() == 0:
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp_iter_*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
-    synchronous_save_results()
-    dist_checkpointing.save(sharded_state_dict, str(tmp))
-    _write_atomic(tmp / f"rank_{_rank():05d}.json", json.dumps(rank_state))
-    _barrier()
-    if _rank() == 0:
+
+    def write() -> None:
+        synchronous_save_results()
+        dist_checkpointing.save(sharded_state_dict, str(tmp))
+        _write_atomic(tmp / f"rank_{_rank():05d}.json", json.dumps(rank_state))
+
+    def publish() -> None:
         _write_atomic(tmp / MARKER, json.dumps({**marker, "iteration": iteration}, indent=2))
         if final.exists():  # a re-save of the same iteration replaces it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_atomic(root / LATEST, f"{iteration}\n")
+        try:
+            _write_atomic(root / LATEST, f"{iteration}\n")
+        except OSError as exc:  # the checkpoint is complete; without `latest` the newest complete one is found
+            (root / LATEST).unlink(missing_ok=True)
+            log.warning("%s is complete, but %s could not be updated (%s); removed it: a resume finds the newest "
+                        "complete checkpoint", final, root / LATEST, exc)
+
+    for action, everywhere in ((prepare, False), (write, True), (publish, False)):
+        failure = _failure_on_any_rank(action, everywhere)
+        if failure is not None:
+            message = _save_failed(root, iteration, tmp, failure)  # with the room the failed write left
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(message)
+    if _rank() == 0:
         for old in complete_iterations(root)[:-keep_last]:
             shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
     _barrier()
     return final
+
+
+#: Free bytes under which a file system where a write failed counts as full (the failed write left it about empty).
+_ALMOST_FULL = 1 << 20
+
+
+def _failure_on_any_rank(action: Callable[[], None], everywhere: bool) -> tuple[str, bool] | None:
+    """Run ``action`` on every rank (or rank 0 only); the first failure of any rank as (what went wrong, whether it
+    was out of room), the same on every rank, or None."""
+    failure = None
+    if everywhere or _rank() == 0:
+        try:
+            action()
+        except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+            failure = (_last_line(exc), _out_of_room(exc))
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failure
+    failures: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    return next((tuple(f) for f in failures if f is not None), None)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The gist of an error: torch's CheckpointException holds the writers' tracebacks, whose last line says it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:400]
+
+
+def _out_of_room(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it came from) says the disk or a quota is full."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(exc) for text in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _save_failed(root: Path, iteration: int, tmp: Path, failure: tuple[str, bool]) -> str:
+    what, out_of_room = failure
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    full = out_of_room or (free is not None and free < _ALMOST_FULL)
+    room = f"{_size(free)} free on the file system of {root}"
+    why = f"the disk is full ({room}; the write said {what})" if full else f"{what} ({room})"
+    fix = "Free some space (or point checkpoint.dir elsewhere) and run again" if full else "Fix the cause and run again"
+    previous = find_checkpoint(root)
+    if previous is None:
+        kept = f"there is no earlier complete checkpoint in {root}"
+    else:
+        kept = f"the previous checkpoint {previous} (step {read_marker(previous).get('iteration')}) is intact"
+        fix += " to resume from it"
+    return f"could not save the checkpoint of step {iteration}: {why}. The unfinished {tmp} was removed; {kept}. {fix}."
+
+
+def _size(free: int | None) -> str:
+    if free is None:
+        return "unknown room"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if free >= scale:
+            return f"{free / scale:.1f} {unit}"
+    return f"{free} bytes"
 
 
 def load_checkpoint(checkpoint: Path, sharded_state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

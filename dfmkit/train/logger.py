@@ -5,13 +5,17 @@ file, CI, a scheduler) and with ``progress = false`` it is one line per ``train.
 loss, learning rate, gradient norm, samples/s and the time left. The time left comes from
 :class:`StepTimer`, which smooths the step time so that a validation or a checkpoint save does not make it
 jump.
+
+TensorBoard that cannot write (a full disk) stops with a warning; the run goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +83,10 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = Path(config.dir or os.path.join(checkpoint_dir, "tensorboard"))
-        self.tensorboard = SummaryWriter(str(self.dir))
+        try:
+            self.tensorboard = SummaryWriter(str(self.dir))
+        except OSError as exc:
+            self._tensorboard_failed(exc)
         if config.wandb_project:
             self.wandb = _start_wandb(config, run_config)
         from rich.console import Console
@@ -96,11 +103,26 @@ class MetricsLogger:
             self._task = self.progress.add_task("train", total=total_steps, completed=start_step, status="",
                                                 eta=format_eta(None))
 
+    def _tensorboard_write(self, write: Callable[[Any], None]) -> None:
+        """``write(SummaryWriter)``, if TensorBoard still logs; a write that fails stops TensorBoard, not the run."""
+        if self.tensorboard is None:
+            return
+        try:
+            write(self.tensorboard)
+        except OSError as exc:
+            writer, self.tensorboard = self.tensorboard, None
+            with contextlib.suppress(OSError):
+                writer.close()
+            self._tensorboard_failed(exc)
+
+    def _tensorboard_failed(self, exc: OSError) -> None:
+        log.warning("TensorBoard logging to %s stopped: %s; training goes on without it (free some space or point "
+                    "logging.dir elsewhere to have it next run)", self.dir, exc)
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        for key, value in values.items():
-            self.tensorboard.add_scalar(key, value, step)
+        self._tensorboard_write(lambda writer: [writer.add_scalar(key, value, step) for key, value in values.items()])
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
@@ -108,8 +130,8 @@ class MetricsLogger:
         """``images``: HxWx3 uint8 arrays by index (the tag of image ``i`` is ``<tag>/<i>``)."""
         if not self.enabled or not images:
             return
-        for index, image in images.items():
-            self.tensorboard.add_image(f"{tag}/{index}", image, step, dataformats="HWC")
+        self._tensorboard_write(lambda writer: [writer.add_image(f"{tag}/{index}", image, step, dataformats="HWC")
+                                                for index, image in images.items()])
         if self.wandb is not None:
             import wandb
 
@@ -146,8 +168,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        self._tensorboard_write(lambda writer: writer.close())
+        self.tensorboard = None
         if self.wandb is not None:
             self.wandb.finish()
 

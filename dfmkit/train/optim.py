@@ -142,5 +142,9 @@ def build_optimizer(optim: OptimConfig, train_iters: int, model_chunks: list, bf
         end_wd=optim.weight_decay,
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
+        # On resume the schedule of the recipe applies at the checkpoint's step (megatron would keep the
+        # checkpoint's lr, warm-up, decay and length; see dfmkit.train.resume).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler

@@ -66,7 +66,9 @@ class TrainState:
         return ckpt.save_checkpoint(directory, self.step, self.sharded_state_dict(), marker, rank_state, keep_last)
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
-        """Load ``checkpoint`` into this state; returns this rank's JSON state (RNGs, data position)."""
+        """Load ``checkpoint`` into this state; returns this rank's JSON state (RNGs, data position). The optimizer's
+        settings and its schedule stay those this state was built with (the recipe's); the schedule goes on from the
+        checkpoint's step."""
         try:
             state, rank_state = ckpt.load_checkpoint(checkpoint, self.sharded_state_dict(is_loading=True))
         except ckpt.CheckpointError:
@@ -75,13 +77,18 @@ class TrainState:
             raise ckpt.CheckpointError(f"{checkpoint} does not fit the model of this recipe: {type(exc).__name__}: "
                                        f"{str(exc)[:500]}") from None
         self.model.load_state_dict(_strip_prefix(state["model"], "model."), strict=False)
+        # The optimizer's settings (betas, eps, the lr bounds, ...) are the recipe's; its state comes from the
+        # checkpoint, whose param groups would bring back the settings it was saved with.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, mine in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(mine)
         ema_state = _strip_prefix(state["ema"], "model.")
         name_of = {param: name for name, param in self.model.named_parameters()}
         for param, shadow in zip(self.ema.params, self.ema.shadow):
             if name_of[param] in ema_state:
                 shadow.copy_(ema_state[name_of[param]])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])  # the recipe's schedule at the checkpoint's step
         counters = state["trainer"]
         self.step = int(counters["step"])
         self.consumed_sequences = int(counters["consumed_sequences"])
