@@ -151,7 +151,7 @@ def test_a_rank_stuck_waiting_while_another_is_inside_the_step_ends_both_without
     assert len(said) == 2, result.stdout[-3000:]
     assert any("while waiting for the batches of step 3, while another rank was inside that step, waiting for this "
                f"one: {last}" in line for line in said)
-    assert any(f"during step 3, which another rank left (" in line and line.endswith(last) for line in said)
+    assert any("during step 3, which another rank left (" in line and line.endswith(last) for line in said)
 
 
 def sigterm(process, rest):
@@ -203,7 +203,7 @@ def test_a_full_disk_during_a_save_names_the_intact_checkpoint_and_the_next_run_
         patch.setattr(filesystem_async, "_write_item", full_disk)  # forked writers inherit it
         assert main(["run", str(recipe)]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"error: could not save the checkpoint of step 6: the disk is full (")
+    assert error.startswith("error: could not save the checkpoint of step 6: the disk is full (")
     assert f"file system of {root};" in error and NO_SPACE in error and "Traceback" not in error
     assert error.rstrip().endswith(f"The unfinished {root / '.tmp_iter_0000006'} was removed; the previous checkpoint "
                                    f"{root / 'iter_0000003'} (step 3) is intact. Free some space (or point "
