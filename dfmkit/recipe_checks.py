@@ -88,7 +88,16 @@ def _validation_sizes(recipe: Any, registries: Registries) -> list[str]:
     return [message]
 
 
-CHECKS: tuple[Callable[[Any, Registries], list[str]], ...] = (_schedule, _sequence_holds_a_sample, _validation_sizes)
+def _validation_noise_levels(recipe: Any, registries: Registries) -> list[str]:
+    check = getattr(recipe.diffusion.options, "sigma_problem", None)
+    problems = [check(sigma) for sigma in recipe.validation.loss_sigmas] if check is not None else []
+    return [f"validation.loss_sigmas: {problem} (diffusion.name = '{recipe.diffusion.name}')"
+            for problem in problems if problem]
+
+
+CHECKS: tuple[Callable[[Any, Registries], list[str]], ...] = (
+    _schedule, _sequence_holds_a_sample, _validation_sizes, _validation_noise_levels,
+)
 
 
 def _component_problems(recipe: Any, registries: Registries, section: str) -> list[str]:
