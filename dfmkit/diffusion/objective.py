@@ -104,6 +104,11 @@ class Objective:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
 
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.options == self.options
+
+    __hash__ = None  # options are mutable attrs objects
+
     @property
     def condition_dropout(self) -> float:
         return self.options.condition_dropout
@@ -118,8 +123,9 @@ class Objective:
         """The signal's scale at noise level ``sigma``: ``x = alpha(sigma) x0 + sigma n``."""
         raise NotImplementedError
 
-    def sample_sigma(self, batch: PackedBatch, generator: torch.Generator | None, device) -> torch.Tensor:
-        """One training noise level per sample of ``batch`` [N], float32, drawn with ``generator`` on ``device``."""
+    def sample_sigma(self, tokens: torch.Tensor, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """A training noise level [N] float32 for each of N samples with ``tokens`` [N] real tokens, drawn with
+        ``generator`` on ``device`` (default: the generator's)."""
         raise NotImplementedError
 
     def prediction(self, model_fn: ModelFn, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor,
@@ -169,7 +175,7 @@ class Objective:
         device = batch.latents.device
         gen_device = generator.device if generator is not None else device
         n, (length, features) = batch.num_samples, batch.latents.shape
-        sigma = self.sample_sigma(batch, generator, gen_device)
+        sigma = self.sample_sigma(batch.seqlens, generator, gen_device)
         keep_text = torch.rand(n, generator=generator, device=gen_device) >= self.condition_dropout
         noise = torch.randn(length, features, generator=generator, device=gen_device)
         noise = noise.to(device) * batch.token_mask().unsqueeze(-1)

@@ -81,10 +81,10 @@ class EDM(Objective):
 
     # -- training and sampling ----------------------------------------------------------------
 
-    def sample_sigma(self, batch: PackedBatch, generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_sigma(self, tokens: torch.Tensor, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """ln(sigma) ~ N(P_mean, P_std^2), one per sample, float32."""
-        o = self.options
-        return (torch.randn(batch.num_samples, generator=generator, device=device) * o.p_std + o.p_mean).exp()
+        o, device = self.options, generator.device if generator is not None else device
+        return (torch.randn(len(tokens), generator=generator, device=device) * o.p_std + o.p_mean).exp()
 
     def prediction(self, model_fn: ModelFn, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor,
                    noise: torch.Tensor, batch: PackedBatch, model_dtype: torch.dtype | None) -> Prediction:

@@ -59,14 +59,14 @@ class RectifiedFlow(Objective):
         t = sample_levels(sigma, x, batch)
         return x - t[batch.token_sample_ids()].unsqueeze(-1) * self.velocity_of(model_fn, x, t, batch, model_dtype)
 
-    def sample_sigma(self, batch: PackedBatch, generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_sigma(self, tokens: torch.Tensor, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """t = shift(sigmoid(u)), u ~ N(p_mean, p_std^2), one per sample, float32."""
-        o = self.options
-        t = torch.sigmoid(torch.randn(batch.num_samples, generator=generator, device=device) * o.p_std + o.p_mean)
+        o, device = self.options, generator.device if generator is not None else device
+        t = torch.sigmoid(torch.randn(len(tokens), generator=generator, device=device) * o.p_std + o.p_mean)
         if not o.shift_by_tokens:
             return shift_times(t, o.shift) if o.shift != 1.0 else t
         (n0, n1), (mu0, mu1) = o.shift_tokens, o.log_shift
-        tokens = batch.seqlens.to(device=device, dtype=torch.float32)
+        tokens = tokens.to(device=device, dtype=torch.float32)
         mu = mu0 + (mu1 - mu0) * (tokens - n0) / (n1 - n0)
         return shift_times(t, mu.exp())
 

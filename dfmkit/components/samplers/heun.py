@@ -86,6 +86,7 @@ class Heun(Euler):
             x_hat = x_cur
             if gamma > 0:
                 t_hat = t_hat.clamp(max=objective.max_sigma)
+            if t_hat > t_cur:  # not at the largest level already
                 x_hat = objective.renoise(x_cur, t_cur, t_hat, o.s_noise * _randn_like(x_cur, generator))
 
             # Euler step.
