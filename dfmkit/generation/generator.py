@@ -181,7 +181,7 @@ class Generator:
             "model": self.recipe.model.name,
             "tokenizer": self.recipe.tokenizer.name,
             "text_encoder": self.recipe.text_encoder.name,
-            **sampler_settings(sampler_name, sampler_options),
+            **sampler_settings(sampler_name, sampler_options, self.recipe.diffusion),
             "guidance": guidance,
             "base_seed": seed,
             "device": self.device.type,

@@ -94,6 +94,7 @@ class Validator:
         self.model_dtype = model_dtype
         self.out_dir = out_dir
         self.logger = logger
+        self.diffusion = job.recipe.diffusion
         self.objective = job.components["diffusion"].build(recipe=job.recipe)
         self.loss_sigmas = list(self.config.loss_sigmas or type(self.objective.options).LOSS_SIGMAS)
         self.batches = build_validation_batches(
@@ -149,7 +150,7 @@ class Validator:
         if self.env.rank != 0:
             return []
         out_dir = self.out_dir / f"step_{step}"
-        common = {"step": step, "weights": "ema", **sampler_settings(self.sampler_name, self.sampler_options),
+        common = {"step": step, "weights": "ema", **sampler_settings(self.sampler_name, self.sampler_options, self.diffusion),
                   "guidance": config.guidance, "base_seed": config.seed}
         first_frames, written, skipped = {}, [], []
         for index, (request, shape, latent) in enumerate(zip(self.requests, shapes, latents)):
