@@ -15,6 +15,8 @@ Components take part through optional methods of their options class (see :mod:`
   video of that size, raising :class:`~dfmkit.errors.DfmkitError` or ``ValueError`` for sizes the
   tokenizer does not take. With it the validation sizes are checked here; without it, when the tokenizer
   is built.
+- ``sigma_problem(self, sigma) -> str | None`` on an objective's options: what is wrong with a noise level that
+  ``validation.loss_sigmas`` names, in that objective's units (rectified flow's times are at most 1).
 """
 
 from __future__ import annotations

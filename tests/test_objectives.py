@@ -300,3 +300,13 @@ def test_generation_and_export_keep_the_checkpoints_objective(flow_checkpoint, t
     assert config["objective"]["name"] == "rectified-flow" and config["objective"]["shift"] == 2.0
     [c] = load(out).generate(["a handwritten digit 3"], height=8, width=8, seed=4, steps=3)
     torch.testing.assert_close(c.latent, a.latent)
+
+
+def test_the_butterfly_recipe_takes_the_flow_settings_the_readme_gives():
+    recipe = load_recipe("dit_xl_butterfly", ["diffusion.name=rectified-flow", "diffusion.shift_by_tokens=true",
+                                              "diffusion.sample_shift=3", "sampler.name=euler",
+                                              "sampler.num_steps=28"])
+    assert recipe.diffusion.options == RectifiedFlowOptions(shift_by_tokens=True, sample_shift=3.0)
+    assert (recipe.sampler.name, recipe.sampler.options.num_steps) == ("euler", 28)
+    shift = math.exp(RectifiedFlow(recipe.diffusion.options).options.log_shift[0] + (1.15 - 0.5) * (1024 - 256) / 3840)
+    assert shift == pytest.approx(1.88, abs=0.01)  # the README's "about 1.9 at 1024 tokens"
