@@ -1,4 +1,4 @@
-"""dfmkit: train and sample text-to-image/video Diffusion Transformers (EDM) on megatron-core."""
+"""dfmkit: train and sample text-to-image/video Diffusion Transformers (EDM, rectified flow) on megatron-core."""
 
 from dfmkit.errors import DfmkitError, RecipeError, UnknownComponentError
 from dfmkit.hookspecs import hookimpl

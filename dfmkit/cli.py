@@ -150,7 +150,7 @@ def cmd_recipe_show(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfmkit",
-        description="Train and sample Diffusion Transformers (EDM) on megatron-core.",
+        description="Train and sample Diffusion Transformers (EDM, rectified flow) on megatron-core.",
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"dfmkit {__version__}")
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="classifier-free guidance w (1: none; the reference's g is w - 1); a w so large that "
                                "the guided denoiser overflows gives NaN outputs, which are refused")
     generate.add_argument("--sampler",
-                          help="a registered sampler (edm-heun, edm-euler, plugins); default: the recipe's")
+                          help="a registered sampler (heun, euler, plugins); default: the recipe's")
     generate.add_argument("--seed", type=int, help="output i uses seed + i (default: validation.seed)")
     generate.add_argument("--weights", choices=("ema", "model"), default="ema",
                           help="EMA (default) or raw trained weights")

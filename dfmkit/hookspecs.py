@@ -32,7 +32,7 @@ def dfmkit_register(registries: Registries) -> None:
     """Add components to the registries.
 
     ``registries`` has one :class:`~dfmkit.registry.Registry` per kind: ``backbone``,
-    ``sampler``, ``tokenizer``, ``text_encoder``, ``task_encoder`` and ``attention``.
+    ``objective``, ``sampler``, ``tokenizer``, ``text_encoder``, ``task_encoder`` and ``attention``.
     Register with ``registries.sampler.register("my-sampler", build, options=MyOptions)``
     where ``MyOptions`` is an attrs class of the options the recipe section may set and
     ``build(options, **context)`` returns the component; ``context`` holds what the caller has (``recipe``, the

@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "dfmkit"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "dfmkit.components.tokenizers",
     "dfmkit.components.backbones",
+    "dfmkit.components.objectives",
     "dfmkit.components.attention",
     "dfmkit.components.samplers",
     "dfmkit.components.text_encoders",

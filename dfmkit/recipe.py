@@ -1,7 +1,7 @@
 """Recipes: the attrs schema of a TOML recipe, loading with cattrs, dotted overrides, and TOML output.
 
-A recipe has fixed sections (``[diffusion]``, ``[data]``, ``[train]``, ``[optim]``, ``[parallel]``,
-``[checkpoint]``, ``[logging]``, ``[validation]``) and component sections (``[model]``,
+A recipe has fixed sections (``[data]``, ``[train]``, ``[optim]``, ``[parallel]``, ``[checkpoint]``,
+``[logging]``, ``[validation]``) and component sections (``[model]``, ``[diffusion]`` (the objective),
 ``[sampler]``, ``[tokenizer]``, ``[text_encoder]``, ``[task_encoder]``) that name a registered
 component with ``name = "..."``; the rest of a component section is validated by that
 component's own options class. Every mistake is reported with its dotted path and, where a
@@ -50,6 +50,9 @@ FloatOrInf = Annotated[float, _InfAllowed()]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+#: Keys of the sampling grid that recipes written before objectives existed put in ``[sampler]``.
+SAMPLING_GRID_KEYS = ("sigma_min", "sigma_max", "rho")
+
 
 # --------------------------------------------------------------------------------------------
 # Component sections
@@ -71,9 +74,14 @@ class BackboneSection(ComponentSection):
     default = "dit"
 
 
+class DiffusionSection(ComponentSection):
+    kind = "objective"
+    default = "edm"
+
+
 class SamplerSection(ComponentSection):
     kind = "sampler"
-    default = "edm-heun"
+    default = "heun"
 
 
 class TokenizerSection(ComponentSection):
@@ -115,17 +123,6 @@ def _betas(instance: Any, attribute: attrs.Attribute, value: tuple[float, float]
 def _sigmas(instance: Any, attribute: attrs.Attribute, value: list[float]) -> None:
     if not all(sigma > 0 for sigma in value):
         raise ValueError(f"'{attribute.name}' must be noise levels > 0, got {value}")
-
-
-@attrs.define(kw_only=True)
-class DiffusionConfig:
-    """EDM training (Karras et al. 2022): noise levels, preconditioning and loss."""
-
-    sigma_data: float = attrs.field(default=0.5, validator=_positive)
-    p_mean: float = -1.2  # ln(sigma) ~ N(p_mean, p_std^2); the reference uses 0 / 1
-    p_std: float = attrs.field(default=1.2, validator=_positive)
-    condition_dropout: float = attrs.field(default=0.2, validator=_fraction)
-    loss_normalization: str = attrs.field(default="sample", validator=v.in_(["sample", "token"]))
 
 
 @attrs.define(kw_only=True)
@@ -261,7 +258,7 @@ class ValidationConfig:
     frames: int = attrs.field(default=1, validator=_positive)
     guidance: float = 7.0  # classifier-free guidance w (1: none); steps and sampler come from [sampler]
     seed: int = attrs.field(default=0, validator=_seed)
-    loss_sigmas: list[float] = attrs.field(factory=lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0], validator=_sigmas)
+    loss_sigmas: list[float] = attrs.field(factory=list, validator=_sigmas)  # []: the objective's LOSS_SIGMAS
     loss_batches: int = attrs.field(default=2, validator=_non_negative)
 
 
@@ -270,7 +267,7 @@ class Recipe:
     """A whole recipe. Build one with :func:`load_recipe`, which validates every section."""
 
     model: BackboneSection
-    diffusion: DiffusionConfig = attrs.Factory(DiffusionConfig)
+    diffusion: DiffusionSection
     sampler: SamplerSection
     tokenizer: TokenizerSection
     text_encoder: TextEncoderSection
@@ -520,7 +517,7 @@ class RecipeLoader:
         if not isinstance(data, Mapping):
             raise RecipeError([f"a recipe is a table of sections, got {type(data).__name__}"], source)
         fields = attrs.fields_dict(Recipe)
-        problems = []
+        data, problems = self._move_sampling_grid(data)
         for key in data:
             if key not in fields:
                 guess = did_you_mean(key, list(fields))
@@ -541,6 +538,36 @@ class RecipeLoader:
             raise RecipeError(problems, source)
         return recipe
 
+    def _move_sampling_grid(self, data: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
+        """``data`` with the sampling grid's keys moved from ``[sampler]`` to ``[diffusion]``, where recipes written
+        before objectives existed (checkpoints' recipes too) hold them in the sampler; a recipe that sets a key in
+        both, to different values, is a mistake. Keys the sampler itself takes stay."""
+        sampler, diffusion = data.get("sampler"), data.get("diffusion", {})
+        if not isinstance(sampler, Mapping) or not isinstance(diffusion, Mapping):
+            return data, []
+        try:
+            sampler_fields = attrs.fields_dict(
+                self.registries.sampler.get(_structure_str(sampler.get("name", SamplerSection.default), str)).options)
+            objective_fields = attrs.fields_dict(
+                self.registries.objective.get(_structure_str(diffusion.get("name", DiffusionSection.default), str)
+                                              ).options)
+        except (DfmkitError, _ValueError):  # reported when the section is read
+            return data, []
+        moving = [key for key in SAMPLING_GRID_KEYS
+                  if key in sampler and key not in sampler_fields and key in objective_fields]
+        if not moving:
+            return data, []
+        sampler, diffusion, problems = dict(sampler), dict(diffusion), []
+        for key in moving:
+            value = sampler.pop(key)
+            if key in diffusion and diffusion[key] != value:
+                problems.append(f"sampler.{key}: the sampling grid is the objective's; this recipe sets sampler.{key} "
+                                f"= {value!r} and diffusion.{key} = {diffusion[key]!r}: keep diffusion.{key} only")
+            diffusion.setdefault(key, value)
+        log.info("recipe: %s moved from [sampler] to [diffusion] (the sampling grid is the objective's)",
+                 ", ".join(moving))
+        return {**data, "sampler": sampler, "diffusion": diffusion}, problems
+
     def unstructure(self, recipe: Recipe) -> dict[str, Any]:
         return _drop_none(self.converter.unstructure(recipe))
 
@@ -548,8 +575,10 @@ class RecipeLoader:
                           overrides: Iterable[str]) -> dict[str, Any]:
         """``data`` (``base`` with ``overrides`` applied) where an override names another component for a
         section: of the base section's options only those the new component also has, and whose values it
-        accepts, are kept (a refused value is dropped with a warning: the new default applies). Options
-        given in ``overrides`` are always kept, and checked as usual."""
+        accepts, are kept (a refused value is dropped with a warning: the new default applies). An options class
+        whose same-named fields may mean other things in other components of its kind lists those that keep their
+        meaning in ``KEPT_ON_SWITCH`` (objectives: ``p_mean`` is of ln(sigma) in EDM, of logit(t) in rectified
+        flow); only those are kept. Options given in ``overrides`` are always kept, and checked as usual."""
         given: dict[str, set[str]] = {}
         for override in overrides:
             section, _, key = override.partition("=")[0].strip().partition(".")
@@ -566,7 +595,7 @@ class RecipeLoader:
                 continue
             if new_name == old_name:
                 continue
-            fields = attrs.fields_dict(options)
+            fields = set(attrs.fields_dict(options)) & set(getattr(options, "KEPT_ON_SWITCH", attrs.fields_dict(options)))
             kept = {k: v for k, v in new_section.items() if k == "name" or k in given[section] or k in fields}
             carried = [k for k in kept if k != "name" and k not in given[section]]
             if carried and not self._accepts(options, {k: kept[k] for k in carried}):
@@ -684,6 +713,12 @@ def _deep_copy(value: Any) -> Any:
     if isinstance(value, list):
         return [_deep_copy(x) for x in value]
     return value
+
+
+def saved_objective(data: Mapping[str, Any]) -> str:
+    """The objective a recipe's data names (``diffusion.name``; recipes from before objectives existed: EDM)."""
+    diffusion = data.get("diffusion", {})
+    return str(diffusion.get("name", DiffusionSection.default)) if isinstance(diffusion, Mapping) else ""
 
 
 def packaged_recipes() -> list[str]:

@@ -15,6 +15,8 @@ Components take part through optional methods of their options class (see :mod:`
   video of that size, raising :class:`~dfmkit.errors.DfmkitError` or ``ValueError`` for sizes the
   tokenizer does not take. With it the validation sizes are checked here; without it, when the tokenizer
   is built.
+- ``sigma_problem(self, sigma) -> str | None`` on an objective's options: what is wrong with a noise level that
+  ``validation.loss_sigmas`` names, in that objective's units (rectified flow's times are at most 1).
 """
 
 from __future__ import annotations
@@ -88,7 +90,16 @@ def _validation_sizes(recipe: Any, registries: Registries) -> list[str]:
     return [message]
 
 
-CHECKS: tuple[Callable[[Any, Registries], list[str]], ...] = (_schedule, _sequence_holds_a_sample, _validation_sizes)
+def _validation_noise_levels(recipe: Any, registries: Registries) -> list[str]:
+    check = getattr(recipe.diffusion.options, "sigma_problem", None)
+    problems = [check(sigma) for sigma in recipe.validation.loss_sigmas] if check is not None else []
+    return [f"validation.loss_sigmas: {problem} (diffusion.name = '{recipe.diffusion.name}')"
+            for problem in problems if problem]
+
+
+CHECKS: tuple[Callable[[Any, Registries], list[str]], ...] = (
+    _schedule, _sequence_holds_a_sample, _validation_sizes, _validation_noise_levels,
+)
 
 
 def _component_problems(recipe: Any, registries: Registries, section: str) -> list[str]:

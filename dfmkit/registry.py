@@ -10,7 +10,7 @@ import attrs
 
 from dfmkit.errors import DuplicateComponentError, UnknownComponentError, did_you_mean
 
-KINDS = ("backbone", "sampler", "tokenizer", "text_encoder", "task_encoder", "attention")
+KINDS = ("backbone", "objective", "sampler", "tokenizer", "text_encoder", "task_encoder", "attention")
 BUILTIN = "built-in"
 
 
@@ -115,6 +115,7 @@ class Registries:
     """One :class:`Registry` per kind, as attributes: ``registries.sampler`` and so on."""
 
     backbone: Registry
+    objective: Registry
     sampler: Registry
     tokenizer: Registry
     text_encoder: Registry

@@ -100,7 +100,8 @@ def trainer_step(recipe: dict, packs: list[PackedBatch], overlap: bool = False) 
     The state is built as the Trainer builds it (:func:`dfmkit.train.state.build_train_state`: the model, megatron's
     DDP with the batched accumulation, the optimizer), its weights then set by :func:`randomize_`;
     :func:`dfmkit.train.step.compute_gradients` runs this rank's micro-batches (the noise drawn on the whole pack,
-    the load-balanced context-parallel shard, the EDM loss of :func:`dfmkit.diffusion.edm.loss_share`, backward,
+    the load-balanced context-parallel shard, the recipe's objective's loss and
+    :func:`dfmkit.diffusion.objective.loss_share`, backward,
     megatron's ``finalize_model_grads``) and the gradients are divided by the global count, as the optimizer does.
     Pack ``i`` of the global batch is drawn with the generator the one-process run uses for it (micro-batch ``i``).
 
@@ -116,7 +117,6 @@ def trainer_step(recipe: dict, packs: list[PackedBatch], overlap: bool = False) 
 
     import dfmkit
     from dfmkit import parallel
-    from dfmkit.diffusion.edm import EDM
     from dfmkit.train.setup import micro_batches_per_rank
     from dfmkit.train.state import build_train_state, training_ddp_config
     from dfmkit.train.step import compute_gradients, step_generator
@@ -138,11 +138,11 @@ def trainer_step(recipe: dict, packs: list[PackedBatch], overlap: bool = False) 
         outputs = []
         stack.enter_context(state.model.register_forward_hook(
             lambda _, args, out: outputs.append(parallel.gather_from_context_parallel(out.detach(), args[2]))))
-        edm = EDM.from_config(job.recipe.diffusion)
+        objective = job.components["diffusion"].build(recipe=job.recipe)
 
         def step():
             generators = [step_generator(job.recipe.train.seed, 0, i, 0) for i in indices]
-            return compute_gradients(state, edm, [packs[i] for i in indices], generators, env=env, device=device,
+            return compute_gradients(state, objective, [packs[i] for i in indices], generators, env=env, device=device,
                                      model_dtype=torch.float32)
 
         if overlap:

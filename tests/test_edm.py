@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from dfmkit.batch import PackedBatch, Sample, pack
-from dfmkit.diffusion import EDM, LossTerms, drop_condition
-from dfmkit.diffusion.edm import loss_share
+from dfmkit.components.objectives.edm import EDM
+from dfmkit.diffusion import LossTerms, drop_condition
 from dfmkit.diffusion.analytic import GaussianMixture
-from dfmkit.recipe import DiffusionConfig, load_recipe
+from dfmkit.diffusion.objective import ModelFn, loss_share
+from dfmkit.job import Job
+from dfmkit.recipe import load_recipe
 from toys import TOY_SECTIONS
 
 TEXT_DIM = 8
@@ -37,6 +39,20 @@ def make_pack(sizes, channels=4, patch=2, pad_multiple=1, seed=0, text_lengths=N
 
 def with_latents(batch: PackedBatch, latents: torch.Tensor) -> PackedBatch:
     return dataclasses.replace(batch, latents=latents)
+
+
+def exact_network(data: GaussianMixture, edm: EDM) -> ModelFn:
+    """The raw network ``F`` whose EDM-preconditioned denoiser is exactly ``data.denoise``.
+
+    Each sample's sigma is recovered from ``c_noise = ln(sigma) / 4`` (float32: to about 1e-6).
+    """
+
+    def model(x_in: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        sigma = (4 * c_noise.to(torch.float64)).exp()[batch.token_sample_ids()].unsqueeze(-1)
+        x = x_in.to(torch.float64) / edm.c_in(sigma)
+        return ((data.denoise(x, sigma) - edm.c_skip(sigma) * x) / edm.c_out(sigma)).to(x_in.dtype)
+
+    return model
 
 
 def mean_loss(terms: LossTerms, normalization: str = "sample") -> torch.Tensor:
@@ -82,25 +98,31 @@ def test_denoise_with_zero_network_is_the_skip_path_and_gets_per_sample_sigma():
     torch.testing.assert_close(seen["c_noise"], sigma.log() / 4)
 
 
-def test_from_config_and_the_reference_noise_levels():
-    assert EDM.from_config(DiffusionConfig()) == EDM(sigma_data=0.5, p_mean=-1.2, p_std=1.2, condition_dropout=0.2)
+def test_the_recipe_builds_edm_by_default_and_the_reference_noise_levels():
+    registries = _toy_registries()
+    default = Job(load_recipe(TOY_SECTIONS, registries=registries), _toy_plugins()).components["diffusion"].build()
+    assert default == EDM(sigma_data=0.5, p_mean=-1.2, p_std=1.2, condition_dropout=0.2)
     recipe = load_recipe(
         {**TOY_SECTIONS, "diffusion": {"p_mean": 0.0, "p_std": 1.0, "loss_normalization": "token"}},
-        registries=_toy_registries(),
+        registries=registries,
     )
-    edm = EDM.from_config(recipe.diffusion)
-    assert (edm.p_mean, edm.p_std, edm.loss_normalization) == (0.0, 1.0, "token")
+    edm = Job(recipe, _toy_plugins()).components["diffusion"].build()
+    assert (edm.options.p_mean, edm.options.p_std, edm.loss_normalization) == (0.0, 1.0, "token")
     with pytest.raises(ValueError, match="sigma_data"):
         EDM(sigma_data=0)
     with pytest.raises(ValueError, match="loss_normalization"):
         EDM(loss_normalization="pixel")
 
 
-def _toy_registries():
+def _toy_plugins():
     from dfmkit.plugins import PluginManager
     from toys import ToyComponents
 
-    return PluginManager(entry_points=False, extra=[(ToyComponents(), "toy-dist 1.0")]).registries
+    return PluginManager(entry_points=False, extra=[(ToyComponents(), "toy-dist 1.0")])
+
+
+def _toy_registries():
+    return _toy_plugins().registries
 
 
 # -- draws -----------------------------------------------------------------------------------
@@ -124,7 +146,7 @@ def test_every_sample_of_a_pack_gets_its_own_sigma_noise_and_dropout():
 
 @pytest.mark.parametrize(("p_mean", "p_std"), [(-1.2, 1.2), (0.0, 1.0)])
 def test_training_noise_levels_are_log_normal(p_mean, p_std):
-    log_sigma = EDM(p_mean=p_mean, p_std=p_std).sample_sigma(200_000, torch.Generator().manual_seed(0)).log().double()
+    log_sigma = EDM(p_mean=p_mean, p_std=p_std).sample_sigma(torch.ones(200_000), torch.Generator().manual_seed(0)).log().double()
     assert float(log_sigma.mean()) == pytest.approx(p_mean, abs=4 * p_std / math.sqrt(200_000))
     assert float(log_sigma.std()) == pytest.approx(p_std, rel=0.01)
 
@@ -172,7 +194,7 @@ def test_loss_of_the_exact_denoiser_equals_its_analytic_value_given_sigma():
     edm = EDM(sigma_data=0.5)
     batch = gaussian_pack(data, num_samples=64, h=32, w=32, seed=0)  # 256 tokens x 16 features each
     draw = edm.draw(batch, torch.Generator().manual_seed(3))
-    terms = edm.loss_terms(data.model_fn(edm), batch, draw)
+    terms = edm.loss_terms(exact_network(data, edm), batch, draw)
     assert torch.equal(terms.token_count, batch.seqlens.float())
     per_sample = (terms.sq_err_sum / terms.token_count).double()
     expected = exact_gaussian_loss(draw.sigma.double(), s, 0.5)
@@ -189,7 +211,7 @@ def test_expected_training_loss_equals_the_integral_over_the_noise_distribution(
     edm = EDM(sigma_data=0.5, p_mean=-1.2, p_std=1.2)
     z, gw = np.polynomial.hermite_e.hermegauss(64)
     gw = gw / math.sqrt(2 * math.pi)
-    sigmas = np.exp(edm.p_mean + edm.p_std * z)
+    sigmas = np.exp(edm.options.p_mean + edm.options.p_std * z)
     lam = (sigmas**2 + 0.25) / (sigmas * 0.5) ** 2
     analytic = float(sum(w * weight * data.denoising_mse(s) for w, weight, s in zip(gw, lam, sigmas)))
 
@@ -197,14 +219,14 @@ def test_expected_training_loss_equals_the_integral_over_the_noise_distribution(
     losses = []
     for seed in range(8):
         batch = gaussian_pack(data, num_samples=256, h=8, w=8, seed=10 + seed)
-        losses.append(float(edm.loss(data.model_fn(edm), batch, generator)))
+        losses.append(float(edm.loss(exact_network(data, edm), batch, generator)))
     # The spread comes mostly from sigma: 8 x 256 draws.
     assert np.mean(losses) == pytest.approx(analytic, rel=0.05)
 
     # And per noise level, against the quadrature value for the mixture.
     batch = gaussian_pack(data, num_samples=4, h=64, w=64, seed=99)
     fixed = attrs.evolve(edm.draw(batch, generator), sigma=torch.tensor([0.05, 0.3, 1.0, 5.0]))
-    terms = edm.loss_terms(data.model_fn(edm), batch, fixed)
+    terms = edm.loss_terms(exact_network(data, edm), batch, fixed)
     for value, sigma in zip((terms.sq_err_sum / terms.token_count).tolist(), fixed.sigma.tolist()):
         lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
         assert value == pytest.approx(lam * data.denoising_mse(sigma), rel=0.05)
@@ -215,7 +237,7 @@ def test_the_exact_denoiser_minimises_the_loss():
     edm = EDM()
     batch = gaussian_pack(data, num_samples=32, h=16, w=16, seed=4)
     draw = edm.draw(batch, torch.Generator().manual_seed(5))
-    exact = data.model_fn(edm)
+    exact = exact_network(data, edm)
     best = float(mean_loss(edm.loss_terms(exact, batch, draw)))
     for scale in (0.9, 1.1):
         worse = mean_loss(edm.loss_terms(lambda x, c, b: exact(x, c, b) * scale, batch, draw))

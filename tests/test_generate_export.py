@@ -150,8 +150,10 @@ def test_each_output_depends_only_on_its_own_seed(from_checkpoint):
 def test_settings_override_the_recipe(from_checkpoint):
     generator, outputs = from_checkpoint
     euler = generator.generate([PROMPTS[0]], seed=5, steps=2, sampler="edm-euler", guidance=1.0)[0]
-    assert euler.settings["sampler"] == {"name": "edm-euler", "num_steps": 2, "sigma_min": 0.002, "sigma_max": 80.0,
-                                         "rho": 7.0}
+    assert euler.settings["sampler"] == {"name": "edm-euler", "num_steps": 2}
+    assert euler.settings["objective"] == {"name": "edm", "condition_dropout": 0.2, "loss_normalization": "sample",
+                                           "sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002,
+                                           "sigma_max": 80.0, "rho": 7.0}  # the sampling grid is the objective's
     assert euler.settings["guidance"] == 1.0
     assert not torch.allclose(euler.latent, outputs[0].latent)
     default = generator.generate([PROMPTS[0]])[0]  # sizes and seed from the recipe's [validation]

@@ -1,6 +1,6 @@
 """Every parallel layout gives the single-process run's loss, gradients and outputs (CPU, gloo, fp32), through the
 Trainer's own code: its state (megatron DDP with the batched accumulation), its step's gradients (the noise draw, the
-load-balanced context-parallel shard, the EDM loss, finalize_model_grads) and the optimizer's division by the global
+load-balanced context-parallel shard, the objective's loss (EDM, and rectified flow), finalize_model_grads) and the optimizer's division by the global
 count (dit_harness.trainer_step).
 
 Workers are forked from a forkserver that has torch and megatron imported already (imports are most of
@@ -24,6 +24,7 @@ from dfmkit.parallel.context import ContextParallelBatch, shard_index
 from dfmkit.recipe import ParallelConfig
 
 TOKEN = {"loss_normalization": "token"}
+FLOW = {"name": "rectified-flow", "shift_by_tokens": True}  # each sample's shift reads its own token count
 LAYOUTS = {
     # name: (world size, parallel sizes, packs (= data-parallel size), model options, diffusion options, overlap)
     "tp2": (2, dict(tensor=2), 1, {}, {}, False),
@@ -37,6 +38,10 @@ LAYOUTS = {
     "tp2_cp2": (4, dict(tensor=2, context=2), 1, {}, {}, False),
     "tp2_sp_cp2_token": (4, dict(tensor=2, sequence=True, context=2), 1, {}, TOKEN, False),
     "dp2_cp2_token": (4, dict(context=2), 2, {}, TOKEN, False),
+    "tp2_flow": (2, dict(tensor=2), 1, {}, FLOW, False),
+    "tp2_sp_flow": (2, dict(tensor=2, sequence=True), 1, {}, FLOW, False),
+    "cp2_flow": (2, dict(context=2), 1, {}, FLOW, False),
+    "tp2_sp_cp2_flow": (4, dict(tensor=2, sequence=True, context=2), 1, {}, FLOW, False),
 }
 
 RTOL = 1e-5  # of each tensor's largest magnitude; fp32 reordering of sums gives about 5e-7
@@ -123,6 +128,8 @@ def test_the_comparison_means_something(references):
     assert _close(ref["grad_norm"], norm) < RTOL
     token = references[(1, (), tuple(TOKEN.items()))]
     assert token["count"] > ref["count"] and _close(token["loss"], ref["loss"]) > 1e-3
+    flow = references[(1, (), tuple(sorted(FLOW.items())))]
+    assert torch.equal(flow["count"], ref["count"]) and _close(flow["loss"], ref["loss"]) > 1e-3
 
 
 # --------------------------------------------------------------------------------------------

@@ -211,10 +211,10 @@ def test_switching_a_component_keeps_only_the_options_the_new_one_has(toy_plugin
     assert "sampler.num_steps = 35 of 'toy-sampler' does not suit 'toy-sampler-lite'" in caplog.text
     # ... while options given on the command line are always kept and checked.
     with pytest.raises(RecipeError) as info:
-        load(base, ["sampler.name=toy-sampler-lite", "sampler.num_steps=30", "sampler.sigma_max=9"],
+        load(base, ["sampler.name=toy-sampler-lite", "sampler.num_steps=30", "sampler.s_max=9"],
              plugins=toy_plugins)
     assert set(problems(info)) == {"sampler.num_steps: must be <= 20: 30",
-                                   "sampler.sigma_max: unknown key; known keys: name, num_steps, order"}
+                                   "sampler.s_max: unknown key; known keys: name, num_steps, order"}
 
 
 def test_switching_the_sampler_of_a_resolved_recipe():

@@ -232,8 +232,8 @@ def test_validation_writes_loss_and_images(tmp_path):
     settings = json.loads((step_dir / "001.json").read_text())
     assert settings["prompt"] == "a handwritten digit 7" and settings["step"] == 2 and settings["weights"] == "ema"
     assert settings["num_steps"] == 4  # the sampler's steps (was null: read from the sampler, not its options)
-    assert settings["sampler"] == {"name": "edm-euler", "num_steps": 4, "sigma_min": 0.002, "sigma_max": 80.0,
-                                   "rho": 7.0}
+    assert settings["sampler"] == {"name": "edm-euler", "num_steps": 4}
+    assert settings["objective"]["name"] == "edm" and settings["objective"]["sigma_max"] == 80.0
     assert settings["guidance"] == 2.0 and settings["latent_shape"] == [3, 1, 8, 8]
     events = EventAccumulator(str(tmp_path / "val" / "tensorboard"))
     events.Reload()

@@ -1,6 +1,6 @@
 """``dfmkit bench``: training throughput and MFU of DiT presets over parallel layouts, on mock packs.
 
-Each (model, layout) runs the real training step (megatron DDP, optimizer, EDM loss on packed
+Each (model, layout) runs the real training step (megatron DDP, optimizer, the objective's loss on packed
 sequences) on mock packs: warm-up steps, then timed steps. Every rank trains on the same packs and
 the same initial weights (built on the CPU, identical for every tensor-parallel size), so the loss of
 the first step must agree across layouts: the table's parity column is its relative difference to
@@ -102,7 +102,7 @@ def _recipe(preset: str, layout: Layout, seq_length: int, latent_shape: Sequence
     return {
         "model": {"name": "dit", "preset": preset, "in_channels": int(latent_shape[0]), "text_dim": text_dim,
                   "attention": attention, "use_cpu_initialization": True, **(model or {})},
-        "sampler": {"name": "edm-euler"},
+        "sampler": {"name": "euler"},
         "tokenizer": {"name": "identity"},
         "text_encoder": {"name": "t5-tiny"},
         "task_encoder": {"name": "packed"},

@@ -1,4 +1,4 @@
-"""Sampling latency: N-step EDM Heun with classifier-free guidance for a pack of images, and its TFLOP/s."""
+"""Sampling latency: N-step Heun (EDM) with classifier-free guidance for a pack of images, and its TFLOP/s."""
 
 from __future__ import annotations
 
@@ -17,13 +17,12 @@ def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 6
     import dfmkit
     from dfmkit import parallel
     from dfmkit.devices import resolve_device
-    from dfmkit.diffusion.edm import EDM
     from dfmkit.generation.sampling import sample_latents
 
     job = dfmkit.build({
         "model": {"name": "dit", "preset": preset, "in_channels": latent_shape[0], "text_dim": text_dim,
                   "attention": attention},
-        "sampler": {"name": "edm-heun", "num_steps": steps},
+        "sampler": {"name": "heun", "num_steps": steps},
         "tokenizer": {"name": "identity"}, "text_encoder": {"name": "t5-tiny"}, "task_encoder": {"name": "packed"},
     })
     device = resolve_device("auto")
@@ -31,13 +30,13 @@ def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 6
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = job.components["model"].build(recipe=job.recipe).to(device, dtype).eval()
     sampler = job.components["sampler"].build(recipe=job.recipe)
-    edm = EDM.from_config(job.recipe.diffusion)
+    objective = job.components["diffusion"].build(recipe=job.recipe)
     generator = torch.Generator().manual_seed(0)
     texts = [torch.randn(text_tokens, text_dim, generator=generator) for _ in range(images)]
     options = job.recipe.model.options
 
     def run() -> None:
-        sample_latents(lambda x, c, b: model(x, c, b.to(device, dtype)), edm, sampler, texts, [latent_shape] * images,
+        sample_latents(lambda x, c, b: model(x, c, b.to(device, dtype)), objective, sampler, texts, [latent_shape] * images,
                        guidance=guidance, seed=0, patch_spatial=options.patch_spatial,
                        patch_temporal=options.patch_temporal, device=device, model_dtype=dtype)
         if device.type == "cuda":

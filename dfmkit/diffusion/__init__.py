@@ -1,12 +1,15 @@
-"""The diffusion formulation (EDM): preconditioning, training noise levels, loss, guidance. No I/O."""
+"""What diffusion objectives share (the training draws and loss, the ODE samplers integrate) and guidance. No I/O.
 
-from dfmkit.diffusion.edm import EDM, LossTerms, NoiseDraw, drop_condition
+The objectives themselves (EDM, rectified flow) are components: :mod:`dfmkit.components.objectives`.
+"""
+
+from dfmkit.diffusion.objective import LossTerms, NoiseDraw, Objective, drop_condition
 from dfmkit.diffusion.guidance import from_reference_scale, guided_denoiser, warn_if_unguidable
 
 __all__ = [
-    "EDM",
     "LossTerms",
     "NoiseDraw",
+    "Objective",
     "drop_condition",
     "from_reference_scale",
     "guided_denoiser",

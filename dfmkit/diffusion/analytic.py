@@ -1,15 +1,14 @@
 """Data with a closed-form denoiser, for testing samplers and losses without a trained network.
 
 Every element of the data is drawn independently from a 1-D mixture of Gaussians
-``sum_k w_k N(mu_k, s_k^2)`` (one component: a Gaussian). For ``x = x0 + sigma n`` the exact
-denoiser ``D(x; sigma) = E[x0 | x]`` is
+``sum_k w_k N(mu_k, s_k^2)`` (one component: a Gaussian). For ``x = a x0 + sigma n`` (``a = alpha(sigma)`` of the
+objective: 1 for EDM, ``1 - sigma`` for rectified flow) the exact denoiser ``D(x; sigma) = E[x0 | x]`` is
 
-    D(x; sigma) = sum_k r_k(x) (mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)),
-    r_k(x) proportional to w_k N(x; mu_k, s_k^2 + sigma^2),
+    D(x; sigma) = sum_k r_k(x) (mu_k + a s_k^2 / (a^2 s_k^2 + sigma^2) (x - a mu_k)),
+    r_k(x) proportional to w_k N(x; a mu_k, a^2 s_k^2 + sigma^2),
 
-and for one Gaussian the probability-flow ODE has the solution
-``x(sigma) - mu ~ sqrt(s^2 + sigma^2)``. Plugin authors can check a sampler's order with
-:func:`convergence_order`.
+and for one Gaussian the probability-flow ODE keeps ``(x - a mu) / sqrt(a^2 s^2 + sigma^2)`` constant. Plugin
+authors can check a sampler's order under any objective with :func:`convergence_order`.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ import attrs
 import numpy as np
 import torch
 
-from dfmkit.batch import PackedBatch
-from dfmkit.diffusion.edm import EDM, ModelFn
+from dfmkit.diffusion.objective import Objective
 
 
 @attrs.frozen
@@ -58,15 +56,22 @@ class GaussianMixture:
         as_tensor = lambda values: torch.tensor(values, dtype=x.dtype, device=x.device)  # noqa: E731
         return as_tensor(self.means), as_tensor(self.stds), as_tensor(self.weights)
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """The exact ``D(x; sigma)``; ``sigma`` is a scalar or broadcasts against ``x``."""
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float,
+                alpha: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """The exact ``D(x; sigma)`` for ``x = alpha x0 + sigma n``; ``sigma`` and ``alpha`` are scalars or broadcast
+        against ``x``."""
         mu, s, w = self._params(x)
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).unsqueeze(-1)
+        a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).unsqueeze(-1)
         xk = x.unsqueeze(-1)
-        var = s**2 + sigma**2
-        log_r = w.log() - 0.5 * var.log() - (xk - mu) ** 2 / (2 * var)
-        posterior_means = mu + s**2 / var * (xk - mu)
+        var = (a * s) ** 2 + sigma**2
+        log_r = w.log() - 0.5 * var.log() - (xk - a * mu) ** 2 / (2 * var)
+        posterior_means = mu + a * s**2 / var * (xk - a * mu)
         return (torch.softmax(log_r, dim=-1) * posterior_means).sum(-1)
+
+    def denoiser(self, objective: Objective) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``denoise(x, sigma)`` under ``objective``'s ``alpha``, as a sampler calls it."""
+        return lambda x, sigma: self.denoise(x, sigma, objective.alpha(sigma))
 
     def sample(self, shape: Sequence[int], generator: torch.Generator | None = None, dtype=torch.float64):
         """Independent draws of the data, in ``dtype``."""
@@ -74,50 +79,43 @@ class GaussianMixture:
         k = torch.multinomial(w, math.prod(shape), replacement=True, generator=generator).reshape(shape)
         return mu[k] + s[k] * torch.randn(shape, generator=generator, dtype=dtype)
 
-    def flow(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
-        """The exact probability-flow ODE solution from ``sigma_from`` to ``sigma_to`` (one Gaussian only)."""
+    def flow(self, x: torch.Tensor, sigma_from: float, sigma_to: float,
+             alpha: Callable[[float], float] = lambda sigma: 1.0) -> torch.Tensor:
+        """The exact probability-flow ODE solution from ``sigma_from`` to ``sigma_to`` (one Gaussian only), for
+        ``x = alpha(sigma) x0 + sigma n``."""
         if len(self.means) != 1:
             raise ValueError("the flow has a closed form for a single Gaussian only")
         mu, s = self.means[0], self.stds[0]
-        return mu + (x - mu) * math.sqrt((s * s + sigma_to**2) / (s * s + sigma_from**2))
+        a_from, a_to = alpha(sigma_from), alpha(sigma_to)
+        scale = math.sqrt(((a_to * s) ** 2 + sigma_to**2) / ((a_from * s) ** 2 + sigma_from**2))
+        return a_to * mu + (x - a_from * mu) * scale
 
-    def denoising_mse(self, sigma: float, nodes: int = 96) -> float:
-        """``E[(D(x0 + sigma n; sigma) - x0)^2]`` per element, by Gauss-Hermite quadrature over (x0, n)."""
+    def denoising_mse(self, sigma: float, nodes: int = 96, alpha: float = 1.0) -> float:
+        """``E[(D(alpha x0 + sigma n; sigma) - x0)^2]`` per element, by Gauss-Hermite quadrature over (x0, n)."""
         z, gw = np.polynomial.hermite_e.hermegauss(nodes)  # weight exp(-z^2/2), sum sqrt(2 pi)
         gw = torch.tensor(gw / math.sqrt(2 * math.pi), dtype=torch.float64)
         z = torch.tensor(z, dtype=torch.float64)
         total = 0.0
         for w_k, mu_k, s_k in zip(self.weights, self.means, self.stds):
             x0 = (mu_k + s_k * z)[:, None]
-            x = x0 + sigma * z[None, :]
-            err = (self.denoise(x, sigma) - x0) ** 2
+            x = alpha * x0 + sigma * z[None, :]
+            err = (self.denoise(x, sigma, alpha) - x0) ** 2
             total += w_k * float((gw[:, None] * gw[None, :] * err).sum())
         return total
-
-    def model_fn(self, edm: EDM) -> ModelFn:
-        """The raw network ``F`` whose EDM-preconditioned denoiser is exactly :meth:`denoise`.
-
-        Each sample's sigma is recovered from ``c_noise = ln(sigma) / 4`` (float32: to about 1e-6).
-        """
-
-        def model(x_in: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-            sigma = (4 * c_noise.to(torch.float64)).exp()[batch.token_sample_ids()].unsqueeze(-1)
-            x = x_in.to(torch.float64) / edm.c_in(sigma)
-            return ((self.denoise(x, sigma) - edm.c_skip(sigma) * x) / edm.c_out(sigma)).to(x_in.dtype)
-
-        return model
 
 
 def convergence_order(
     make_sampler: Callable[[int], object],
     data: GaussianMixture,
+    objective: Objective,
     steps: Sequence[int] = (16, 32, 64),
     reference_steps: int = 1024,
     num_points: int = 256,
     seed: int = 0,
     make_reference: Callable[[int], object] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Errors of a deterministic sampler against a very fine solution, and the measured orders.
+    """Errors of a deterministic sampler integrating ``objective``'s ODE for ``data`` against a very fine solution,
+    and the measured orders.
 
     ``make_sampler(num_steps)`` builds the sampler; the fine solution comes from
     ``make_reference(reference_steps)`` (default: the same sampler). The error is the largest absolute difference
@@ -125,7 +123,8 @@ def convergence_order(
     ``steps`` (so doubling steps should cut the error by about ``2**order``).
     """
     noise = torch.randn(num_points, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    reference = (make_reference or make_sampler)(reference_steps).sample(data.denoise, noise)
-    errors = [float((make_sampler(n).sample(data.denoise, noise) - reference).abs().max()) for n in steps]
+    denoise = data.denoiser(objective)
+    reference = (make_reference or make_sampler)(reference_steps).sample(denoise, noise, objective)
+    errors = [float((make_sampler(n).sample(denoise, noise, objective) - reference).abs().max()) for n in steps]
     orders = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
     return errors, orders

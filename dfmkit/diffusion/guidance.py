@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from dfmkit.batch import PackedBatch
-from dfmkit.diffusion.edm import EDM, ModelFn
+from dfmkit.diffusion.objective import ModelFn, Objective
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,21 +47,21 @@ def warn_if_unguidable(guidance: float, condition_dropout: float) -> None:
 
 def guided_denoiser(
     model_fn: ModelFn,
-    edm: EDM,
+    objective: Objective,
     batch: PackedBatch,
     guidance: float = 1.0,
     model_dtype: torch.dtype | None = None,
 ) -> Denoiser:
     """``denoise(x [L, F], sigma scalar) -> D [L, F]`` for the conditional ``batch``, guided with ``w = guidance``.
 
-    ``edm.condition_dropout`` is taken as the dropout the model was trained with (a warning when it
+    ``objective.condition_dropout`` is taken as the dropout the model was trained with (a warning when it
     is 0 and ``guidance != 1``). ``model_dtype`` is the dtype the network receives (default: the
     batch latents' dtype); D comes back in ``x``'s dtype. D is zero on padding tokens, so padding
     in the sampler state decays to zero.
     """
     if not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
-    warn_if_unguidable(guidance, edm.condition_dropout)
+    warn_if_unguidable(guidance, objective.condition_dropout)
     model_dtype = model_dtype or batch.latents.dtype
     n = batch.num_samples
     real = batch.token_mask().unsqueeze(-1)
@@ -69,7 +69,7 @@ def guided_denoiser(
     if guidance == 1.0:
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            d = edm.denoise(model_fn, x, per_sample(sigma, x, n), batch, model_dtype)
+            d = objective.denoise(model_fn, x, per_sample(sigma, x, n), batch, model_dtype)
             return torch.where(real, d, 0)
 
         return denoise
@@ -78,7 +78,7 @@ def guided_denoiser(
 
     def denoise_guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigmas = per_sample(sigma, x, 2 * n)
-        d_cond, d_uncond = edm.denoise(model_fn, torch.cat([x, x]), sigmas, doubled, model_dtype).chunk(2)
+        d_cond, d_uncond = objective.denoise(model_fn, torch.cat([x, x]), sigmas, doubled, model_dtype).chunk(2)
         return torch.where(real, d_uncond + guidance * (d_cond - d_uncond), 0)
 
     return denoise_guided

@@ -83,6 +83,7 @@ def export(
             "version": EXPORT_VERSION,
             "recipe": dump_recipe(loaded.recipe, registries=registries),
             "backbone": sections["model"],
+            "objective": sections["diffusion"],
             "tokenizer": sections["tokenizer"],
             "text_encoder": sections["text_encoder"],
             "iteration": marker.get("iteration"),

@@ -74,8 +74,10 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     problems = []
     if not isinstance(config.get("recipe"), str):
         problems.append("'recipe' (the resolved recipe as TOML text) is missing")
-    for key in ("backbone", "tokenizer", "text_encoder"):
+    for key in ("backbone", "tokenizer", "text_encoder", "objective"):
         section = config.get(key)
+        if key == "objective" and section is None:
+            continue  # exports written before objectives existed: the recipe's [diffusion] (EDM)
         if not isinstance(section, dict) or not isinstance(section.get("name"), str):
             problems.append(f"'{key}' must be a table with a 'name'")
     problems += _weight_file_problems(path, config.setdefault("weights", dict(WEIGHT_FILES)))
@@ -107,7 +109,8 @@ def _weight_file_problems(path: Path, weights: Any) -> list[str]:
 
 
 def recipe_data(config: dict[str, Any]) -> dict[str, Any]:
-    """The recipe (TOML data) an export describes: its stored recipe with config.json's component sections."""
+    """The recipe (TOML data) an export describes: its stored recipe with config.json's component sections (the
+    objective among them, where the export names it)."""
     try:
         data = tomllib.loads(config["recipe"])
     except (tomllib.TOMLDecodeError, TypeError) as exc:
@@ -115,6 +118,8 @@ def recipe_data(config: dict[str, Any]) -> dict[str, Any]:
     data["model"] = dict(config["backbone"])
     data["tokenizer"] = dict(config["tokenizer"])
     data["text_encoder"] = dict(config["text_encoder"])
+    if "objective" in config:
+        data["diffusion"] = dict(config["objective"])
     return data
 
 

@@ -21,7 +21,7 @@ import attrs
 import torch
 
 from dfmkit import parallel
-from dfmkit.diffusion.edm import EDM, as_model_fn
+from dfmkit.diffusion.objective import as_model_fn
 from dfmkit.errors import GenerateError
 from dfmkit.generation.loading import generation_parallel, load_model
 from dfmkit.generation.memory import check_memory, memory_need
@@ -83,7 +83,7 @@ class Generator:
         self.env = env
         self.overrides = list(overrides)
         self.keep_text_encoder = keep_text_encoder
-        self.edm = EDM.from_config(self.recipe.diffusion)
+        self.objective = job.components["diffusion"].build(recipe=self.recipe)
         self._text_encoder = None
         self._tokenizer = None
 
@@ -107,7 +107,7 @@ class Generator:
         p, pt = patch_sizes(self.recipe.model.options)
         pad = parallel.required_pad_multiple(ParallelConfig(tensor=self.env.tp_size, context=self.env.cp_size))
         model_fn = as_model_fn(self.model, self.device, self.model_dtype)
-        return SamplingModel(model_fn, self.edm, self.env, self.device, self.model_dtype, p, pt, pad)
+        return SamplingModel(model_fn, self.objective, self.env, self.device, self.model_dtype, p, pt, pad)
 
     @torch.no_grad()
     def generate(
@@ -181,7 +181,7 @@ class Generator:
             "model": self.recipe.model.name,
             "tokenizer": self.recipe.tokenizer.name,
             "text_encoder": self.recipe.text_encoder.name,
-            **sampler_settings(sampler_name, sampler_options),
+            **sampler_settings(sampler_name, sampler_options, self.recipe.diffusion),
             "guidance": guidance,
             "base_seed": seed,
             "device": self.device.type,

@@ -110,9 +110,12 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def sampler_settings(name: str, options: Any) -> dict[str, Any]:
-    """The settings entries of a sampler: ``sampler`` (its name and every option) and ``num_steps``."""
-    return {"sampler": {"name": name, **attrs.asdict(options)}, "num_steps": getattr(options, "num_steps", None)}
+def sampler_settings(name: str, options: Any, objective: Any) -> dict[str, Any]:
+    """The settings entries of sampling: ``sampler`` (its name and every option), ``objective`` (the recipe's
+    ``[diffusion]`` section: its name and options, the sampling grid among them) and ``num_steps``."""
+    return {"sampler": {"name": name, **attrs.asdict(options)},
+            "objective": {"name": objective.name, **attrs.asdict(objective.options)},
+            "num_steps": getattr(options, "num_steps", None)}
 
 
 def sample_settings(index: int, request: Request, seed: int, latent_shape: Any, fps: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 
 from dfmkit import parallel
 from dfmkit.batch import PackedBatch, Sample, pack, round_up, unpack
-from dfmkit.diffusion.edm import EDM, ModelFn
+from dfmkit.diffusion.objective import ModelFn, Objective
 from dfmkit.diffusion.guidance import guided_denoiser
 from dfmkit.job import Job
 from dfmkit.parallel import ParallelLayout
@@ -37,7 +37,7 @@ def starting_noise(batch: PackedBatch, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_latents(
     model_fn: ModelFn,
-    edm: EDM,
+    objective: Objective,
     sampler: Any,
     texts: Sequence[torch.Tensor],
     latent_shapes: Sequence[Sequence[int]],
@@ -63,9 +63,9 @@ def sample_latents(
     noise = starting_noise(batch, seed)
     local_batch, local_noise = shard(batch, noise) if shard else (batch, noise)
     local_batch = local_batch.to(device)
-    denoise = guided_denoiser(model_fn, edm, local_batch, guidance, model_dtype)
+    denoise = guided_denoiser(model_fn, objective, local_batch, guidance, model_dtype)
     generator = torch.Generator().manual_seed(seed)
-    x0 = sampler.sample(denoise, local_noise.to(device), generator=generator)
+    x0 = sampler.sample(denoise, local_noise.to(device), objective, generator=generator)
     x0 = gather(x0, local_batch) if gather else x0
     return unpack(batch, x0.float().cpu(), patch_spatial, patch_temporal)
 
@@ -87,11 +87,11 @@ def split_packs(shapes: Sequence[Sequence[int]], patch_spatial: int, patch_tempo
 
 @attrs.frozen
 class SamplingModel:
-    """A model as sampling sees it: its call ``model_fn(x, c_noise, batch)``, the EDM preconditioning, where it
+    """A model as sampling sees it: its call ``model_fn(x, c_noise, batch)``, its objective, where it
     runs, and the parallel layout (``env``) its packs are split over (context parallelism)."""
 
     model_fn: ModelFn
-    edm: EDM
+    objective: Objective
     env: ParallelLayout
     device: torch.device
     dtype: torch.dtype
@@ -111,7 +111,7 @@ class SamplingModel:
         latents: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
         for indices in split_packs(shapes, self.patch_spatial, self.patch_temporal, max_tokens, self.pad_multiple):
             pack_latents = sample_latents(
-                self.model_fn, self.edm, sampler, [texts[i] for i in indices], [shapes[i] for i in indices],
+                self.model_fn, self.objective, sampler, [texts[i] for i in indices], [shapes[i] for i in indices],
                 guidance=guidance, seed=seed + indices[0], patch_spatial=self.patch_spatial,
                 patch_temporal=self.patch_temporal, pad_multiple=self.pad_multiple, device=self.device,
                 model_dtype=self.dtype, shard=self._shard, gather=parallel.gather_from_context_parallel,

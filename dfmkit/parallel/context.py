@@ -15,7 +15,7 @@ to all real keys of that sample. Text (cross-attention keys) is small and is rep
 Gradients: each CP rank sees only its tokens, so its parameter gradients are partial sums; they are
 summed over the CP group (megatron's DDP sums over data x context: the DiT's config sets
 ``calculate_per_token_loss``). The per-rank loss that makes the sum exact is
-:func:`dfmkit.diffusion.edm.loss_share`: the rank's own error sums over each sample's total count of real tokens.
+:func:`dfmkit.diffusion.objective.loss_share`: the rank's own error sums over each sample's total count of real tokens.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from dfmkit import parallel
 from dfmkit.data.loader import WORKER_ANSWER_S, build_train_loader
 from dfmkit.data.skips import REASONS
-from dfmkit.diffusion.edm import EDM, as_model_fn
+from dfmkit.diffusion.objective import as_model_fn
 from dfmkit.errors import DfmkitError
 from dfmkit.job import Job
 from dfmkit.processes import children_die_with_this_process
@@ -111,7 +111,7 @@ class Trainer:
         self.micro_batches = micro_batches_per_rank(recipe.train, self.env)
         self.pad_multiple = parallel.required_pad_multiple(recipe.parallel)
         self.state = build_train_state(job, recipe, self.env, self.device, self.model_dtype)
-        self.edm = EDM.from_config(recipe.diffusion)
+        self.objective = job.components["diffusion"].build(recipe=recipe)
         if data is None:
             data = build_train_loader(job, dp_rank=self.env.dp_rank, dp_size=self.env.dp_size,
                                       pad_multiple=self.pad_multiple)
@@ -180,7 +180,7 @@ class Trainer:
             batches = [next(self.data) for _ in range(self.micro_batches)]
         generators = [step_generator(self.recipe.train.seed, state.step, micro, self.env.dp_rank, self.device)
                       for micro in range(len(batches))]
-        grads = compute_gradients(state, self.edm, batches, generators, env=self.env, device=self.device,
+        grads = compute_gradients(state, self.objective, batches, generators, env=self.env, device=self.device,
                                   model_dtype=self.model_dtype)
         # Every rank must agree to skip a step (non-finite loss or gradients) and to stop, so both flags are
         # reduced over all ranks; the stop request rides along to save a collective.

@@ -5,7 +5,7 @@ into the training state, this rank's RNGs and the data loader's position.
 What may change on resume: how the model is computed, not what it is. The backbone's options mark the fields that
 only change how it is computed (``dfmkit.hookspecs.COMPUTATION_ONLY``; the DiT's attention, recompute, compile,
 fused_kernels, cuda_graphs, use_cpu_initialization); any other difference in ``[model]`` is refused before anything
-is loaded, naming each difference. The optimizer and its schedule (``[optim]``, ``train.train_iters``) are the
+is loaded, naming each difference; so is another objective (``diffusion.name``). The optimizer and its schedule (``[optim]``, ``train.train_iters``) are the
 recipe's: a run resumed with other settings follows them from its next step (the learning rate of the new schedule
 at the checkpoint's step; AdamW's betas, eps and weight decay; a longer or shorter run), and says so, one line per
 setting that changed; the optimizer's state (moments, step counts) comes from the checkpoint. The data position
@@ -26,7 +26,7 @@ import attrs
 from dfmkit.data.loader import DatasetChanged
 from dfmkit.hookspecs import COMPUTATION_ONLY
 from dfmkit.parallel import ParallelLayout
-from dfmkit.recipe import CheckpointConfig, Recipe, dump_recipe
+from dfmkit.recipe import CheckpointConfig, Recipe, dump_recipe, saved_objective
 from dfmkit.registry import Registries
 from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.state import TrainState
@@ -53,8 +53,15 @@ def computation_only_options(options: Any) -> frozenset[str]:
 
 def check_same_model(found: Path, marker: dict[str, Any], recipe: Recipe, registries: Registries) -> None:
     """Refuse a checkpoint whose ``[model]`` section differs from the recipe's in more than the options that only
-    change how the model is computed."""
-    saved = tomllib.loads(marker.get("recipe", "")).get("model", {})
+    change how the model is computed, or that was trained with another objective."""
+    saved_recipe = tomllib.loads(marker.get("recipe", ""))
+    objective = saved_objective(saved_recipe)
+    if saved_recipe and objective != recipe.diffusion.name:
+        raise ckpt.CheckpointError(
+            f"{found} was trained with the objective '{objective}', the recipe names '{recipe.diffusion.name}' "
+            f"(diffusion.name): a model learns what its objective asks, so it cannot go on under another; set "
+            f"diffusion.name = \"{objective}\", or point checkpoint.dir elsewhere to start fresh")
+    saved = saved_recipe.get("model", {})
     current = tomllib.loads(dump_recipe(recipe, registries=registries))["model"]
     free = computation_only_options(recipe.model.options)
     differences = [f"model.{key}: checkpoint {saved.get(key)!r}, recipe {current.get(key)!r}"

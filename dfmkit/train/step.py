@@ -1,4 +1,4 @@
-"""The gradients of one training step: each micro-batch's noise draw, its context-parallel shard, the EDM loss and
+"""The gradients of one training step: each micro-batch's noise draw, its context-parallel shard, the objective's loss and
 the backward, then the sums over the ranks that leave the optimizer gradients to divide by the global count.
 
 The Trainer's step (:mod:`dfmkit.train.loop`) and the parallel parity tests (tests/test_parallel.py) run this code;
@@ -6,7 +6,7 @@ validation shards its batches with :func:`shard_draw`.
 
 The loss of a step is the mean over every sample of the global batch (or over every real token, with
 ``diffusion.loss_normalization = "token"``): each rank back-propagates the sum of its share
-(:func:`dfmkit.diffusion.edm.loss_share`), megatron's ``finalize_model_grads`` sums the gradients over the ranks,
+(:func:`dfmkit.diffusion.objective.loss_share`), megatron's ``finalize_model_grads`` sums the gradients over the ranks,
 and the optimizer divides them by the global count as it reads them. (Passing ``num_tokens`` to
 ``finalize_model_grads`` would divide them first, reading the count to the host, in a pass of its own.)
 
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from dfmkit import parallel
 from dfmkit.batch import PackedBatch
-from dfmkit.diffusion.edm import EDM, NoiseDraw, as_model_fn, loss_share
+from dfmkit.diffusion.objective import NoiseDraw, Objective, as_model_fn, loss_share
 from dfmkit.parallel import ParallelLayout
 from dfmkit.train.optim import main_grad_norm
 from dfmkit.train.state import TrainState
@@ -57,7 +57,7 @@ class StepGradients:
     grad_norm: torch.Tensor  # the L2 norm of the gradients divided by count
 
 
-def compute_gradients(state: TrainState, edm: EDM, batches: Sequence[PackedBatch],
+def compute_gradients(state: TrainState, objective: Objective, batches: Sequence[PackedBatch],
                       generators: Sequence[torch.Generator], *, env: ParallelLayout, device: torch.device,
                       model_dtype: torch.dtype) -> StepGradients:
     """Forward and backward of this rank's micro-batches (``batches[i]`` drawn with ``generators[i]``), then the
@@ -72,9 +72,9 @@ def compute_gradients(state: TrainState, edm: EDM, batches: Sequence[PackedBatch
     count = torch.zeros((), device=device)
     for batch, generator in zip(batches, generators, strict=True):
         batch = batch.to(device)  # the draw then happens on the device, with the device's generator
-        local_batch, local_draw = shard_draw(batch, edm.draw(batch, generator), env, device)
-        terms = edm.loss_terms(model_fn, local_batch, local_draw, model_dtype)
-        share = loss_share(terms, edm.loss_normalization, env)
+        local_batch, local_draw = shard_draw(batch, objective.draw(batch, generator), env, device)
+        terms = objective.loss_terms(model_fn, local_batch, local_draw, model_dtype)
+        share = loss_share(terms, objective.loss_normalization, env)
         share.total.backward()
         loss_total += share.total.detach()
         count += share.count

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from dfmkit import parallel
 from dfmkit.data.loader import build_validation_batches
-from dfmkit.diffusion.edm import EDM, ModelFn, loss_share
+from dfmkit.diffusion.objective import ModelFn, loss_share
 from dfmkit.errors import GenerateError
 from dfmkit.generation.outputs import (
     decode,
@@ -79,7 +79,7 @@ class Validator:
     It sees the run through what it needs: ``model_fn(x, c_noise, batch)`` (the live model's call),
     ``ema_weights()`` (a context in which the model holds its EMA weights, in eval mode), the parallel ``env``,
     the device and dtype, the pack padding, the folder for generated files and the logger. Its loss is the
-    training loss (the trainer's context-parallel sharding and :func:`~dfmkit.diffusion.edm.loss_share`) at
+    training loss (the trainer's context-parallel sharding and :func:`~dfmkit.diffusion.objective.loss_share`) at
     fixed noise levels."""
 
     def __init__(self, job: Job, *, model_fn: ModelFn, ema_weights: Callable[[], AbstractContextManager[Any]],
@@ -94,12 +94,14 @@ class Validator:
         self.model_dtype = model_dtype
         self.out_dir = out_dir
         self.logger = logger
-        self.edm = EDM.from_config(job.recipe.diffusion)
+        self.diffusion = job.recipe.diffusion
+        self.objective = job.components["diffusion"].build(recipe=job.recipe)
+        self.loss_sigmas = list(self.config.loss_sigmas or type(self.objective.options).LOSS_SIGMAS)
         self.batches = build_validation_batches(
             job, dp_rank=env.dp_rank, dp_size=env.dp_size, pad_multiple=pad_multiple, count=self.config.loss_batches,
         ) if self.config.loss_batches else []
         p, pt = patch_sizes(job.recipe.model.options)
-        self.sampling = SamplingModel(model_fn, self.edm, env, device, model_dtype, p, pt, pad_multiple)
+        self.sampling = SamplingModel(model_fn, self.objective, env, device, model_dtype, p, pt, pad_multiple)
         self.prompt_states: list[torch.Tensor] = []  # generation runs on the ranks that hold them
         self.requests, self.tokenizer, self.latent_shape = [], None, None
         self.sampler_name, self.sampler, self.sampler_options = None, None, None
@@ -117,16 +119,16 @@ class Validator:
     @torch.no_grad()
     def validation_loss(self) -> dict[str, float]:
         results = {}
-        for sigma in self.config.loss_sigmas:
+        for sigma in self.loss_sigmas:
             total = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss total, count
             for index, batch in enumerate(self.batches):
                 generator = torch.Generator().manual_seed(self.config.seed + index)
-                draw = self.edm.draw(batch, generator)
+                draw = self.objective.draw(batch, generator)
                 draw = attrs.evolve(draw, sigma=torch.full_like(draw.sigma, sigma),
                                     keep_text=torch.ones_like(draw.keep_text))
                 local_batch, local_draw = shard_draw(batch, draw, self.env, self.device)
-                terms = self.edm.loss_terms(self.model_fn, local_batch, local_draw, self.model_dtype)
-                share = loss_share(terms, self.edm.loss_normalization, self.env)
+                terms = self.objective.loss_terms(self.model_fn, local_batch, local_draw, self.model_dtype)
+                share = loss_share(terms, self.objective.loss_normalization, self.env)
                 total[0] += share.total.double()
                 total[1] += share.count
             dist.all_reduce(total, group=parallel.data_and_context_group(self.env))
@@ -148,7 +150,7 @@ class Validator:
         if self.env.rank != 0:
             return []
         out_dir = self.out_dir / f"step_{step}"
-        common = {"step": step, "weights": "ema", **sampler_settings(self.sampler_name, self.sampler_options),
+        common = {"step": step, "weights": "ema", **sampler_settings(self.sampler_name, self.sampler_options, self.diffusion),
                   "guidance": config.guidance, "base_seed": config.seed}
         first_frames, written, skipped = {}, [], []
         for index, (request, shape, latent) in enumerate(zip(self.requests, shapes, latents)):

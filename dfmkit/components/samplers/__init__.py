@@ -1,7 +1,8 @@
-"""Built-in samplers (``edm-heun``, ``edm-euler``), registered through the ``dfmkit_register`` hook like any plugin.
+"""Built-in samplers (``heun``, ``euler``), registered through the ``dfmkit_register`` hook like any plugin.
 
 A sampler component is built from its options (``[sampler]`` in a recipe) and provides
-``sample(denoise, noise, generator=None) -> x0`` (see :class:`dfmkit.components.samplers.edm.Sampler`).
+``sample(denoise, noise, objective, generator=None) -> x0`` (see :class:`dfmkit.components.samplers.heun.Sampler`).
+``edm-heun`` and ``edm-euler`` are their earlier names, kept for existing recipes.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ __all__ = ["HeunOptions", "SamplerOptions", "make_sampler"]
 
 @hookimpl
 def dfmkit_register(registries):
-    registries.sampler.register(
-        "edm-heun", "dfmkit.components.samplers.edm:build_heun", options=HeunOptions,
-        summary="EDM Heun (Algorithm 2, 2nd order, optional churn) on the Karras schedule",
-    )
-    registries.sampler.register(
-        "edm-euler", "dfmkit.components.samplers.edm:build_euler", options=SamplerOptions,
-        summary="EDM Euler (1st order) on the Karras schedule",
-    )
+    heun, euler = "dfmkit.components.samplers.heun:build_heun", "dfmkit.components.samplers.heun:build_euler"
+    registries.sampler.register("heun", heun, options=HeunOptions,
+                                summary="Heun (EDM Algorithm 2, 2nd order, optional churn) on the objective's grid")
+    registries.sampler.register("euler", euler, options=SamplerOptions, summary="Euler (1st order) on the objective's grid")
+    registries.sampler.register("edm-heun", heun, options=HeunOptions, summary="the earlier name of 'heun'")
+    registries.sampler.register("edm-euler", euler, options=SamplerOptions, summary="the earlier name of 'euler'")
 
 
-def make_sampler(name: str = "edm-heun", *, registries=None, **options: Any):
-    """A sampler by registry name with keyword options, e.g. ``make_sampler("edm-heun", num_steps=18)``.
+def make_sampler(name: str = "heun", *, registries=None, **options: Any):
+    """A sampler by registry name with keyword options, e.g. ``make_sampler("heun", num_steps=18)``.
 
     Unknown names and options raise a :class:`~dfmkit.errors.DfmkitError` with the closest match.
     """

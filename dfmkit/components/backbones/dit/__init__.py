@@ -14,8 +14,8 @@ Read in this order, one job a file:
 5. :mod:`.model`: :class:`DiT` (patch embedding, timestep embedding, the layers in turn, final adaLN layer),
    :func:`transformer_config` and :func:`build`, the ``dit`` backbone's factory.
 
-The call: ``model(x [L, F], c_noise [N], batch) -> [L, F]``, the EDM network output F_theta for each token
-(preconditioning happens outside); see :mod:`.model` for parallelism. The Triton kernels the layers use on
+The call: ``model(x [L, F], c_noise [N], batch) -> [L, F]``, the network output F_theta for each token (what it
+means, and any preconditioning, is the objective's); see :mod:`.model` for parallelism. The Triton kernels the layers use on
 CUDA in half precision live in :mod:`dfmkit.kernels`; the options (the recipe's ``[model]``) in
 :mod:`dfmkit.components.backbones.options`.
 """

@@ -204,7 +204,7 @@ def sincos3d(pos: torch.Tensor, hidden: int) -> torch.Tensor:
 
 
 class TimestepEmbedding(nn.Module):
-    """EDM's ``c_noise`` (one per sample) -> sinusoid ``[sin | cos]`` of ``channels`` -> Linear, SiLU, Linear."""
+    """The objective's ``c_noise`` (one per sample) -> sinusoid ``[sin | cos]`` of ``channels`` -> Linear, SiLU, Linear."""
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()

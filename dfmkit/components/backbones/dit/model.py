@@ -1,8 +1,8 @@
 """The DiT model: patch embedding, timestep embedding, the DiT layers in turn, the final adaLN layer; and
 :func:`build`, the ``dit`` backbone's factory.
 
-The call: ``model(x [L, F], c_noise [N], batch) -> [L, F]``, the EDM network output F_theta for each
-token (preconditioning happens outside). ``batch`` is a :class:`~dfmkit.batch.PackedBatch`, or under
+The call: ``model(x [L, F], c_noise [N], batch) -> [L, F]``, the network output F_theta for each token (what it
+means, and any preconditioning, is the objective's). ``batch`` is a :class:`~dfmkit.batch.PackedBatch`, or under
 context parallelism this rank's :class:`~dfmkit.parallel.ContextParallelBatch` with ``x`` its tokens.
 
 Parallelism: tensor parallelism splits heads (q/k/v, fc1 column-parallel; output projections and fc2
