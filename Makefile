@@ -17,13 +17,13 @@ quickstart: install
 	$(VENV)/bin/dfmkit run quickstart_digits
 
 test: $(PYTHON)
-	$(PIP) -c constraints.txt -e ".[test]"
+	$(PIP) -c constraints.txt -e ".[test,bench]"
 	$(PYTHON) -m pytest -q
 
 # Resolve the newest versions in a fresh environment and pin them (torch stays at the CPU build 2.13.0).
 constraints:
 	rm -rf .constraints-venv && python3 -m venv .constraints-venv
-	.constraints-venv/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0 -e ".[test]"
+	.constraints-venv/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0 -e ".[test,bench]"
 	{ sed -n '1,3p' constraints.txt; .constraints-venv/bin/python -m pip freeze --exclude-editable \
 	  | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .constraints-venv
