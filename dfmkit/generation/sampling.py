@@ -57,15 +57,19 @@ def sample_latents(
     ``shard(batch, noise)`` splits the pack across context-parallel ranks and ``gather(x, shard)`` puts the
     result back in the full pack's order.
     """
+    device = torch.device(device)
     samples = [Sample(torch.zeros(*(int(s) for s in shape)), text.float().cpu(), f"sample_{i}")
                for i, (text, shape) in enumerate(zip(texts, latent_shapes))]
     batch = pack(samples, patch_spatial, patch_temporal, pad_multiple)
     noise = starting_noise(batch, seed)
     local_batch, local_noise = shard(batch, noise) if shard else (batch, noise)
-    local_batch = local_batch.to(device)
+    # On the device in the network's dtype once: every evaluation hands the network this same pack, with nothing
+    # to convert or copy, and the network lays the pack out once (kept on the batch).
+    local_batch = local_batch.to(device, model_dtype)
+    local_noise = local_noise.to(device)
     denoise = guided_denoiser(model_fn, objective, local_batch, guidance, model_dtype)
     generator = torch.Generator().manual_seed(seed)
-    x0 = sampler.sample(denoise, local_noise.to(device), objective, generator=generator)
+    x0 = sampler.sample(denoise, local_noise, objective, generator=generator)
     x0 = gather(x0, local_batch) if gather else x0
     return unpack(batch, x0.float().cpu(), patch_spatial, patch_temporal)
 
