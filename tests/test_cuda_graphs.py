@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import dit_harness as H
-from dfmkit.components.backbones import dit
 from dfmkit.components.objectives.edm import EDM
 from dfmkit.components.samplers import make_sampler
 from dfmkit.diffusion import guided_denoiser
@@ -57,10 +56,7 @@ def test_the_layers_own_cuda_graphs_are_not_captured_again():
 
 @pytest.fixture(scope="module")
 def tiny_dit_cpu():
-    torch.manual_seed(0)
-    model = dit.build(H.tiny_options())
-    H.randomize_(model)
-    return model.eval()
+    return H.sampling_model("cpu")
 
 
 def test_a_guided_denoiser_conditions_on_other_text_in_place(tiny_dit_cpu):
@@ -98,10 +94,7 @@ TEXT_LENGTHS = [5, 9, 1]
 
 
 def cuda_sampling_model(dtype: torch.dtype, graphs: PackGraphs | None = None, **options) -> SamplingModel:
-    torch.manual_seed(0)
-    model = dit.build(H.tiny_options(use_cpu_initialization=True, **options))
-    H.randomize_(model)
-    model.to(dtype).eval()
+    model = H.sampling_model("cuda", dtype, use_cpu_initialization=True, **options)
     device = torch.device("cuda", torch.cuda.current_device())
     return SamplingModel(as_model_fn(model, device, dtype), EDM(condition_dropout=0.2), ensure_initialized(), device,
                          dtype, 2, 1, 1, graphs=graphs)

@@ -79,10 +79,7 @@ def test_churn_reads_the_level_back_so_the_detector_sees_reads(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_dit():
-    torch.manual_seed(0)
-    model = dit.build(H.tiny_options())
-    H.randomize_(model)
-    return model.eval()
+    return H.sampling_model("cpu")
 
 
 def counting_layouts(monkeypatch) -> list[int]:
