@@ -81,8 +81,14 @@ class GraphedDenoiser:
             self.graph = torch.cuda.CUDAGraph()  # its own memory pool
             # thread_local: only this thread's calls can break the capture; a training run's loader threads may
             # pin memory meanwhile (which queries events, and would break a "global" capture).
-            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
-                self.out = denoise(self.x, self.sigma)
+            try:
+                with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
+                    self.out = denoise(self.x, self.sigma)
+            except RuntimeError as exc:  # the network waits for the device or copies from the host in its forward
+                exc.add_note("while capturing a sampler evaluation as a CUDA graph; sample without graphs: "
+                             "dfmkit generate --no-cuda-graphs, Generator.generate(cuda_graphs=False), "
+                             "validation.cuda_graphs = false")
+                raise
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         if x.shape != self.x.shape or x.dtype != self.x.dtype or x.device != self.device:
