@@ -3,7 +3,8 @@
 Runs, in one process: DiT-XL training steps on (a) 128 packed 256-token images with 77 text tokens each
 and (b) butterfly-shaped packs (15 x 1024-token images, 10 text tokens); the S/B/L presets on (a);
 35-step Heun sampling with guidance for 1 and 16 images of 1024 tokens. Each training case runs eager and
-with ``model.compile`` (``--compile both``, the default). A case that runs out of memory
+with ``model.compile`` (``--compile both``, the default); sampling runs each of those with and without one CUDA
+graph per denoiser evaluation (``--sampling-graphs``). A case that runs out of memory
 is retried with activation recomputation ("selective", then "full"). Results: <out>/gpu_throughput.json
 and a markdown table on stdout.
 
@@ -54,6 +55,9 @@ def main() -> int:
                         help="the DiT's Triton kernels for the adaLN chain and q/k norm + RoPE (model.fused_kernels)")
     parser.add_argument("--cuda-graphs", default="off", choices=["off", "on", "both"],
                         help="replay the compiled layers as CUDA graphs (model.cuda_graphs; compiled variants only)")
+    parser.add_argument("--sampling-graphs", default="both", choices=["off", "on", "both"],
+                        help="sampling: each guided denoiser evaluation replays one CUDA graph (with each --compile "
+                             "variant)")
     parser.add_argument("--skip-sampling", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -79,12 +83,14 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
                 dump()
     if not args.skip_sampling:
-        for images in (1, 16):
-            row = sampling_latency("XL", images=images, latent_shape=(16, 1, 64, 64), steps=35, guidance=8.0,
-                                   attention=args.attention)
-            results["sampling"].append(row)
-            print(json.dumps(row), flush=True)
-            dump()
+        variants = {"off": [False], "on": [True], "both": [False, True]}
+        for compile, graphs in itertools.product(variants[args.compile], variants[args.sampling_graphs]):
+            for images in (1, 16):
+                row = sampling_latency("XL", images=images, latent_shape=(16, 1, 64, 64), steps=35, guidance=8.0,
+                                       attention=args.attention, cuda_graphs=graphs, compile=compile)
+                results["sampling"].append(row)
+                print(json.dumps(row), flush=True)
+                dump()
     print(f"torch {results['torch']} on {results['device']}")
     print(to_markdown([r for r in results["train"]]))
     return 0

@@ -19,12 +19,16 @@ are the same condition.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from dfmkit.compat.torch_tensor import version
 from dfmkit.errors import DfmkitError
+
+
+T = TypeVar("T")
 
 
 class BatchError(DfmkitError):
@@ -45,8 +49,13 @@ class PackedBatch:
     # Host copies of the small index tensors, so a model on the GPU reads lengths without a device sync.
     _host: dict[str, tuple[torch.Tensor, int, list[int]]] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False)
+    # Values derived from the fields once per pack (token ids and mask, a model's layout): see :meth:`derived`.
+    _derived: dict[Any, tuple[tuple, tuple, Any]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     HOST_FIELDS = ("seqlens", "cu_seqlens", "seqlens_kv", "cu_seqlens_kv")
+    # The fields the token layout (which sample a token belongs to, which tokens are real) is made of.
+    LAYOUT_FIELDS = ("seqlens", "cu_seqlens")
 
     def host(self, name: str) -> list[int]:
         """``getattr(self, name).tolist()``, computed once (while the tensor is still on the CPU when the
@@ -68,15 +77,45 @@ class PackedBatch:
     def padded_seqlens(self) -> torch.Tensor:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).to(torch.int32)
 
+    def derived(self, key: Any, compute: Callable[[], T], fields: Sequence[str]) -> T:
+        """``compute()``, kept on this batch under ``key`` for as long as the tensors of ``fields`` are the same
+        objects, unchanged in place, and the latents on the same device with as many tokens.
+
+        For values every forward of a pack needs and that its fields fix (token ids, the mask, a model's layout):
+        computing them launches small kernels and copies lists from the host, so a sampler's forwards of one pack
+        compute them once. A tensor value changed in place by its user is computed again. The values live as long
+        as the batch does (a CUDA graph captured from a forward of this pack reads them: whoever keeps the graph
+        keeps the batch).
+        """
+        tensors = tuple(getattr(self, name) for name in fields)
+        stamp = (*((id(t), version(t) if isinstance(t, torch.Tensor) else None) for t in tensors),
+                 self.latents.device, self.num_tokens)
+        cached = self._derived.get(key)
+        if cached is not None and cached[0] == stamp:
+            value, value_version = cached[2]
+            if not isinstance(value, torch.Tensor) or version(value) == value_version:
+                return value
+        value = compute()
+        # The stamp holds ids: keeping the tensors themselves here stops another tensor from taking an id over.
+        self._derived[key] = (stamp, tensors, (value, version(value) if isinstance(value, torch.Tensor) else None))
+        return value
+
     def token_sample_ids(self) -> torch.Tensor:
-        """[L] int64: the sample each token (real or padding) belongs to."""
+        """[L] int64: the sample each token (real or padding) belongs to (computed once per pack: do not change it
+        in place)."""
+        return self.derived("token_sample_ids", self._token_sample_ids, self.LAYOUT_FIELDS)
+
+    def token_mask(self) -> torch.Tensor:
+        """[L] bool: True for real tokens, False for padding (computed once per pack: do not change it in place)."""
+        return self.derived("token_mask", self._token_mask, self.LAYOUT_FIELDS)
+
+    def _token_sample_ids(self) -> torch.Tensor:
         return torch.repeat_interleave(  # output_size: no device sync to learn the length
             torch.arange(self.num_samples, device=self.latents.device), self.padded_seqlens().to(torch.int64),
             output_size=self.num_tokens,
         )
 
-    def token_mask(self) -> torch.Tensor:
-        """[L] bool: True for real tokens, False for padding."""
+    def _token_mask(self) -> torch.Tensor:
         padded, n = self.padded_seqlens().to(torch.int64), self.num_tokens
         offsets = torch.arange(n, device=self.latents.device) - torch.repeat_interleave(
             self.cu_seqlens[:-1].to(torch.int64), padded, output_size=n
@@ -99,14 +138,21 @@ class PackedBatch:
             moved[field.name] = value
         result = type(self)(**moved)
         for name, values in host.items():
-            tensor = getattr(result, name)
-            result._host[name] = (tensor, version(tensor), values)
+            result.keep_host(name, values)
         return result
 
+    def keep_host(self, name: str, values: list[int]) -> None:
+        """Record ``values`` as the host copy of the index tensor ``name`` (what :meth:`host` returns), for a
+        batch made on the device from another whose lengths the host knows."""
+        tensor = getattr(self, name)
+        self._host[name] = (tensor, version(tensor), values)
+
     def with_text(self, text: torch.Tensor) -> PackedBatch:
-        """The same batch with other text states (same shape), keeping the host copies of the lengths."""
+        """The same batch with other text states (same shape), keeping the host copies of the lengths and the
+        values derived from the token layout."""
         result = dataclasses.replace(self, text=text)
         result._host.update(self._host)
+        result._derived.update(self._derived)
         return result
 
     def pin_memory(self) -> PackedBatch:
@@ -248,7 +294,7 @@ def with_unconditional(batch: PackedBatch) -> PackedBatch:
     n = batch.num_samples
     null_text = torch.zeros(n, batch.text.shape[1], dtype=batch.text.dtype, device=batch.text.device)
     ones = torch.ones(n, dtype=torch.int32, device=batch.seqlens_kv.device)
-    return PackedBatch(
+    doubled = PackedBatch(
         latents=torch.cat([batch.latents, batch.latents]),
         seqlens=torch.cat([batch.seqlens, batch.seqlens]),
         cu_seqlens=torch.cat([batch.cu_seqlens, batch.cu_seqlens[1:] + batch.cu_seqlens[-1]]),
@@ -259,3 +305,10 @@ def with_unconditional(batch: PackedBatch) -> PackedBatch:
         latent_shapes=torch.cat([batch.latent_shapes, batch.latent_shapes]),
         keys=[*batch.keys, *(f"{k}/uncond" for k in batch.keys)],
     )
+    # The doubled pack's lengths follow from the pack's: a model reads them without a device sync.
+    seqlens, cu, cu_kv = batch.host("seqlens"), batch.host("cu_seqlens"), batch.host("cu_seqlens_kv")
+    doubled.keep_host("seqlens", seqlens + seqlens)
+    doubled.keep_host("cu_seqlens", cu + [c + cu[-1] for c in cu[1:]])
+    doubled.keep_host("seqlens_kv", batch.host("seqlens_kv") + [1] * n)
+    doubled.keep_host("cu_seqlens_kv", cu_kv + [cu_kv[-1] + i for i in range(1, n + 1)])
+    return doubled

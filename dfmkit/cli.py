@@ -88,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                      precision=args.precision, tensor=args.tensor, context=args.context, keep_text_encoder=False)
     outputs = generator.generate(prompts, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
                                  guidance=args.guidance, sampler=args.sampler, seed=args.seed, out=args.out,
-                                 fps=args.fps, max_tokens=args.max_tokens)
+                                 fps=args.fps, max_tokens=args.max_tokens, cuda_graphs=args.cuda_graphs)
     if generator.env.rank == 0:
         for output in outputs:
             size = f"{output.frames}x{output.height}x{output.width}"
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=int, default=0,
                           help="latent tokens per packed sequence (0: every prompt in one pack)")
     generate.add_argument("--fps", type=float, default=24.0, help="frame rate of written videos")
+    generate.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                          help="on a GPU, run each sampler evaluation eagerly instead of replaying one CUDA graph per "
+                               "pack (the graph holds about one forward's activations of GPU memory)")
     generate.add_argument("--out", required=True, help="output folder for NNN.png/NNN.mp4 + NNN.json")
     generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="a dotted recipe override (repeatable), e.g. --set text_encoder.path=/models/t5-11b")

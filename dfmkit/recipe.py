@@ -260,6 +260,11 @@ class ValidationConfig:
     seed: int = attrs.field(default=0, validator=_seed)
     loss_sigmas: list[float] = attrs.field(factory=list, validator=_sigmas)  # []: the objective's LOSS_SIGMAS
     loss_batches: int = attrs.field(default=2, validator=_non_negative)
+    # Generation on a GPU: each pack's sampler evaluations replay one CUDA graph (dfmkit.generation.graphs), captured
+    # at each validation and freed after it. Far less host time per evaluation (small models, few prompts); costs
+    # one capture per validation and, while it runs, about one forward's activations of GPU memory. Single GPU
+    # layouts only (no tensor or context parallelism); not with model.cuda_graphs, whose graphs are used instead.
+    cuda_graphs: bool = False
 
 
 @attrs.define(kw_only=True)

@@ -78,6 +78,16 @@ def randomize_(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1) -> No
             param.copy_(full)
 
 
+def sampling_model(device: str, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    """The tiny DiT on ``device`` with the weights of :func:`randomize_`, in ``dtype`` and eval mode, as sampling
+    runs it."""
+    from dfmkit.components.backbones import dit
+
+    model = dit.build(tiny_options(**overrides), device=device)
+    randomize_(model)
+    return model.to(dtype).eval()
+
+
 def parity_recipe(parallel: dict, model: dict, diffusion: dict, packs: int) -> dict:
     """The recipe of a parity run: the tiny model with ``model`` options, ``parallel`` sizes, and a global batch of
     ``packs`` packs (one per data-parallel rank)."""

@@ -1,4 +1,5 @@
-"""The bench matrix (dfmkit.bench.matrix) on the CPU: a row's figures, and the memory a case hands back."""
+"""The benches on the CPU: the matrix (dfmkit.bench.matrix), a row's figures and the memory a case hands back; the
+sampling latency (dfmkit.bench.sampling)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 
 from dfmkit.bench.matrix import COLUMNS, Layout, run_case, to_markdown
+from dfmkit.bench.sampling import sampling_latency
 from dfmkit.components.backbones.dit import DiT
 
 
@@ -47,3 +49,13 @@ def test_bench_needs_no_mock_flag():
 
     assert parse_args(["bench"]).func is parse_args(["bench", "--mock"]).func
     assert parse_args(["bench"]).peak_tflops is None  # the device decides: 989 on CUDA (H100/H200), none on CPU
+
+
+def test_sampling_latency_times_the_first_call_apart():
+    """The first call (compilation, graph capture on a GPU) is reported apart from the timed one; the row says
+    whether graphs ran (only on a GPU)."""
+    row = sampling_latency("tiny", images=2, latent_shape=(16, 1, 8, 8), steps=2, text_tokens=4, text_dim=32,
+                           cuda_graphs=True)
+    assert row["first_call_seconds"] > 0 and row["seconds"] > 0 and row["tflops"] > 0
+    assert row["seconds_per_image"] == row["seconds"] / 2
+    assert row["cuda_graphs"] is (row["device"] != "cpu") and row["compile"] is False

@@ -12,16 +12,24 @@ from dfmkit.bench.flops import DiTShape, forward_flops
 
 def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 64, 64), steps: int = 35,
                      guidance: float = 8.0, text_tokens: int = 77, text_dim: int = 1024,
-                     attention: str = "torch") -> dict[str, Any]:
-    """Seconds per image and model TFLOP/s of sampling ``images`` prompts together (random weights)."""
+                     attention: str = "torch", cuda_graphs: bool = False, compile: bool = False) -> dict[str, Any]:
+    """Seconds per image and model TFLOP/s of sampling ``images`` prompts together (random weights).
+
+    ``compile``: the DiT's layers through torch.compile (``model.compile``); ``cuda_graphs`` (CUDA only): every
+    evaluation of the guided denoiser replays one CUDA graph, kept between calls (:mod:`dfmkit.generation.graphs`).
+    The first call, which compiles, warms up and captures, is timed apart (``first_call_seconds``); ``seconds`` is
+    the second call's, which reuses the compiled layers and the graph, as a server's later requests would.
+    """
     import dfmkit
     from dfmkit import parallel
     from dfmkit.devices import resolve_device
+    from dfmkit.diffusion.objective import as_model_fn
+    from dfmkit.generation.graphs import PackGraphs
     from dfmkit.generation.sampling import sample_latents
 
     job = dfmkit.build({
         "model": {"name": "dit", "preset": preset, "in_channels": latent_shape[0], "text_dim": text_dim,
-                  "attention": attention},
+                  "attention": attention, "compile": compile},
         "sampler": {"name": "heun", "num_steps": steps},
         "tokenizer": {"name": "identity"}, "text_encoder": {"name": "t5-tiny"}, "task_encoder": {"name": "packed"},
     })
@@ -34,18 +42,20 @@ def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 6
     generator = torch.Generator().manual_seed(0)
     texts = [torch.randn(text_tokens, text_dim, generator=generator) for _ in range(images)]
     options = job.recipe.model.options
+    model_fn = as_model_fn(model, device, dtype)
+    graphs = PackGraphs(max_packs=1)
 
-    def run() -> None:
-        sample_latents(lambda x, c, b: model(x, c, b.to(device, dtype)), objective, sampler, texts, [latent_shape] * images,
-                       guidance=guidance, seed=0, patch_spatial=options.patch_spatial,
-                       patch_temporal=options.patch_temporal, device=device, model_dtype=dtype)
+    def run() -> float:
+        start = time.perf_counter()
+        sample_latents(model_fn, objective, sampler, texts, [latent_shape] * images, guidance=guidance, seed=0,
+                       patch_spatial=options.patch_spatial, patch_temporal=options.patch_temporal, device=device,
+                       model_dtype=dtype, cuda_graphs=cuda_graphs, graphs=graphs)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter() - start
 
-    run()  # warm-up
-    start = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - start
+    first_call = run()  # compilation, warm-up and capture
+    seconds = run()
     c, t, h, w = latent_shape
     tokens = (t // options.patch_temporal) * (h // options.patch_spatial) * (w // options.patch_spatial)
     evaluations = 2 * steps - 1  # Heun: the last step is an Euler step
@@ -55,4 +65,5 @@ def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 6
     return {"model": preset, "images": images, "tokens_per_image": tokens, "steps": steps, "guidance": guidance,
             "seconds": seconds, "seconds_per_image": seconds / images,
             "tflops": per_eval * evaluations / seconds / 1e12,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "compile": compile, "cuda_graphs": cuda_graphs and device.type == "cuda", "first_call_seconds": first_call}

@@ -4,9 +4,10 @@ The objectives themselves (EDM, rectified flow) are components: :mod:`dfmkit.com
 """
 
 from dfmkit.diffusion.objective import LossTerms, NoiseDraw, Objective, drop_condition
-from dfmkit.diffusion.guidance import from_reference_scale, guided_denoiser, warn_if_unguidable
+from dfmkit.diffusion.guidance import GuidedDenoiser, from_reference_scale, guided_denoiser, warn_if_unguidable
 
 __all__ = [
+    "GuidedDenoiser",
     "LossTerms",
     "NoiseDraw",
     "Objective",

@@ -51,7 +51,11 @@ LOSS_NORMALIZATIONS = ("sample", "token")
 
 def as_model_fn(model: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype) -> ModelFn:
     """``model`` (a backbone, or megatron's DDP around one) as the raw network: ``x`` and the batch's text are cast to
-    the model's ``dtype`` (the batch moved to ``device`` then), ``c_noise`` stays float32."""
+    the model's ``dtype`` (the batch moved to ``device`` then), ``c_noise`` stays float32.
+
+    A batch already in ``dtype`` reaches the model as it is. One in another dtype is converted at every call, into a
+    new object each time: where one pack serves many calls (sampling), convert it once beforehand, so the model
+    sees the same object every time and derives its layout once (:meth:`dfmkit.batch.PackedBatch.derived`)."""
 
     def model_fn(x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         batch = batch if batch.text.dtype == dtype else batch.to(device, dtype)

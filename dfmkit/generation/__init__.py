@@ -17,7 +17,8 @@ several GPUs (context parallelism), ``tensor`` > 1 runs tensor parallelism.
 The modules, one job each: :mod:`~dfmkit.generation.prompts` (requests and text states),
 :mod:`~dfmkit.generation.sizes` (sizes that fit the tokenizer and the patches), :mod:`~dfmkit.generation.loading`
 and :mod:`~dfmkit.generation.weights` (a model from a checkpoint or export), :mod:`~dfmkit.generation.sampling`
-(packed sampling with guidance), :mod:`~dfmkit.generation.memory` (what a request needs, against what the
+(packed sampling with guidance), :mod:`~dfmkit.generation.graphs` (a sampler's evaluations of a pack as one CUDA
+graph), :mod:`~dfmkit.generation.memory` (what a request needs, against what the
 device has), :mod:`~dfmkit.generation.outputs` (decoded files and their settings, never of non-finite samples),
 :mod:`~dfmkit.generation.generator` (the :class:`Generator`), :mod:`~dfmkit.generation.export_format` and
 :mod:`~dfmkit.generation.export` (the export folder: reading and writing). Validation during training

@@ -17,6 +17,7 @@ from dfmkit import parallel
 from dfmkit.batch import PackedBatch, Sample, pack, round_up, unpack
 from dfmkit.diffusion.objective import ModelFn, Objective
 from dfmkit.diffusion.guidance import guided_denoiser
+from dfmkit.generation.graphs import PackGraphs
 from dfmkit.job import Job
 from dfmkit.parallel import ParallelLayout
 from dfmkit.recipe import load_recipe
@@ -51,21 +52,38 @@ def sample_latents(
     model_dtype: torch.dtype | None = None,
     shard: ShardFn | None = None,
     gather: GatherFn | None = None,
+    cuda_graphs: bool = False,
+    graphs: PackGraphs | None = None,
 ) -> list[torch.Tensor]:
     """Latents ``[C, T, H, W]`` for each (text states, latent shape), all sampled in one packed sequence.
 
     ``shard(batch, noise)`` splits the pack across context-parallel ranks and ``gather(x, shard)`` puts the
     result back in the full pack's order.
+
+    ``cuda_graphs`` on a CUDA ``device``: every evaluation of the guided denoiser replays one CUDA graph
+    (:mod:`dfmkit.generation.graphs`; for a network on one GPU, without collectives inside). ``graphs`` keeps the
+    graphs between calls, by pack (default: captured for this call and dropped after it). Elsewhere it has no effect.
     """
+    device = torch.device(device)
     samples = [Sample(torch.zeros(*(int(s) for s in shape)), text.float().cpu(), f"sample_{i}")
                for i, (text, shape) in enumerate(zip(texts, latent_shapes))]
     batch = pack(samples, patch_spatial, patch_temporal, pad_multiple)
     noise = starting_noise(batch, seed)
     local_batch, local_noise = shard(batch, noise) if shard else (batch, noise)
-    local_batch = local_batch.to(device)
+    # On the device in the network's dtype once: every evaluation hands the network this same pack, with nothing
+    # to convert or copy, and the network lays the pack out once (kept on the batch).
+    local_batch = local_batch.to(device, model_dtype)
+    local_noise = local_noise.to(device)
     denoise = guided_denoiser(model_fn, objective, local_batch, guidance, model_dtype)
+    if cuda_graphs and device.type == "cuda":
+        key = (model_fn, repr(objective), guidance, model_dtype, device, patch_spatial, patch_temporal, pad_multiple,
+               tuple(tuple(int(s) for s in shape) for shape in latent_shapes), tuple(tuple(t.shape) for t in texts))
+        # An example of what the sampler passes: its float64 state, and a level of the objective's grid.
+        x_example, sigma_example = local_noise.to(torch.float64), objective.sampling_sigmas(1, device)[0]
+        kept = graphs if graphs is not None else PackGraphs(max_packs=1)
+        denoise = kept.denoiser(key, denoise, x_example, sigma_example)
     generator = torch.Generator().manual_seed(seed)
-    x0 = sampler.sample(denoise, local_noise.to(device), objective, generator=generator)
+    x0 = sampler.sample(denoise, local_noise, objective, generator=generator)
     x0 = gather(x0, local_batch) if gather else x0
     return unpack(batch, x0.float().cpu(), patch_spatial, patch_temporal)
 
@@ -98,16 +116,20 @@ class SamplingModel:
     patch_spatial: int
     patch_temporal: int
     pad_multiple: int
+    graphs: PackGraphs | None = None  # CUDA graphs kept between calls (None: each call captures its own)
 
     def _shard(self, batch: PackedBatch, noise: torch.Tensor) -> tuple[PackedBatch, torch.Tensor]:
         return parallel.shard_for_context_parallel(batch, noise, self.env)
 
     @torch.no_grad()
     def sample(self, sampler: Any, texts: Sequence[torch.Tensor], shapes: Sequence[Sequence[int]], *,
-               guidance: float, seed: int, max_tokens: int = 0) -> list[torch.Tensor]:
+               guidance: float, seed: int, max_tokens: int = 0, cuda_graphs: bool = False) -> list[torch.Tensor]:
         """Latents ``[C, T, H, W]`` (float32, CPU, on every rank) for each (text states, latent shape); latent i
         starts from noise seeded with ``seed + i``. ``max_tokens`` > 0 samples packs of at most that many
-        latent tokens, one after the other (0: one pack)."""
+        latent tokens, one after the other (0: one pack). ``cuda_graphs``: each pack's evaluations replay one CUDA
+        graph (see :func:`sample_latents`) where the network runs on one GPU; under tensor or context parallelism
+        the packs are sampled eagerly (collectives inside a captured graph are untried here)."""
+        cuda_graphs = cuda_graphs and self.env.tp_size == 1 and self.env.cp_size == 1
         latents: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
         for indices in split_packs(shapes, self.patch_spatial, self.patch_temporal, max_tokens, self.pad_multiple):
             pack_latents = sample_latents(
@@ -115,6 +137,7 @@ class SamplingModel:
                 guidance=guidance, seed=seed + indices[0], patch_spatial=self.patch_spatial,
                 patch_temporal=self.patch_temporal, pad_multiple=self.pad_multiple, device=self.device,
                 model_dtype=self.dtype, shard=self._shard, gather=parallel.gather_from_context_parallel,
+                cuda_graphs=cuda_graphs, graphs=self.graphs,
             )
             for i, latent in zip(indices, pack_latents):
                 latents[i] = latent

@@ -75,12 +75,13 @@ class ContextParallelBatch(PackedBatch):
     global_cu_seqlens: torch.Tensor | None = None  # [N+1] int32, boundaries in the full pack
 
     HOST_FIELDS = PackedBatch.HOST_FIELDS + ("global_cu_seqlens",)
+    LAYOUT_FIELDS = PackedBatch.LAYOUT_FIELDS + ("global_cu_seqlens",)
 
     def global_index(self) -> torch.Tensor:
         """[L_local] int64: each local token's position in the full pack."""
         return shard_index(self.host("global_cu_seqlens"), self.cp_size, self.cp_rank, device=self.latents.device)
 
-    def token_mask(self) -> torch.Tensor:
+    def _token_mask(self) -> torch.Tensor:
         padded, n = self.padded_seqlens().to(torch.int64), self.num_tokens
         offsets = self.global_index() - torch.repeat_interleave(
             self.global_cu_seqlens[:-1].to(self.latents.device, torch.int64), padded, output_size=n
@@ -95,12 +96,18 @@ class ContextParallelBatch(PackedBatch):
         from dfmkit.batch import with_unconditional
 
         names = [f.name for f in dataclasses.fields(PackedBatch) if f.init]
-        doubled = with_unconditional(PackedBatch(**{name: getattr(self, name) for name in names}))
+        plain = PackedBatch(**{name: getattr(self, name) for name in names})
+        plain._host.update({name: self._host[name] for name in PackedBatch.HOST_FIELDS if name in self._host})
+        doubled = with_unconditional(plain)
         cu = self.global_cu_seqlens
-        return ContextParallelBatch(
+        result = ContextParallelBatch(
             **{name: getattr(doubled, name) for name in names},
             cp_size=self.cp_size, cp_rank=self.cp_rank, global_cu_seqlens=torch.cat([cu, cu[1:] + cu[-1]]),
         )
+        result._host.update(doubled._host)
+        global_cu = self.host("global_cu_seqlens")
+        result.keep_host("global_cu_seqlens", global_cu + [c + global_cu[-1] for c in global_cu[1:]])
+        return result
 
     def validate(self) -> ContextParallelBatch:
         n = self.num_samples

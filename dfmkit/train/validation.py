@@ -7,6 +7,8 @@ samples ``validation.prompts`` with the recipe's sampler through the same code a
 ``<checkpoint.dir>/validation_generation/step_<n>/``, and logs them to TensorBoard (and W&B). A sample that
 holds NaN or inf (EMA weights of a run that diverged, or a guidance so large that it overflows) is not written
 nor logged, which a warning says; training goes on (the loss guard of the training loop deals with divergence).
+With ``validation.cuda_graphs`` on a GPU each pack's evaluations replay one CUDA graph, captured at each validation
+and freed after it (:mod:`dfmkit.generation.graphs`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dfmkit import parallel
 from dfmkit.data.loader import build_validation_batches
 from dfmkit.diffusion.objective import ModelFn, loss_share
 from dfmkit.errors import GenerateError
+from dfmkit.generation.graphs import whole_denoiser_graphs
 from dfmkit.generation.outputs import (
     decode,
     non_finite,
@@ -145,8 +148,9 @@ class Validator:
             return []
         config = self.config
         shapes = [self.latent_shape] * len(self.requests)
+        graphs = whole_denoiser_graphs(config.cuda_graphs, self.job.recipe.model.options)
         latents = self.sampling.sample(self.sampler, self.prompt_states, shapes, guidance=config.guidance,
-                                       seed=config.seed)
+                                       seed=config.seed, cuda_graphs=graphs)
         if self.env.rank != 0:
             return []
         out_dir = self.out_dir / f"step_{step}"

@@ -30,7 +30,7 @@ class VarlenParams:
     # images): a backend may then run the segments as one batch. A bool, not the lengths: compiled code
     # reads the lengths off the tensor shapes and keeps one graph for all such packs.
     equal: bool = False
-    cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-forward state a backend may keep
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-pack state a backend may keep
 
     @classmethod
     def from_host(cls, cu_q: list[int], cu_k: list[int], device: torch.device | str) -> VarlenParams:

@@ -80,14 +80,10 @@ class Heun(Euler):
         for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
             x_cur = x_next
 
-            # Churn: raise the noise level from t_cur to t_hat (at most the objective's largest) with fresh noise.
-            gamma = min(o.s_churn / o.num_steps, math.sqrt(2) - 1) if o.s_min <= t_cur <= o.s_max else 0.0
-            t_hat = t_cur + gamma * t_cur
-            x_hat = x_cur
-            if gamma > 0:
-                t_hat = t_hat.clamp(max=objective.max_sigma)
-            if t_hat > t_cur:  # not at the largest level already
-                x_hat = objective.renoise(x_cur, t_cur, t_hat, o.s_noise * _randn_like(x_cur, generator))
+            # Churn (stochastic sampling only): raise the noise level from t_cur to t_hat with fresh noise.
+            x_hat, t_hat = x_cur, t_cur
+            if o.s_churn > 0:
+                x_hat, t_hat = self.churn(x_cur, t_cur, objective, generator)
 
             # Euler step.
             d_cur = objective.velocity(x_hat, t_hat, denoise(x_hat, t_hat).to(torch.float64))
@@ -98,6 +94,25 @@ class Heun(Euler):
                 d_prime = objective.velocity(x_next, t_next, denoise(x_next, t_next).to(torch.float64))
                 x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         return x_next
+
+    def churn(self, x: torch.Tensor, t: torch.Tensor, objective: Objective,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_hat, t_hat)``: the noise level raised from ``t`` to ``t_hat = (1 + gamma) t`` (at most the objective's
+        largest) with fresh noise, where ``s_min <= t <= s_max``.
+
+        Only called with ``s_churn > 0``: its decisions compare the level on the device with numbers on the host, a
+        host synchronisation per step (and the noise is drawn on the generator's device and copied over). Stochastic
+        sampling accepts that; the deterministic default (``s_churn = 0``) never gets here, so its loop launches
+        work without waiting for the device.
+        """
+        o = self.options
+        gamma = min(o.s_churn / o.num_steps, math.sqrt(2) - 1) if o.s_min <= t <= o.s_max else 0.0
+        t_hat = t + gamma * t
+        if gamma > 0:
+            t_hat = t_hat.clamp(max=objective.max_sigma)
+        if t_hat > t:  # not at the largest level already
+            return objective.renoise(x, t, t_hat, o.s_noise * _randn_like(x, generator)), t_hat
+        return x, t_hat
 
 
 def build_euler(options: SamplerOptions, **_context) -> Euler:

@@ -1,8 +1,9 @@
-"""What a DiT forward needs to know about its pack, computed once per forward: :class:`PackedLayout`.
+"""What a DiT forward needs to know about its pack, computed once per pack: :class:`PackedLayout`.
 
 Which sample each token belongs to (whole sequence, and the share a layer holds under sequence parallelism),
 the attention segments of self- and cross-attention, which keys are real (padding never serves as a key; under
 context parallelism: which rows of the all-gathered keys), and the rotary embedding's angles.
+:meth:`dfmkit.components.backbones.dit.DiT.layout` keeps it on the batch, so every forward of one pack reuses it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dfmkit.parallel.context import ContextParallelBatch, shard_index
 
 @dataclasses.dataclass
 class PackedLayout:
-    """What the layers need about the pack, computed once per forward."""
+    """What the layers need about the pack, computed once per pack."""
 
     samples: Segments  # tokens of this (CP) rank, full sequence
     sp_samples: Segments  # the tokens a layer holds: this TP rank's chunk under SP, else == samples

@@ -162,14 +162,18 @@ class DiT(MegatronModule):
             )
 
     def layout(self, batch: PackedBatch) -> PackedLayout:
-        return build_layout(
-            batch,
-            tp_size=self.tp_size,
-            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-            sequence_parallel=self.sequence_parallel,
-            cp_group=parallel_state.get_context_parallel_group() if self.cp_size > 1 else None,
-            rope=self.rope,
-            dtype=self.x_embedder.weight.dtype,
+        """The pack's layout for this model, built once per pack and kept on the batch
+        (:meth:`~dfmkit.batch.PackedBatch.derived`): a sampler's forwards of one pack, and a CUDA graph captured
+        from one of them, reuse its tensors instead of copying index lists to the device at every forward."""
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        cp_group = parallel_state.get_context_parallel_group() if self.cp_size > 1 else None
+        dtype = self.x_embedder.weight.dtype
+        key = ("dit_layout", self.tp_size, tp_rank, self.sequence_parallel, cp_group, self.rope, dtype)
+        return batch.derived(
+            key,
+            lambda: build_layout(batch, tp_size=self.tp_size, tp_rank=tp_rank, sequence_parallel=self.sequence_parallel,
+                                 cp_group=cp_group, rope=self.rope, dtype=dtype),
+            (*batch.LAYOUT_FIELDS, "cu_seqlens_kv", "pos_ids"),
         )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
