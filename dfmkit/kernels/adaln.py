@@ -275,11 +275,20 @@ def _same_stride(shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg, eps: float) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale[sample]) + shift[sample]``; see the module docstring. Only where :func:`available`."""
-    return _NormModulate.apply(x, *_same_stride(shift, scale), seg.ids, seg.bounds, eps)
+    shift, scale = _same_stride(shift, scale)
+    # Without autograd (sampling) the op itself: torch 2.11's dynamo, tracing the autograd.Function's forward with
+    # grad disabled, handed the op the Function's arguments shifted by one (the first tensor taken as ctx).
+    if not torch.is_grad_enabled():
+        return _launch_forward(x, None, None, shift, scale, seg.ids, eps)[0]
+    return _NormModulate.apply(x, shift, scale, seg.ids, seg.bounds, eps)
 
 
 def residual_norm_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                            scale: torch.Tensor, seg, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + gate[sample] * h, norm_modulate(that))``; see the module docstring. Only where :func:`available`.
     ``gate`` may come from another adaLN output than ``shift`` and ``scale`` (the last layer's MLP gate)."""
-    return _ResidualNormModulate.apply(x, h.contiguous(), gate, *_same_stride(shift, scale), seg.ids, seg.bounds, eps)
+    shift, scale = _same_stride(shift, scale)
+    if not torch.is_grad_enabled():  # without autograd the op itself (see norm_modulate)
+        x_new, m, _, _ = _launch_forward(x, h.contiguous(), gate, shift, scale, seg.ids, eps)
+        return x_new, m
+    return _ResidualNormModulate.apply(x, h.contiguous(), gate, shift, scale, seg.ids, seg.bounds, eps)

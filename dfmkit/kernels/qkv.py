@@ -255,7 +255,12 @@ def _split(src: torch.Tensor, heads: int, weights: list[torch.Tensor], copied: b
     cos, sin = rope if rope is not None else (None, None)
     if cos is not None and not (cos.is_contiguous() and sin.is_contiguous()):
         cos, sin = cos.contiguous(), sin.contiguous()
-    return _SplitHeads.apply(src, heads, eps, copied, cos, sin, *(w.to(src.dtype) for w in weights))
+    weights = [w.to(src.dtype) for w in weights]
+    # Without autograd (sampling) the op itself: torch 2.11's dynamo, tracing the autograd.Function's forward with
+    # grad disabled, handed the op the Function's arguments shifted by one (the first tensor taken as ctx).
+    if not torch.is_grad_enabled():
+        return tuple(_launch_forward(src, weights, copied, heads, eps, cos, sin)[:-1])
+    return _SplitHeads.apply(src, heads, eps, copied, cos, sin, *weights)
 
 
 def split_qkv(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,

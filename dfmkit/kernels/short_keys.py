@@ -252,5 +252,8 @@ class _ShortKeyAttention(torch.autograd.Function):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: VarlenParams) -> torch.Tensor:
     """Packed attention (see :mod:`dfmkit.components.attention.base`) where :func:`takes` holds."""
+    if not torch.is_grad_enabled():  # without autograd the op itself (see dfmkit.kernels.adaln.norm_modulate)
+        return _launch_forward(q, k, v, params.cu_seqlens_q, params.cu_seqlens_k, params.max_seqlen_q,
+                               params.max_seqlen_k)[0]
     return _ShortKeyAttention.apply(q, k, v, params.cu_seqlens_q, params.cu_seqlens_k, params.max_seqlen_q,
                                     params.max_seqlen_k)
