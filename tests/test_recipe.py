@@ -9,7 +9,7 @@ import pytest
 import tomllib
 
 from dfmkit.errors import RecipeError
-from dfmkit.recipe import apply_overrides, dump_recipe, load_recipe
+from dfmkit.recipe import apply_overrides, dump_recipe, load_recipe, packaged_recipes
 import toys
 from toys import TOY_SECTIONS
 
@@ -226,6 +226,28 @@ def test_switching_the_sampler_of_a_resolved_recipe():
     heun = load_recipe(tomllib.loads(dump_recipe(euler)), ["sampler.name=edm-heun", "sampler.s_noise=1.01"])
     assert heun.sampler.options.num_steps == 18 and heun.sampler.options.s_churn == 0.0  # the default again
     assert heun.sampler.options.s_noise == 1.01
+
+
+def test_every_packaged_recipe_loads_and_keeps_its_own_checkpoints():
+    """A packaged recipe with a mistake would fail only when a user runs it; two sharing a checkpoint folder would
+    resume each other's runs (the flow quickstart's checkpoints refused by the EDM one, or the other way round)."""
+    recipes = {name: load_recipe(name) for name in packaged_recipes()}
+    assert {"quickstart_digits", "quickstart_digits_flow", "dit_xl_butterfly"} <= recipes.keys()
+    folders = [recipe.checkpoint.dir for recipe in recipes.values()]
+    assert len(set(folders)) == len(folders), folders
+
+
+def test_the_flow_quickstart_is_the_quickstart_with_another_objective_and_sampler():
+    """As its header says: the same data, model, steps and validation prompts; an edit to one quickstart alone (a
+    model size, a prompt) fails here."""
+    edm = tomllib.loads(dump_recipe(load_recipe("quickstart_digits")))
+    flow = tomllib.loads(dump_recipe(load_recipe("quickstart_digits_flow")))
+    assert {section for section in edm.keys() | flow.keys() if edm.get(section) != flow.get(section)} == {
+        "diffusion", "sampler", "checkpoint", "validation"}
+    assert flow["diffusion"]["name"] == "rectified-flow" and edm["diffusion"]["name"] == "edm"
+    for section, keys in (("checkpoint", {"dir"}), ("validation", {"guidance"})):
+        assert {key for key in edm[section] if edm[section][key] != flow[section][key]} == keys
+    assert flow["data"]["path"] == edm["data"]["path"]  # prepared once for both
 
 
 def test_bad_overrides(toy_plugins):
