@@ -217,6 +217,15 @@ class DataPrediction(Objective):
         return torch.cat([grid, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
+def test_an_objective_that_lacks_a_method_cannot_be_built():
+    class Partial(Objective):
+        def alpha(self, sigma):
+            return 1.0
+
+    with pytest.raises(TypeError, match="denoise"):
+        Partial(DataPredictionOptions())
+
+
 class DataPredictionPlugin:
     @hookimpl
     def dfmkit_register(self, registries):

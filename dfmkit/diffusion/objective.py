@@ -37,6 +37,7 @@ options class and a ``dfmkit_register`` hook (``registries.objective.register(na
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import attrs
@@ -98,9 +99,10 @@ class Prediction:
     weight: torch.Tensor
 
 
-class Objective:
-    """The base of every objective: training draws and per-sample loss sums, built on the methods that each
-    objective writes. ``options`` is its attrs options object (the recipe's ``[diffusion]`` section)."""
+class Objective(abc.ABC):
+    """The base of every objective: training draws and per-sample loss sums, built on the abstract methods that each
+    objective writes (a subclass that lacks one cannot be built). ``options`` is its attrs options object (the
+    recipe's ``[diffusion]`` section)."""
 
     def __init__(self, options):
         self.options = options
@@ -123,30 +125,35 @@ class Objective:
 
     # -- each objective -----------------------------------------------------------------------
 
+    @abc.abstractmethod
     def alpha(self, sigma: torch.Tensor) -> torch.Tensor | float:
         """The signal's scale at noise level ``sigma``: ``x = alpha(sigma) x0 + sigma n``."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def sample_sigma(self, tokens: torch.Tensor, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """A training noise level [N] float32 for each of N samples with ``tokens`` [N] real tokens, drawn with
         ``generator`` on ``device`` (default: the generator's)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def prediction(self, model_fn: ModelFn, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor,
                    noise: torch.Tensor, batch: PackedBatch, model_dtype: torch.dtype | None) -> Prediction:
         """The network's output for the noisy ``x`` [L, F] (levels ``sigma`` [N]), what it is trained towards, and
         each sample's loss weight."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def denoise(self, model_fn: ModelFn, x: torch.Tensor, sigma: torch.Tensor, batch: PackedBatch,
                 model_dtype: torch.dtype | None = None) -> torch.Tensor:
         """D(x; sigma), the prediction of x0, for packed ``x [L, F]`` and one ``sigma [N]`` per sample, in ``x``'s
         dtype. The network sees its input cast to ``model_dtype`` (default: ``x``'s dtype)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def sampling_sigmas(self, num_steps: int, device=None) -> torch.Tensor:
         """The sampling grid: ``num_steps + 1`` float64 noise levels, falling, the last one 0."""
-        raise NotImplementedError
+        ...
 
     # -- sampling: the probability-flow ODE ---------------------------------------------------
 
