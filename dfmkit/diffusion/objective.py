@@ -44,10 +44,10 @@ import attrs
 import torch
 
 from dfmkit.batch import BatchError, PackedBatch
+from dfmkit.components.objectives.options import LOSS_NORMALIZATIONS
 from dfmkit.parallel import ParallelLayout, all_reduce_context_parallel
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, PackedBatch], torch.Tensor]
-LOSS_NORMALIZATIONS = ("sample", "token")
 
 
 def as_model_fn(model: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype) -> ModelFn:
