@@ -15,6 +15,8 @@ Components take part through optional methods of their options class (see :mod:`
   video of that size, raising :class:`~dfmkit.errors.DfmkitError` or ``ValueError`` for sizes the
   tokenizer does not take. With it the validation sizes are checked here; without it, when the tokenizer
   is built.
+- ``LOSS_SIGMAS`` on an objective's options: the validation loss's noise levels when ``validation.loss_sigmas`` is
+  empty (without it, a recipe that validates must list them).
 - ``sigma_problem(self, sigma) -> str | None`` on an objective's options: what is wrong with a noise level that
   ``validation.loss_sigmas`` names, in that objective's units (rectified flow's times are at most 1).
 """
@@ -91,7 +93,12 @@ def _validation_sizes(recipe: Any, registries: Registries) -> list[str]:
 
 
 def _validation_noise_levels(recipe: Any, registries: Registries) -> list[str]:
-    check = getattr(recipe.diffusion.options, "sigma_problem", None)
+    validation, options = recipe.validation, recipe.diffusion.options
+    if (validation.interval > 0 and validation.loss_batches > 0 and not validation.loss_sigmas
+            and not hasattr(options, "LOSS_SIGMAS")):
+        return [f"validation.loss_sigmas: the objective '{recipe.diffusion.name}' names no default noise levels for "
+                "the validation loss; list them here, or set validation.loss_batches = 0"]
+    check = getattr(options, "sigma_problem", None)
     problems = [check(sigma) for sigma in recipe.validation.loss_sigmas] if check is not None else []
     return [f"validation.loss_sigmas: {problem} (diffusion.name = '{recipe.diffusion.name}')"
             for problem in problems if problem]

@@ -239,6 +239,9 @@ def test_a_plugin_objective_trains_and_samples_through_the_recipe(tmp_path):
     recipe["diffusion"] = {"name": "x0-prediction", "sigma_max": 5.0}
     recipe["validation"] = {"interval": 2, "loss_batches": 1, "loss_sigmas": [0.5, 2.0], "height": 8, "width": 8,
                             "prompts": ["a handwritten digit 3"], "guidance": 2.0}
+    with pytest.raises(RecipeError, match="validation.loss_sigmas: the objective 'x0-prediction' names no default "
+                                          "noise levels"):
+        dfmkit.build({**recipe, "validation": {**recipe["validation"], "loss_sigmas": []}}, plugins=plugins)
     job = dfmkit.build(recipe, plugins=plugins)
     from dfmkit.train.loop import Trainer
 
