@@ -46,6 +46,10 @@ class PackedBatch:
     pos_ids: torch.Tensor  # [L, 3] int32 (t, h, w) patch coordinates; padding rows are 0
     latent_shapes: torch.Tensor  # [N, 4] int32 (C, T, H, W) of each sample's latent
     keys: list[str] = dataclasses.field(default_factory=list)
+    # Samples from this index on have null text, one token of zeros, written by with_unconditional(): their
+    # cross-attention outputs exactly zero, so the DiT skips it (None: no such promise; the text may change in
+    # place only in the samples before it).
+    null_text_from: int | None = None
     # Host copies of the small index tensors, so a model on the GPU reads lengths without a device sync.
     _host: dict[str, tuple[torch.Tensor, int, list[int]]] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False)
@@ -203,6 +207,8 @@ class PackedBatch:
             problems.append(f"pos_ids must be [{self.num_tokens}, 3], got {tuple(self.pos_ids.shape)}")
         if len(self.keys) not in (0, n):
             problems.append(f"{len(self.keys)} keys for {n} samples")
+        if self.null_text_from is not None and not 0 <= self.null_text_from <= n:
+            problems.append(f"null_text_from {self.null_text_from} is not a sample index of the {n} samples")
         if problems:
             raise BatchError("inconsistent packed batch: " + "; ".join(problems))
         return self
@@ -289,7 +295,8 @@ def unpack(batch: PackedBatch, tokens: torch.Tensor, patch_spatial: int, patch_t
 def with_unconditional(batch: PackedBatch) -> PackedBatch:
     """The pack followed by a copy of itself with null text, for one batched guided forward.
 
-    Sample i + N is sample i with a one-token caption of zeros; token j + L is token j.
+    Sample i + N is sample i with a one-token caption of zeros; token j + L is token j. The copy's samples are
+    marked as null text (``null_text_from = N``), so the DiT skips their cross-attention, which outputs zero.
     """
     n = batch.num_samples
     null_text = torch.zeros(n, batch.text.shape[1], dtype=batch.text.dtype, device=batch.text.device)
@@ -304,6 +311,7 @@ def with_unconditional(batch: PackedBatch) -> PackedBatch:
         pos_ids=torch.cat([batch.pos_ids, batch.pos_ids]),
         latent_shapes=torch.cat([batch.latent_shapes, batch.latent_shapes]),
         keys=[*batch.keys, *(f"{k}/uncond" for k in batch.keys)],
+        null_text_from=n,
     )
     # The doubled pack's lengths follow from the pack's: a model reads them without a device sync.
     seqlens, cu, cu_kv = batch.host("seqlens"), batch.host("cu_seqlens"), batch.host("cu_seqlens_kv")

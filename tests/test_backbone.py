@@ -224,6 +224,49 @@ def test_null_text_of_any_length_is_the_same_condition(model):
         assert layer.cross_attention.linear_kv.bias is None
 
 
+def test_null_text_samples_skip_cross_attention_with_the_same_output(model):
+    """A guided pack marks its unconditional half as null text, whose cross-attention the layers skip: the output
+    equals the computed one, and no cross-attention projection sees those tokens."""
+    batch = H.make_packs()[0].with_unconditional()
+    assert batch.null_text_from == batch.num_samples // 2
+    x, c_noise, _ = H.pack_inputs(batch, 0)
+    seen = []
+    hook = model.decoder.layers[0].cross_attention.linear_q.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        skipped = model(x, c_noise, batch)
+        computed = model(x, c_noise, dataclasses.replace(batch, null_text_from=None))
+    finally:
+        hook.remove()
+    assert seen == [batch.host("cu_seqlens")[batch.null_text_from], batch.num_tokens]
+    torch.testing.assert_close(skipped, computed, rtol=1e-6, atol=1e-6)
+    everything_null = dataclasses.replace(batch, text=torch.zeros_like(batch.text), null_text_from=0)
+    torch.testing.assert_close(model(x, c_noise, everything_null),
+                               model(x, c_noise, dataclasses.replace(everything_null, null_text_from=None)),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_null_text_skip_keeps_gradients():
+    torch.manual_seed(0)
+    m = dit.build(H.tiny_options())
+    H.randomize_(m)
+    batch = H.make_packs()[0].with_unconditional()
+    x, c_noise, _ = H.pack_inputs(batch, 0)
+    grads = []
+    for marked in (batch, dataclasses.replace(batch, null_text_from=None)):
+        m.zero_grad()
+        m(x, c_noise, marked).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_marked_null_text_must_be_a_sample_index():
+    batch = H.make_packs()[0]
+    with pytest.raises(BatchError, match="null_text_from 9 is not a sample index"):
+        dataclasses.replace(batch, null_text_from=9).validate()
+
+
 def test_positions_beyond_the_reference_table_are_distinct():
     """No fixed table: a 100 x 100 grid gives 10 000 different embeddings (the reference aliases > 40)."""
     pos = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(100), torch.arange(100), indexing="ij"), -1).reshape(-1, 3)

@@ -181,6 +181,7 @@ def test_unconditional_copy_of_a_shard_is_the_shard_of_the_unconditional_pack():
         got = split_for_context_parallel(batch, 2, rank).with_unconditional()
         for field in ("latents", "cu_seqlens", "seqlens", "text", "cu_seqlens_kv", "pos_ids", "global_cu_seqlens"):
             assert torch.equal(getattr(got, field), getattr(expected, field)), field
+        assert got.null_text_from == expected.null_text_from == batch.num_samples
         assert torch.equal(got.token_mask(), expected.token_mask())
 
 

@@ -46,9 +46,10 @@ def available(x: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["n_rows"])  # pack sizes: no recompile when their divisibility changes
-    def _forward(X, H, IDS, GATE, SHIFT, SCALE, X_OUT, M_OUT, MEAN, RSTD, n_rows, mod_stride, gate_stride, eps,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RESIDUAL: tl.constexpr):
+    # pack sizes: no recompile when their divisibility changes
+    @triton.jit(do_not_specialize=["n_rows", "h_rows"])
+    def _forward(X, H, IDS, GATE, SHIFT, SCALE, X_OUT, M_OUT, MEAN, RSTD, n_rows, h_rows, mod_stride, gate_stride,
+                 eps, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RESIDUAL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         cols = tl.arange(0, BLOCK_D)
@@ -57,9 +58,10 @@ if triton is not None:
         sample = tl.load(IDS + rows, mask=row_mask, other=0).to(tl.int64)
         per_sample = sample[:, None] * mod_stride + cols[None, :]
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            h = tl.load(H + offsets, mask=mask, other=0.0).to(tl.float32)
-            gate = tl.load(GATE + sample[:, None] * gate_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:  # rows from h_rows on have no residual (h = 0 there): x_new = x exactly
+            h_mask = mask & (rows < h_rows)[:, None]
+            h = tl.load(H + offsets, mask=h_mask, other=0.0).to(tl.float32)
+            gate = tl.load(GATE + sample[:, None] * gate_stride + cols[None, :], mask=h_mask, other=0.0).to(tl.float32)
             x_new = (x + gate * h).to(X_OUT.dtype.element_ty)  # rounded as the stored residual stream is
             tl.store(X_OUT + offsets, x_new, mask=mask)
             x = x_new.to(tl.float32)
@@ -176,7 +178,8 @@ def _block_d(width: int) -> int:
 @torch.library.custom_op("dfmkit::adaln_forward", mutates_args=())
 def _launch_forward(x: torch.Tensor, h: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor,
                     scale: torch.Tensor, ids: torch.Tensor, eps: float) -> list[torch.Tensor]:
-    """``[x_new, m, mean, rstd]`` with the residual (``h`` given), ``[m, mean, rstd]`` without."""
+    """``[x_new, m, mean, rstd]`` with the residual (``h`` given; it may have fewer rows than ``x``, zero after
+    them), ``[m, mean, rstd]`` without."""
     width = x.shape[-1]
     n_rows = x.numel() // width
     block_d = _block_d(width)
@@ -188,8 +191,8 @@ def _launch_forward(x: torch.Tensor, h: torch.Tensor | None, gate: torch.Tensor 
     residual = h is not None
     _forward[(triton.cdiv(n_rows, block_m),)](
         x, h if residual else x, ids, gate if residual else scale, shift, scale, x_new, m, mean, rstd, n_rows,
-        scale.stride(0), gate.stride(0) if residual else 0, eps, D=width, BLOCK_D=block_d, BLOCK_M=block_m,
-        RESIDUAL=residual, num_warps=FORWARD_WARPS,
+        h.numel() // width if residual else 0, scale.stride(0), gate.stride(0) if residual else 0, eps, D=width,
+        BLOCK_D=block_d, BLOCK_M=block_m, RESIDUAL=residual, num_warps=FORWARD_WARPS,
     )
     return [x_new, m, mean, rstd] if residual else [m, mean, rstd]
 
@@ -286,7 +289,8 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg
 def residual_norm_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                            scale: torch.Tensor, seg, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + gate[sample] * h, norm_modulate(that))``; see the module docstring. Only where :func:`available`.
-    ``gate`` may come from another adaLN output than ``shift`` and ``scale`` (the last layer's MLP gate)."""
+    ``gate`` may come from another adaLN output than ``shift`` and ``scale`` (the last layer's MLP gate). Without
+    autograd ``h`` may have fewer rows than ``x`` (a branch the tokens after them skipped): zero for the rest."""
     shift, scale = _same_stride(shift, scale)
     if not torch.is_grad_enabled():  # without autograd the op itself (see norm_modulate)
         x_new, m, _, _ = _launch_forward(x, h.contiguous(), gate, shift, scale, seg.ids, eps)

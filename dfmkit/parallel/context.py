@@ -160,6 +160,7 @@ def split_for_context_parallel(
         pos_ids=batch.pos_ids[index.to(batch.pos_ids.device)],
         latent_shapes=batch.latent_shapes,
         keys=list(batch.keys),
+        null_text_from=batch.null_text_from,
         cp_size=cp_size,
         cp_rank=cp_rank,
         global_cu_seqlens=batch.cu_seqlens,

@@ -138,6 +138,12 @@ class CrossAttention(_Attention):
         super().__init__(config, submodules, kind="cross", **kwargs)
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """The output of the first ``layout.text_tokens`` tokens when set: the rest are null-text samples', zero."""
+        if layout.text_tokens is not None:
+            tokens, text_rows = layout.text_tokens
+            hidden, context = hidden[:tokens], context[:text_rows]
+            if tokens == 0:
+                return hidden.new_zeros(0, *hidden.shape[1:])
         q, _ = self.linear_q(hidden)
         kv, _ = self.linear_kv(context)  # [Lkv, 1, 2 * heads * head_dim]
         if self.fused_kernels and kernels.qkv.available(q) and kernels.qkv.available(kv):

@@ -136,11 +136,21 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg
 
 def residual_norm_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                            scale: torch.Tensor, seg: Segments, eps: float, fused: bool = False):
-    """``(x + gate * h, norm_modulate(x + gate * h))``: the gated residual of one branch and the input of the next."""
+    """``(x + gate * h, norm_modulate(x + gate * h))``: the gated residual of one branch and the input of the next.
+    ``h`` may cover only the first tokens of ``x`` (a branch skipped by the samples after them): zero for the rest."""
+    if not (fused and kernels.adaln.available(x) and not torch.is_grad_enabled()):  # the kernel takes fewer rows
+        h = rows_of_zeros_after(h, x.shape[0])
     if fused and kernels.adaln.available(x):
         return kernels.adaln.residual_norm_modulate(x, h, gate, shift, scale, seg, eps)
     x = gated_residual(x, h, gate, seg)
     return x, norm_modulate(x, shift, scale, seg, eps)
+
+
+def rows_of_zeros_after(h: torch.Tensor, rows: int) -> torch.Tensor:
+    """``h`` with rows of zeros after its own, up to ``rows``."""
+    if h.shape[0] == rows:
+        return h
+    return torch.cat([h, h.new_zeros(rows - h.shape[0], *h.shape[1:])])
 
 
 def add_norm_modulate(x: torch.Tensor, residual: tuple[torch.Tensor, torch.Tensor] | None, shift: torch.Tensor,

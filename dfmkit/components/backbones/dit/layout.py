@@ -1,7 +1,8 @@
 """What a DiT forward needs to know about its pack, computed once per pack: :class:`PackedLayout`.
 
 Which sample each token belongs to (whole sequence, and the share a layer holds under sequence parallelism),
-the attention segments of self- and cross-attention, which keys are real (padding never serves as a key; under
+the attention segments of self- and cross-attention (cross-attention only of the samples with text: null-text
+samples, the unconditional half of a guided pack, get exactly zero from it and skip it), which keys are real (padding never serves as a key; under
 context parallelism: which rows of the all-gathered keys), and the rotary embedding's angles.
 :meth:`dfmkit.components.backbones.dit.DiT.layout` keeps it on the batch, so every forward of one pack reuses it.
 """
@@ -27,7 +28,10 @@ class PackedLayout:
     sp_samples: Segments  # the tokens a layer holds: this TP rank's chunk under SP, else == samples
     self_attn: VarlenParams  # local query segments vs. each sample's real keys
     kv_index: torch.Tensor | None  # rows of the (CP-gathered) keys that are real, grouped by sample
-    cross_attn: VarlenParams  # local query segments vs. each sample's text
+    cross_attn: VarlenParams  # local query segments vs. each sample's text, of the samples with text
+    # Cross-attention runs on the first `text_tokens` local tokens and text rows (None: all); the tokens after
+    # them belong to null-text samples (PackedBatch.null_text_from), whose cross-attention output is zero.
+    text_tokens: tuple[int, int] | None
     rope: tuple[torch.Tensor, torch.Tensor] | None
     cp_group: Any = None  # set when keys/values must be all-gathered over context parallelism
 
@@ -72,6 +76,14 @@ def build_layout(
     else:
         kv_index = None
 
+    # Null-text samples skip cross-attention, except under sequence parallelism (the projections gather the
+    # sequence across ranks, whose chunks cut across samples).
+    cross_cu, cross_cu_kv, text_tokens = cu, batch.host("cu_seqlens_kv"), None
+    if batch.null_text_from is not None and not (sequence_parallel and tp_size > 1):
+        k = batch.null_text_from
+        cross_cu, cross_cu_kv = cross_cu[: k + 1], cross_cu_kv[: k + 1]
+        text_tokens = (cross_cu[-1], cross_cu_kv[-1])
+
     rope_cs = None
     if rope is not None:
         head_dim, theta = rope
@@ -81,7 +93,8 @@ def build_layout(
         sp_samples=sp_samples,
         self_attn=VarlenParams.from_host(cu, cu_k, device),
         kv_index=kv_index,
-        cross_attn=VarlenParams.from_host(cu, batch.host("cu_seqlens_kv"), device),
+        cross_attn=VarlenParams.from_host(cross_cu, cross_cu_kv, device),
+        text_tokens=text_tokens,
         rope=rope_cs,
         cp_group=cp_group,
     )

@@ -168,7 +168,8 @@ class DiT(MegatronModule):
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         cp_group = parallel_state.get_context_parallel_group() if self.cp_size > 1 else None
         dtype = self.x_embedder.weight.dtype
-        key = ("dit_layout", self.tp_size, tp_rank, self.sequence_parallel, cp_group, self.rope, dtype)
+        key = ("dit_layout", self.tp_size, tp_rank, self.sequence_parallel, cp_group, self.rope, dtype,
+               batch.null_text_from)
         return batch.derived(
             key,
             lambda: build_layout(batch, tp_size=self.tp_size, tp_rank=tp_rank, sequence_parallel=self.sequence_parallel,
