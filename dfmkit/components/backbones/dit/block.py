@@ -61,7 +61,7 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
     """adaLN-Zero block: x += g1 * SA(mod(LN x)); x += g2 * CA(mod(LN x), text); x += g3 * MLP(mod(LN x)).
 
     LN is parameter-free; the nine (shift, scale, gate) vectors per sample come from the conditioning vector
-    ``c [N, D]``. The last of the three residuals is left to the next layer (see the module docstring):
+    ``c [N, D]``, which ``forward`` takes as ``SiLU(c)``, computed once for all layers. The last of the three residuals is left to the next layer (see the module docstring):
     ``forward`` takes the last layer's ``(MLP output, gate)`` as ``mlp_residual`` (None for the first layer) and
     returns ``(x, MLP output, gate)``, with ``x`` the stream before this layer's MLP residual.
     """
@@ -82,9 +82,9 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
                                 tp_group=tp_group)
         self.sequence_parallel = config.sequence_parallel and config.tensor_model_parallel_size > 1
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor, layout: PackedLayout,
+    def forward(self, x: torch.Tensor, silu_c: torch.Tensor, context: torch.Tensor, layout: PackedLayout,
                 mlp_residual: tuple[torch.Tensor, torch.Tensor] | None = None):
-        sa, ca, mlp = self.modulations(c)  # each branch's per-sample (shift, scale, gate)
+        sa, ca, mlp = self.modulations(silu_c)  # each branch's per-sample (shift, scale, gate)
         # x += g3 * MLP(...) of the layer before (none before the first); m = mod(LN x) for self-attention
         x, m = self.residual_and_input(x, mlp_residual, sa, layout)
         # x += g1 * SA(m); m = mod(LN x) for cross-attention
@@ -97,9 +97,10 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         h, _ = self.mlp(m)
         return x, h, mlp.gate.contiguous()
 
-    def modulations(self, c: torch.Tensor) -> tuple[Modulation, Modulation, Modulation]:
-        """The (shift, scale, gate) of self-attention, cross-attention and the MLP, from ``c [N, D]``."""
-        mod = self.adaln(c)  # [N, 9D]
+    def modulations(self, silu_c: torch.Tensor) -> tuple[Modulation, Modulation, Modulation]:
+        """The (shift, scale, gate) of self-attention, cross-attention and the MLP, from ``SiLU(c) [N, D]`` (one
+        SiLU for all layers)."""
+        mod = self.adaln.from_silu(silu_c)  # [N, 9D]
         if self.sequence_parallel:  # each TP rank holds part of every sample's tokens: sum their gradients
             mod = tensor_parallel.copy_to_tensor_model_parallel_region(mod)
         vectors = mod.chunk(9, dim=-1)

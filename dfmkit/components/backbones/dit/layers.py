@@ -242,3 +242,7 @@ class AdaLN(nn.Module):
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         return self.net(c)
+
+    def from_silu(self, silu_c: torch.Tensor) -> torch.Tensor:
+        """``forward(c)`` given ``SiLU(c)``, which the DiT computes once for all its layers."""
+        return self.net[1:](silu_c)

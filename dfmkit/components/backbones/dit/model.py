@@ -191,14 +191,14 @@ class DiT(MegatronModule):
         context = batch.text.to(dtype).unsqueeze(1)
         if self.options.compile:
             mark_pack_sizes_dynamic(h, c, context, layout)
-        h, mlp_residual = self.run_layers(h, c, context, layout)
+        h, mlp_residual = self.run_layers(h, F.silu(c), context, layout)  # each layer's adaLN starts with SiLU(c)
         if self.sequence_parallel:  # the final layer takes whole samples: add the last residual before the gather
             h = gated_residual(h, *mlp_residual, layout.sp_samples)
             h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
             mlp_residual = None
         return self.final_layer(h, c, layout.samples, mlp_residual)
 
-    def run_layers(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor, layout: PackedLayout):
+    def run_layers(self, x: torch.Tensor, silu_c: torch.Tensor, context: torch.Tensor, layout: PackedLayout):
         """The layers in turn: ``(x, (MLP output, gate))`` of the last one (see :class:`DiTLayer`). With full
         recomputation each layer's activations are recomputed in the backward from its inputs
         (``recompute_method`` uniform, one layer a chunk, as megatron's ``TransformerBlock`` would)."""
@@ -206,12 +206,12 @@ class DiT(MegatronModule):
         mlp_residual = None
         for layer in self.decoder.layers:
             if recompute:
-                def run(x, c, context, *residual, layer=layer):
-                    return layer(x, c, context, layout, residual or None)
+                def run(x, silu_c, context, *residual, layer=layer):
+                    return layer(x, silu_c, context, layout, residual or None)
 
-                x, h, gate = tensor_parallel.checkpoint(run, False, x, c, context, *(mlp_residual or ()))
+                x, h, gate = tensor_parallel.checkpoint(run, False, x, silu_c, context, *(mlp_residual or ()))
             else:
-                x, h, gate = layer(x, c, context, layout, mlp_residual)
+                x, h, gate = layer(x, silu_c, context, layout, mlp_residual)
             mlp_residual = (h, gate)
         return x, mlp_residual
 
