@@ -55,7 +55,8 @@ def test_sampling_latency_times_the_first_call_apart():
     """The first call (compilation, graph capture on a GPU) is reported apart from the timed one; the row says
     whether graphs ran (only on a GPU)."""
     row = sampling_latency("tiny", images=2, latent_shape=(16, 1, 8, 8), steps=2, text_tokens=4, text_dim=32,
-                           cuda_graphs=True)
+                           cuda_graphs=True, repeats=3)
     assert row["first_call_seconds"] > 0 and row["seconds"] > 0 and row["tflops"] > 0
+    assert len(row["timed_seconds"]) == 3 and row["seconds"] == sorted(row["timed_seconds"])[1]  # the median
     assert row["seconds_per_image"] == row["seconds"] / 2
     assert row["cuda_graphs"] is (row["device"] != "cpu") and row["compile"] is False

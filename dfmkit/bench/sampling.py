@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -12,14 +13,18 @@ from dfmkit.bench.flops import DiTShape, forward_flops
 
 def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 64, 64), steps: int = 35,
                      guidance: float = 8.0, text_tokens: int = 77, text_dim: int = 1024,
-                     attention: str = "torch", cuda_graphs: bool = False, compile: bool = False) -> dict[str, Any]:
+                     attention: str = "torch", cuda_graphs: bool = False, compile: bool = False,
+                     repeats: int = 1) -> dict[str, Any]:
     """Seconds per image and model TFLOP/s of sampling ``images`` prompts together (random weights).
 
     ``compile``: the DiT's layers through torch.compile (``model.compile``); ``cuda_graphs`` (CUDA only): every
     evaluation of the guided denoiser replays one CUDA graph, kept between calls (:mod:`dfmkit.generation.graphs`).
     The first call, which compiles, warms up and captures, is timed apart (``first_call_seconds``); ``seconds`` is
-    the second call's, which reuses the compiled layers and the graph, as a server's later requests would.
+    the median of the ``repeats`` calls after it (``timed_seconds``), which reuse the compiled layers and the graph,
+    as a server's later requests would.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     import dfmkit
     from dfmkit import parallel
     from dfmkit.devices import resolve_device
@@ -55,7 +60,8 @@ def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 6
         return time.perf_counter() - start
 
     first_call = run()  # compilation, warm-up and capture
-    seconds = run()
+    timed = [run() for _ in range(repeats)]
+    seconds = statistics.median(timed)
     c, t, h, w = latent_shape
     tokens = (t // options.patch_temporal) * (h // options.patch_spatial) * (w // options.patch_spatial)
     evaluations = 2 * steps - 1  # Heun: the last step is an Euler step
@@ -66,4 +72,5 @@ def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 6
             "seconds": seconds, "seconds_per_image": seconds / images,
             "tflops": per_eval * evaluations / seconds / 1e12,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "compile": compile, "cuda_graphs": cuda_graphs and device.type == "cuda", "first_call_seconds": first_call}
+            "compile": compile, "cuda_graphs": cuda_graphs and device.type == "cuda", "first_call_seconds": first_call,
+            "timed_seconds": timed}
