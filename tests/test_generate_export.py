@@ -443,6 +443,35 @@ def test_the_memory_rule(from_checkpoint, tmp_path, monkeypatch):
     memory.check_memory(need, torch.device("cuda", 0))
 
 
+def test_graphs_kept_from_earlier_calls_give_way_to_a_request_that_needs_their_memory(from_checkpoint, monkeypatch):
+    """The memory check counts the GPU memory of CUDA graphs kept for later calls as taken: a request refused for
+    want of memory is checked again after the Generator drops them, and refused only if it still does not fit."""
+    from dfmkit.generation import generator as generator_module
+
+    generator, _ = from_checkpoint
+    graphs = generator._sampling_model().graphs
+    checks = []
+
+    def check_memory(need, device):
+        checks.append(len(graphs))
+        if len(graphs):
+            raise GenerateError("needs more memory than is free")
+
+    monkeypatch.setattr(generator_module, "check_memory", check_memory)
+    graphs._graphs["a kept pack"] = object()  # as a GPU run leaves one
+    assert len(generator.generate(["a"], height=[8], width=[8])) == 1
+    assert checks == [1, 0] and not graphs
+
+    def never_fits(need, device):
+        raise GenerateError("needs more memory than is free")
+
+    monkeypatch.setattr(generator_module, "check_memory", never_fits)
+    graphs._graphs["a kept pack"] = object()
+    with pytest.raises(GenerateError, match="more memory than is free"):
+        generator.generate(["a"], height=[8], width=[8])
+    assert not graphs
+
+
 # --------------------------------------------------------------------------------------------
 # Exports read as untrusted input, and written like any other output
 # --------------------------------------------------------------------------------------------

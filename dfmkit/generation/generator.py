@@ -121,10 +121,13 @@ class Generator:
                                            pad, graphs=PackGraphs(max_packs=2))
         return self._sampling
 
-    def release_graphs(self) -> None:
-        """Free the GPU memory of the CUDA graphs kept for later calls (the next call captures again)."""
-        if self._sampling is not None and self._sampling.graphs is not None:
-            self._sampling.graphs.clear()
+    def release_graphs(self) -> bool:
+        """Free the GPU memory of the CUDA graphs kept for later calls (the next call captures again); whether
+        there were any."""
+        if self._sampling is None or not self._sampling.graphs:
+            return False
+        self._sampling.graphs.clear()
+        return True
 
     @torch.no_grad()
     def generate(
@@ -179,7 +182,12 @@ class Generator:
                            patch_temporal=sampling.patch_temporal, pad_multiple=sampling.pad_multiple,
                            guided=guidance != 1.0, model=self.model, dtype=self.model_dtype, tensor=self.env.tp_size,
                            context=self.env.cp_size)
-        check_memory(need, self.device)
+        try:
+            check_memory(need, self.device)
+        except GenerateError:
+            if not self.release_graphs():
+                raise
+            check_memory(need, self.device)  # the graphs kept from earlier calls held memory this request may use
         prompts = [r.prompt for r in requests]
         texts = self.encode_prompts(prompts)
         self.model.eval()

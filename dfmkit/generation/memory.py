@@ -14,8 +14,10 @@ The bound counts only what generation surely holds at once, so it refuses no req
 
 What is available: on the CPU, MemAvailable of /proc/meminfo (``os.sysconf`` elsewhere) against the sum of both; on
 a GPU, its free memory (``torch.cuda.mem_get_info``, plus what torch's caching allocator holds unused) against the
-pack, and host memory against what is kept. Container limits (cgroups) are not read: there the guard lets through
-some requests that the container's limit then stops.
+pack, and host memory against what is kept. The CUDA graphs a Generator keeps for later calls hold GPU memory the
+free figure leaves out: a request refused for want of it is checked again after the Generator drops them.
+Container limits (cgroups) are not read: there the guard lets through some requests that the container's limit then
+stops.
 """
 
 from __future__ import annotations
