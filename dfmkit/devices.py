@@ -1,7 +1,10 @@
 """Which torch device a ``device`` option names ("auto", "cpu" or "cuda"), and which dtype a ``precision`` option
-names ("auto", "bf16" or "fp32") on it, or one clear error."""
+names ("auto", "bf16" or "fp32") on it, or one clear error; and how much memory a new allocation can take there."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -37,3 +40,25 @@ def resolve_precision(precision: str, device: torch.device, option: str = "preci
         raise DeviceError(f"{option} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.bfloat16 if bf16 else torch.float32
+
+
+def host_available() -> int | None:
+    """Bytes of host memory available to a new allocation (MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_available(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on a GPU: its free memory and what torch's caching allocator holds unused."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

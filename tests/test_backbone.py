@@ -67,6 +67,31 @@ def test_preset_parameter_counts(preset):
     assert len(model.decoder.layers) == layers and model.config.hidden_size == hidden
     assert model.config.num_attention_heads == heads
     assert sum(p.numel() for p in model.parameters()) == PARAMETER_COUNTS[preset]
+    assert DiTOptions(preset=preset).parameter_count() == PARAMETER_COUNTS[preset]
+
+
+@pytest.mark.parametrize("changes", [dict(adaln_lora_rank=0), dict(mlp_ratio=2.5, text_dim=96, in_channels=3),
+                                     dict(patch_temporal=2, timestep_channels=64, num_heads=4, hidden_size=96)])
+def test_parameter_count_is_the_built_models(changes):
+    options = DiTOptions(preset="S", **changes)
+    assert options.parameter_count() == sum(p.numel() for p in dit.build(options, device="meta").parameters())
+
+
+def test_a_model_whose_weights_cannot_fit_is_refused_before_it_is_built(monkeypatch):
+    """A mistyped size gives one message naming it, instead of building layers until the memory runs out."""
+    from dfmkit.components.backbones.dit import model as dit_model
+
+    built = []
+    monkeypatch.setattr(dit_model, "DiT", lambda *args, **kwargs: built.append(1))
+    with pytest.raises(dit.DiTConfigError, match=r"model.num_layers 1000000000, hidden_size 384 and mlp_ratio 4 give "
+                                                 r"3\.\d+e\+15 parameters: \d+\.\d GiB of fp32 weights, more than the "
+                                                 r"\d+\.\d GiB of host memory available; choose smaller sizes \(the presets: tiny .*, S \(12 layers"):
+        dit.build(DiTOptions(preset="S", num_layers=10**9), device="cpu")
+    monkeypatch.setattr(dit_model, "host_available", lambda: 4 * DiTOptions(preset="S").parameter_count())
+    dit.build(DiTOptions(preset="S"), device="cpu")  # exactly fits
+    with pytest.raises(dit.DiTConfigError, match="more than the"):
+        dit.build(DiTOptions(preset="S", num_layers=13), device="cpu")
+    assert built == [1]
 
 
 def test_option_errors_name_the_values():

@@ -22,14 +22,13 @@ stops.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import attrs
 import torch
 
 from dfmkit.batch import round_up
+from dfmkit.devices import device_available, host_available
 from dfmkit.errors import GenerateError
 from dfmkit.generation.prompts import Request
 
@@ -71,28 +70,6 @@ def memory_need(requests: Sequence[Request], shapes: Sequence[Sequence[int]], pa
     big = max(range(len(requests)), key=lambda i: latent[i] + pixels[i])
     largest = f"output {big}: {requests[big].frames} x {requests[big].height} x {requests[big].width}"
     return MemoryNeed(kept=kept, pack=pack, pack_tokens=pack_tokens, largest=largest)
-
-
-def host_available() -> int | None:
-    """Bytes of host memory available to a new allocation (MemAvailable), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def device_available(device: torch.device) -> int | None:
-    """Bytes a new allocation can take on a GPU: its free memory and what torch's caching allocator holds unused."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _size(count: int) -> str:

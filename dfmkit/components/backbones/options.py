@@ -121,6 +121,18 @@ class DiTOptions:
         layers, hidden, heads = PRESETS[self.preset]
         return (self.num_layers or layers, self.hidden_size or hidden, self.num_heads or heads)
 
+    def parameter_count(self) -> int:
+        """The parameters of the DiT these options build (tests/test_backbone.py checks it against built models)."""
+        layers, d, heads = self.resolved()
+        head_dim, mlp, rank, features = d // heads, round(d * self.mlp_ratio), self.adaln_lora_rank, self.in_features
+        adaln = d * rank + rank * 9 * d if rank > 0 else d * 9 * d + 9 * d
+        self_attention = 3 * d * d + 2 * head_dim + d * d  # qkv, the q and k norms, the projection
+        cross_attention = d * d + self.text_dim * 2 * d + 2 * head_dim + d * d  # q, kv from the text, norms, projection
+        layer = adaln + self_attention + cross_attention + 2 * d * mlp
+        embeddings = features * d + d + self.timestep_channels * d + d + d * d + d  # patches, timestep MLP
+        final = d * 2 * d + 2 * d + d * features + features  # its adaLN and linear
+        return layers * layer + embeddings + final
+
     @property
     def in_features(self) -> int:
         """Width of a patchified latent token: p * p * pt * C."""

@@ -38,7 +38,8 @@ from dfmkit.components.backbones.dit.layers import (
     sincos3d,
 )
 from dfmkit.components.backbones.dit.layout import PackedLayout, build_layout
-from dfmkit.components.backbones.options import DiTOptions
+from dfmkit.components.backbones.options import PRESETS, DiTOptions
+from dfmkit.devices import device_available, host_available
 from dfmkit.errors import DfmkitError
 from dfmkit.parallel.context import ContextParallelBatch
 from dfmkit.parallel.state import ensure_initialized
@@ -292,6 +293,7 @@ def build(options: DiTOptions, *, recipe=None, registries: Registries | None = N
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
+    check_fits(options, device, current.tp_size)
     cpu_init = options.use_cpu_initialization or device.type != "cuda"
     config = transformer_config(options, tensor=current.tp_size, context=current.cp_size, sequence=sequence,
                                 use_cpu_initialization=cpu_init)
@@ -299,3 +301,20 @@ def build(options: DiTOptions, *, recipe=None, registries: Registries | None = N
         return DiT(config, options, attention_registry=registries.attention)
 
 
+def check_fits(options: DiTOptions, device: torch.device, tensor: int = 1) -> None:
+    """A :class:`DiTConfigError` before anything is built when the model's fp32 weights alone exceed the memory
+    available where they are made (the host for CPU initialisation, else the GPU, which holds a ``1 / tensor``
+    share): a mistyped size (``num_layers = 1000000000``) is one message, not hours of building layers until the
+    machine runs out."""
+    if device.type == "meta":
+        return
+    cpu = options.use_cpu_initialization or device.type != "cuda"
+    available = host_available() if cpu else device_available(device)
+    weights = options.parameter_count() * 4 // (1 if cpu else tensor)
+    if available is not None and weights > available:
+        layers, hidden, heads = options.resolved()
+        raise DiTConfigError(
+            f"model.num_layers {layers}, hidden_size {hidden} and mlp_ratio {options.mlp_ratio:g} give "
+            f"{options.parameter_count():.3g} parameters: {weights / 2**30:.1f} GiB of fp32 weights, more than the "
+            f"{available / 2**30:.1f} GiB of {'host' if cpu else 'GPU'} memory available; choose smaller sizes "
+            f"(the presets: {', '.join(f'{name} ({n} layers, hidden {h})' for name, (n, h, _) in PRESETS.items())})")
