@@ -12,12 +12,11 @@ The bound counts only what generation surely holds at once, so it refuses no req
   (conditional and unconditional rows), split over the context-parallel ranks. The hidden sizes are those of the
   model's megatron ``config``; a backbone without one counts no activations.
 
-What is available: on the CPU, MemAvailable of /proc/meminfo (``os.sysconf`` elsewhere) against the sum of both; on
+What is available: on the CPU, MemAvailable of /proc/meminfo (``os.sysconf`` elsewhere), or the room left by the
+process's memory cgroup where that is less (a container's limit), against the sum of both; on
 a GPU, its free memory (``torch.cuda.mem_get_info``, plus what torch's caching allocator holds unused) against the
 pack, and host memory against what is kept. The CUDA graphs a Generator keeps for later calls hold GPU memory the
 free figure leaves out: a request refused for want of it is checked again after the Generator drops them.
-Container limits (cgroups) are not read: there the guard lets through some requests that the container's limit then
-stops.
 """
 
 from __future__ import annotations
