@@ -83,9 +83,10 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_it_is_built(monkeypa
 
     built = []
     monkeypatch.setattr(dit_model, "DiT", lambda *args, **kwargs: built.append(1))
-    with pytest.raises(dit.DiTConfigError, match=r"model.num_layers 1000000000, hidden_size 384 and mlp_ratio 4 give "
-                                                 r"3\.\d+e\+15 parameters: \d+\.\d GiB of fp32 weights, more than the "
-                                                 r"\d+\.\d GiB of host memory available; choose smaller sizes \(the presets: tiny .*, S \(12 layers"):
+    message = (r"model.num_layers 1000000000, hidden_size 384 and mlp_ratio 4 give 3\.\d+e\+15 parameters: "
+               r"\d+\.\d GiB of fp32 weights, more than the \d+\.\d GiB of host memory available; "
+               r"choose smaller sizes \(the presets: tiny .*, S \(12 layers")
+    with pytest.raises(dit.DiTConfigError, match=message):
         dit.build(DiTOptions(preset="S", num_layers=10**9), device="cpu")
     monkeypatch.setattr(dit_model, "host_available", lambda: 4 * DiTOptions(preset="S").parameter_count())
     dit.build(DiTOptions(preset="S"), device="cpu")  # exactly fits

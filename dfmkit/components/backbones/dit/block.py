@@ -61,9 +61,10 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
     """adaLN-Zero block: x += g1 * SA(mod(LN x)); x += g2 * CA(mod(LN x), text); x += g3 * MLP(mod(LN x)).
 
     LN is parameter-free; the nine (shift, scale, gate) vectors per sample come from the conditioning vector
-    ``c [N, D]``, which ``forward`` takes as ``SiLU(c)``, computed once for all layers. The last of the three residuals is left to the next layer (see the module docstring):
-    ``forward`` takes the last layer's ``(MLP output, gate)`` as ``mlp_residual`` (None for the first layer) and
-    returns ``(x, MLP output, gate)``, with ``x`` the stream before this layer's MLP residual.
+    ``c [N, D]``, which ``forward`` takes as ``SiLU(c)``, computed once for all layers. The last of the three
+    residuals is left to the next layer (see the module docstring): ``forward`` takes the last layer's
+    ``(MLP output, gate)`` as ``mlp_residual`` (None for the first layer) and returns ``(x, MLP output, gate)``,
+    with ``x`` the stream before this layer's MLP residual.
     """
 
     def __init__(self, config: TransformerConfig, submodules: DiTLayerSubmodules, layer_number: int = 1,

@@ -138,9 +138,10 @@ def residual_norm_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor,
                            scale: torch.Tensor, seg: Segments, eps: float, fused: bool = False):
     """``(x + gate * h, norm_modulate(x + gate * h))``: the gated residual of one branch and the input of the next.
     ``h`` may cover only the first tokens of ``x`` (a branch skipped by the samples after them): zero for the rest."""
-    if not (fused and kernels.adaln.available(x) and not torch.is_grad_enabled()):  # the kernel takes fewer rows
+    kernel = fused and kernels.adaln.available(x)
+    if not (kernel and not torch.is_grad_enabled()):  # only the kernel's forward without autograd takes fewer rows
         h = rows_of_zeros_after(h, x.shape[0])
-    if fused and kernels.adaln.available(x):
+    if kernel:
         return kernels.adaln.residual_norm_modulate(x, h, gate, shift, scale, seg, eps)
     x = gated_residual(x, h, gate, seg)
     return x, norm_modulate(x, shift, scale, seg, eps)

@@ -2,8 +2,9 @@
 
 Which sample each token belongs to (whole sequence, and the share a layer holds under sequence parallelism),
 the attention segments of self- and cross-attention (cross-attention only of the samples with text: null-text
-samples, the unconditional half of a guided pack, get exactly zero from it and skip it), which keys are real (padding never serves as a key; under
-context parallelism: which rows of the all-gathered keys), and the rotary embedding's angles.
+samples, the unconditional half of a guided pack, get exactly zero from it and skip it), which keys are real
+(padding never serves as a key; under context parallelism: which rows of the all-gathered keys), and the rotary
+embedding's angles.
 :meth:`dfmkit.components.backbones.dit.DiT.layout` keeps it on the batch, so every forward of one pack reuses it.
 """
 
