@@ -25,6 +25,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # attrs field metadata key of an options field that only changes how a component computes, not what it is
 COMPUTATION_ONLY = "dfmkit_computation_only"
+# attrs field metadata key of an objective's option that fixes what the network computes (its preconditioning or
+# the scale of its noise input): a checkpoint trained with one value is refused under another
+DEFINES_MODEL = "dfmkit_defines_model"
 
 
 @hookspec
@@ -54,5 +57,8 @@ def dfmkit_register(registries: Registries) -> None:
     A backbone's options mark the fields that change only how the model is computed, not what it is (attention
     kernels, recomputation, compilation), with ``attrs.field(..., metadata={COMPUTATION_ONLY: True})``
     (``dfmkit.hookspecs.COMPUTATION_ONLY``): a run may resume a checkpoint with other values of those, while any
-    other difference in the ``[model]`` section is refused (:mod:`dfmkit.train.resume`).
+    other difference in the ``[model]`` section is refused (:mod:`dfmkit.train.resume`). An objective's options mark
+    the fields that fix what its network computes (EDM's ``sigma_data``, rectified flow's ``time_scale``) with
+    ``metadata={DEFINES_MODEL: True}``: resuming or generating from a checkpoint trained with another value is
+    refused, while the objective's other options (training noise levels, the sampling grid) may change.
     """

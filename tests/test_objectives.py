@@ -290,6 +290,11 @@ def test_resuming_under_another_objective_is_refused(flow_checkpoint):
     with pytest.raises(ckpt.CheckpointError, match="was trained with the objective 'rectified-flow', the recipe "
                                                    "names 'edm' \\(diffusion.name\\)"):
         Trainer(dfmkit.build(edm))
+    # An option that fixes what the network computes may not change either (c_noise = time_scale t)
+    rescaled = {**recipe, "diffusion": {**recipe["diffusion"], "time_scale": 1.0},
+                "train": {**recipe["train"], "train_iters": 4}}
+    with pytest.raises(ckpt.CheckpointError, match=r"was trained with diffusion.time_scale 1000.0, the recipe 1.0"):
+        Trainer(dfmkit.build(rescaled))
 
 
 def test_generation_and_export_keep_the_checkpoints_objective(flow_checkpoint, tmp_path):
@@ -305,13 +310,26 @@ def test_generation_and_export_keep_the_checkpoints_objective(flow_checkpoint, t
     [b] = load(root / "ckpt", overrides=["diffusion.sample_shift=3"]).generate(["a handwritten digit 3"], height=8,
                                                                                width=8, seed=4, steps=3)
     assert not torch.allclose(a.latent, b.latent)
-    with pytest.raises(GenerateError, match="was trained with the objective 'rectified-flow', not 'edm'"):
+    with pytest.raises(GenerateError, match="was trained with the objective 'rectified-flow', the recipe names 'edm'"):
         load(root / "ckpt", overrides=["diffusion.name=edm"])
+    with pytest.raises(GenerateError, match=r"was trained with diffusion.time_scale 1000.0, the recipe 10.0"):
+        load(root / "ckpt", overrides=["diffusion.time_scale=10"])
     out = export(root / "ckpt", tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
     assert config["objective"]["name"] == "rectified-flow" and config["objective"]["shift"] == 2.0
     [c] = load(out).generate(["a handwritten digit 3"], height=8, width=8, seed=4, steps=3)
     torch.testing.assert_close(c.latent, a.latent)
+
+
+def test_options_that_define_the_network_are_compared_with_their_defaults_where_a_recipe_left_them_out():
+    from dfmkit.recipe import objective_mismatch
+
+    edm = load_recipe("quickstart_digits")
+    assert objective_mismatch({"diffusion": {"name": "edm", "p_mean": 3.0}}, edm) is None  # training noise: free
+    assert objective_mismatch({}, edm) is None  # a recipe from before objectives: EDM with its defaults
+    assert objective_mismatch({"diffusion": {"sigma_data": 1.0}}, edm) == "diffusion.sigma_data 1.0, the recipe 0.5"
+    changed = load_recipe("quickstart_digits", ["diffusion.sigma_data=0.7"])
+    assert objective_mismatch({}, changed) == "diffusion.sigma_data 0.5, the recipe 0.7"
 
 
 def test_the_butterfly_recipe_takes_the_flow_settings_the_readme_gives():

@@ -32,7 +32,7 @@ from dfmkit.generation.weights import WEIGHTS, assign_weights, full_shapes, read
 from dfmkit.job import Job
 from dfmkit.parallel import ParallelLayout
 from dfmkit.plugins import PluginManager, default_plugins
-from dfmkit.recipe import ParallelConfig, Recipe, load_recipe, saved_objective
+from dfmkit.recipe import ParallelConfig, Recipe, load_recipe, objective_mismatch
 from dfmkit.train import checkpoint as ckpt
 
 
@@ -132,10 +132,10 @@ def load_model(
         recipe = load_recipe(recipe, overrides, registries=plugins.registries)
         if recipe.model.name != model_name:
             raise GenerateError(f"{where} holds a '{model_name}' model, the recipe builds '{recipe.model.name}'")
-    if recipe.diffusion.name != saved_objective(data):
-        raise GenerateError(f"{where} was trained with the objective '{saved_objective(data)}', not "
-                            f"'{recipe.diffusion.name}' (diffusion.name): its outputs mean what that objective taught it; "
-                            "leave diffusion.name as it is (its sampling options, such as the grid, may change)")
+    if mismatch := objective_mismatch(data, recipe):
+        raise GenerateError(f"{where} was trained with {mismatch}: its outputs mean what that objective taught it; "
+                            "leave diffusion.name and these options as they are (the sampling options, such as the "
+                            "grid, may change)")
     device = resolve_device(device, "--device", "use --device cpu")
     running = attrs.evolve(recipe, parallel=layout)
     env = parallel.initialize(layout, device, seed=running.train.seed)

@@ -26,7 +26,7 @@ import attrs
 from dfmkit.data.loader import DatasetChanged
 from dfmkit.hookspecs import COMPUTATION_ONLY
 from dfmkit.parallel import ParallelLayout
-from dfmkit.recipe import CheckpointConfig, Recipe, dump_recipe, saved_objective
+from dfmkit.recipe import CheckpointConfig, Recipe, dump_recipe, objective_mismatch
 from dfmkit.registry import Registries
 from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.state import TrainState
@@ -55,12 +55,12 @@ def check_same_model(found: Path, marker: dict[str, Any], recipe: Recipe, regist
     """Refuse a checkpoint whose ``[model]`` section differs from the recipe's in more than the options that only
     change how the model is computed, or that was trained with another objective."""
     saved_recipe = tomllib.loads(marker.get("recipe", ""))
-    objective = saved_objective(saved_recipe)
-    if saved_recipe and objective != recipe.diffusion.name:
+    mismatch = objective_mismatch(saved_recipe, recipe) if saved_recipe else None
+    if mismatch:
         raise ckpt.CheckpointError(
-            f"{found} was trained with the objective '{objective}', the recipe names '{recipe.diffusion.name}' "
-            f"(diffusion.name): a model learns what its objective asks, so it cannot go on under another; set "
-            f"diffusion.name = \"{objective}\", or point checkpoint.dir elsewhere to start fresh")
+            f"{found} was trained with {mismatch}: a model learns what its objective asks, so it cannot go on "
+            f"under another; set the recipe's [diffusion] back to the checkpoint's, or point checkpoint.dir "
+            "elsewhere to start fresh")
     saved = saved_recipe.get("model", {})
     current = tomllib.loads(dump_recipe(recipe, registries=registries))["model"]
     free = computation_only_options(recipe.model.options)

@@ -12,6 +12,8 @@ from typing import ClassVar
 import attrs
 from attrs import validators as v
 
+from dfmkit.hookspecs import DEFINES_MODEL
+
 LOSS_NORMALIZATIONS = ("sample", "token")
 _fraction = [v.ge(0.0), v.le(1.0)]
 
@@ -37,7 +39,7 @@ class EDMOptions(TrainingOptions):
     """EDM (Karras et al. 2022): preconditioning, training noise levels ln(sigma) ~ N(p_mean, p_std^2), loss weight
     and the sampling grid (the rho-schedule from sigma_max to sigma_min, then 0)."""
 
-    sigma_data: float = attrs.field(default=0.5, validator=v.gt(0))
+    sigma_data: float = attrs.field(default=0.5, validator=v.gt(0), metadata={DEFINES_MODEL: True})
     p_mean: float = -1.2  # the EDM paper's; the reference uses 0 / 1
     p_std: float = attrs.field(default=1.2, validator=v.gt(0))
     sigma_min: float = attrs.field(default=0.002, validator=v.gt(0))  # the sampling grid (EDM Eq. 5)
@@ -64,7 +66,8 @@ class RectifiedFlowOptions(TrainingOptions):
     shift_tokens: tuple[int, int] = attrs.field(default=(256, 4096), validator=_increasing_pair)
     log_shift: tuple[float, float] = (0.5, 1.15)  # mu at those token counts (Flux's)
     sample_shift: float = attrs.field(default=1.0, validator=v.gt(0))  # the sampling grid's shift
-    time_scale: float = attrs.field(default=1000.0, validator=v.gt(0))  # c_noise = time_scale t
+    time_scale: float = attrs.field(default=1000.0, validator=v.gt(0),  # c_noise = time_scale t
+                                    metadata={DEFINES_MODEL: True})
 
     LOSS_SIGMAS: ClassVar[tuple[float, ...]] = (0.1, 0.3, 0.5, 0.7, 0.9)
 
