@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 
 import pytest
 from test_train import tiny_recipe
@@ -64,3 +66,45 @@ def test_a_terminal_gets_the_bar_instead(tmp_path, monkeypatch, caplog, capsys):
     assert not [r for r in caplog.records if r.getMessage().startswith("step ")]
     bar = capsys.readouterr().out
     assert "2/2" in bar and "eta" in bar
+
+
+
+_FULL_DISK_TENSORBOARD = """
+import errno, sys, threading, time
+from tensorboard.compat.tensorflow_stub.io import gfile
+from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+from torch.utils.tensorboard import SummaryWriter
+from dfmkit.compat.tensorboard import quiet_writer_thread_errors
+
+if sys.argv[2] == "quiet":
+    quiet_writer_thread_errors()
+writer = SummaryWriter(sys.argv[1])
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+gfile.LocalFileSystem._write = full_disk
+for step in range(100):
+    try:
+        writer.add_scalar("loss", 1.0, step)
+        writer.flush()
+    except OSError as exc:
+        print("the loop's write raised", errno.errorcode[exc.errno])
+        break
+    time.sleep(0.02)
+for thread in threading.enumerate():
+    if isinstance(thread, _AsyncWriterThread):
+        thread.join(timeout=5)
+"""
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_failed_tensorboard_write_raises_in_the_loop_and_the_thread_prints_no_traceback(tmp_path, quiet):
+    """TensorBoard's writer thread re-raises a failed write, which Python prints; the loop's next write raises it
+    too, and the logger warns once (tests/test_stops.py). dfmkit.compat.tensorboard keeps the thread's copy quiet.
+    In a process of its own: pytest catches thread exceptions itself."""
+    result = subprocess.run([sys.executable, "-c", _FULL_DISK_TENSORBOARD, str(tmp_path), "quiet" if quiet else "-"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "the loop's write raised ENOSPC" in result.stdout, result.stderr[-2000:]
+    printed = "Exception in thread" in result.stderr and "Traceback" in result.stderr
+    assert printed is not quiet, result.stderr[-2000:]

@@ -31,6 +31,7 @@ MODULES: tuple[str, ...] = (
     "megatron_ddp",
     "megatron_linear",
     "megatron_optimizer",
+    "tensorboard",
     "torch_dcp",
     "torch_optim",
     "torch_tensor",

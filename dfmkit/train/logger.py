@@ -82,6 +82,9 @@ class MetricsLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        from dfmkit.compat.tensorboard import quiet_writer_thread_errors
+
+        quiet_writer_thread_errors()  # a failed write is one warning below, not also the writer thread's traceback
         self.dir = Path(config.dir or os.path.join(checkpoint_dir, "tensorboard"))
         try:
             self.tensorboard = SummaryWriter(str(self.dir))
