@@ -1,4 +1,5 @@
-"""Every patch, override and private-API use of megatron-core, Megatron-Energon and torch: the only place for them.
+"""Every patch, override and private-API use of megatron-core, Megatron-Energon, torch and TensorBoard: the only
+place for them.
 
 No other module of dfmkit assigns to, overrides or calls a private attribute of those libraries. Each module here
 changes one library area and says in its docstring what it changes, why, and on which versions it was checked
