@@ -121,24 +121,14 @@ def evaluation_ms(denoise: Callable, x: torch.Tensor, sigma: torch.Tensor, repla
 def run(images: int, tiny: bool, replays: int, only: list[str] | None) -> dict[str, Any]:
     import dataclasses
 
-    import dfmkit
-    from dfmkit import parallel
     from dfmkit.batch import Sample, pack
-    from dfmkit.devices import resolve_device
+    from dfmkit.bench.sampling import sampling_setup
     from dfmkit.diffusion.guidance import guided_denoiser
-    from dfmkit.diffusion.objective import as_model_fn
 
     preset, latent, text_tokens, text_dim = ("tiny", (16, 1, 8, 8), 8, 64) if tiny else ("XL", (16, 1, 64, 64), 77, 1024)
-    job = dfmkit.build({"model": {"name": "dit", "preset": preset, "in_channels": latent[0], "text_dim": text_dim},
-                        "tokenizer": {"name": "identity"}, "text_encoder": {"name": "t5-tiny"},
-                        "task_encoder": {"name": "packed"}})
-    device = resolve_device("auto")
+    setup = sampling_setup(preset, latent[0], text_dim)
+    job, device, dtype, model_fn, objective = setup.job, setup.device, setup.dtype, setup.model_fn, setup.objective
     cuda = device.type == "cuda"
-    parallel.initialize(job.recipe.parallel, device)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model = job.components["model"].build(recipe=job.recipe).to(device, dtype).eval()
-    objective = job.components["diffusion"].build(recipe=job.recipe)
-    model_fn = as_model_fn(model, device, dtype)
     generator = torch.Generator().manual_seed(0)
     samples = [Sample(torch.zeros(*latent), torch.randn(text_tokens, text_dim, generator=generator), f"s{i}")
                for i in range(images)]

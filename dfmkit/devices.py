@@ -50,20 +50,22 @@ def host_available() -> int | None:
     """Bytes of host memory available to a new allocation: MemAvailable (``os.sysconf`` where there is no
     /proc/meminfo), or less where this process's memory cgroup (a container's limit) allows less; None where
     neither can be read."""
-    figures = [cgroup_memory_room()]
+    known = [figure for figure in (_machine_available(), cgroup_memory_room()) if figure is not None]
+    return min(known) if known else None
+
+
+def _machine_available() -> int | None:
+    """MemAvailable of /proc/meminfo, else ``os.sysconf``'s available pages, else None."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                figures.append(int(line.split()[1]) * 1024)
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    if len(figures) == 1:
-        try:
-            figures.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            pass
-    known = [figure for figure in figures if figure is not None]
-    return min(known) if known else None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def cgroup_memory_room(proc_cgroup: Path = Path("/proc/self/cgroup"), mount: Path = CGROUP_MOUNT) -> int | None:

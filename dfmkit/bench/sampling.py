@@ -6,9 +6,43 @@ import statistics
 import time
 from typing import Any
 
+import attrs
 import torch
 
 from dfmkit.bench.flops import DiTShape, forward_flops
+
+
+@attrs.frozen
+class SamplingSetup:
+    """A DiT with random weights on this process's device, ready to sample: bf16 on CUDA, float32 elsewhere."""
+
+    job: Any
+    device: torch.device
+    dtype: torch.dtype
+    model_fn: Any  # the network as the objectives call it (dfmkit.diffusion.objective.as_model_fn)
+    objective: Any
+
+
+def sampling_setup(preset: str, in_channels: int, text_dim: int, *, steps: int = 35, attention: str = "torch",
+                   compile: bool = False) -> SamplingSetup:
+    """The job (identity tokenizer, Heun with ``steps`` steps, EDM), its model in eval mode and its objective."""
+    import dfmkit
+    from dfmkit import parallel
+    from dfmkit.devices import resolve_device
+    from dfmkit.diffusion.objective import as_model_fn
+
+    job = dfmkit.build({
+        "model": {"name": "dit", "preset": preset, "in_channels": in_channels, "text_dim": text_dim,
+                  "attention": attention, "compile": compile},
+        "sampler": {"name": "heun", "num_steps": steps},
+        "tokenizer": {"name": "identity"}, "text_encoder": {"name": "t5-tiny"}, "task_encoder": {"name": "packed"},
+    })
+    device = resolve_device("auto")
+    parallel.initialize(job.recipe.parallel, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = job.components["model"].build(recipe=job.recipe).to(device, dtype).eval()
+    return SamplingSetup(job=job, device=device, dtype=dtype, model_fn=as_model_fn(model, device, dtype),
+                         objective=job.components["diffusion"].build(recipe=job.recipe))
 
 
 def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 64, 64), steps: int = 35,
@@ -25,29 +59,15 @@ def sampling_latency(preset: str = "XL", images: int = 1, latent_shape=(16, 1, 6
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    import dfmkit
-    from dfmkit import parallel
-    from dfmkit.devices import resolve_device
-    from dfmkit.diffusion.objective import as_model_fn
     from dfmkit.generation.graphs import PackGraphs
     from dfmkit.generation.sampling import sample_latents
 
-    job = dfmkit.build({
-        "model": {"name": "dit", "preset": preset, "in_channels": latent_shape[0], "text_dim": text_dim,
-                  "attention": attention, "compile": compile},
-        "sampler": {"name": "heun", "num_steps": steps},
-        "tokenizer": {"name": "identity"}, "text_encoder": {"name": "t5-tiny"}, "task_encoder": {"name": "packed"},
-    })
-    device = resolve_device("auto")
-    parallel.initialize(job.recipe.parallel, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = job.components["model"].build(recipe=job.recipe).to(device, dtype).eval()
+    setup = sampling_setup(preset, latent_shape[0], text_dim, steps=steps, attention=attention, compile=compile)
+    job, device, dtype, model_fn, objective = setup.job, setup.device, setup.dtype, setup.model_fn, setup.objective
     sampler = job.components["sampler"].build(recipe=job.recipe)
-    objective = job.components["diffusion"].build(recipe=job.recipe)
     generator = torch.Generator().manual_seed(0)
     texts = [torch.randn(text_tokens, text_dim, generator=generator) for _ in range(images)]
     options = job.recipe.model.options
-    model_fn = as_model_fn(model, device, dtype)
     graphs = PackGraphs(max_packs=1)
 
     def run() -> float:

@@ -310,11 +310,12 @@ def check_fits(options: DiTOptions, device: torch.device, tensor: int = 1) -> No
         return
     cpu = options.use_cpu_initialization or device.type != "cuda"
     available = host_available() if cpu else device_available(device)
-    weights = options.parameter_count() * 4 // (1 if cpu else tensor)
+    parameters = options.parameter_count()
+    weights = parameters * 4 // (1 if cpu else tensor)
     if available is not None and weights > available:
         layers, hidden, heads = options.resolved()
         raise DiTConfigError(
             f"model.num_layers {layers}, hidden_size {hidden} and mlp_ratio {options.mlp_ratio:g} give "
-            f"{options.parameter_count():.3g} parameters: {weights / 2**30:.1f} GiB of fp32 weights, more than the "
+            f"{parameters:.3g} parameters: {weights / 2**30:.1f} GiB of fp32 weights, more than the "
             f"{available / 2**30:.1f} GiB of {'host' if cpu else 'GPU'} memory available; choose smaller sizes "
             f"(the presets: {', '.join(f'{name} ({n} layers, hidden {h})' for name, (n, h, _) in PRESETS.items())})")
