@@ -262,10 +262,11 @@ class ValidationConfig:
     loss_sigmas: list[float] = attrs.field(factory=list, validator=_sigmas)  # []: the objective's LOSS_SIGMAS
     loss_batches: int = attrs.field(default=2, validator=_non_negative)
     # Generation on a GPU: each pack's sampler evaluations replay one CUDA graph (dfmkit.generation.graphs), captured
-    # at each validation and freed after it. Far less host time per evaluation (small models, few prompts); costs
-    # one capture per validation and, while it runs, about one forward's activations of GPU memory. Single GPU
-    # layouts only (no tensor or context parallelism); not with model.cuda_graphs, whose graphs are used instead.
-    cuda_graphs: bool = False
+    # at each validation and freed after it, as `dfmkit generate` does. Far less host time per evaluation (few
+    # prompts are bound by kernel launches); costs one capture per validation and, while it runs, about one
+    # forward's activations of GPU memory, no more than sampling without graphs peaks at. Layouts without tensor or
+    # context parallelism only (others sample eagerly); not with model.cuda_graphs, whose graphs are used instead.
+    cuda_graphs: bool = True
 
 
 @attrs.define(kw_only=True)

@@ -36,15 +36,15 @@ def test_nothing_is_captured_off_cuda():
         PackGraphs(max_packs=0)
 
 
-def test_graphs_are_on_by_default_for_generate_and_off_for_validation():
+def test_graphs_are_on_by_default_for_generate_and_validation():
     from dfmkit.cli import build_parser
     from dfmkit.recipe import load_recipe
 
     args = ["generate", "--checkpoint", "c", "--prompt", "p", "--out", "o"]
     assert build_parser().parse_args(args).cuda_graphs
     assert not build_parser().parse_args([*args, "--no-cuda-graphs"]).cuda_graphs
-    assert not load_recipe({"sampler": {"name": "heun"}}).validation.cuda_graphs
-    assert load_recipe({"sampler": {"name": "heun"}}, ["validation.cuda_graphs=true"]).validation.cuda_graphs
+    assert load_recipe({"sampler": {"name": "heun"}}).validation.cuda_graphs
+    assert not load_recipe({"sampler": {"name": "heun"}}, ["validation.cuda_graphs=false"]).validation.cuda_graphs
 
 
 def test_the_layers_own_cuda_graphs_are_not_captured_again():

@@ -281,6 +281,48 @@ def test_validation_skips_non_finite_samples_with_a_warning_and_training_goes_on
                                   "hold NaN or inf: not written, training goes on; likely cause: weights that hold NaN")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_validation_replays_graphs_by_default_with_the_eager_samples(tmp_path, monkeypatch):
+    """On a GPU, validation generation replays CUDA graphs by default: inside the training run (the DDP-wrapped
+    model, the EMA weights swapped in, the loader's threads alive) each validation captures its pack once, and its
+    latents are those of sampling eagerly (validation.cuda_graphs = false) with the same weights, within bf16
+    noise."""
+    import attrs
+
+    from dfmkit.generation.graphs import GraphedDenoiser
+
+    recipe = tiny_recipe(tmp_path / "val", train={"train_iters": 2}, optim={"warmup_iters": 1, "lr": 3e-2},
+                         validation={"interval": 1, "prompts": ["a handwritten digit 3", "a 7", "an 8"],
+                                     "height": 8, "width": 8, "loss_batches": 1, "guidance": 3.0})
+    trainer = Trainer(dfmkit.build(recipe))
+    validator = trainer.validator
+    assert trainer.device.type == "cuda" and trainer.model_dtype == torch.bfloat16 and validator.config.cuda_graphs
+    captures, latents = [], []
+    init, sample = GraphedDenoiser.__init__, validator.sampling.sample
+
+    def counted(self, *args, **kwargs):
+        captures.append(1)
+        init(self, *args, **kwargs)
+
+    def recorded(*args, **kwargs):
+        latents.append(sample(*args, **kwargs))
+        return latents[-1]
+
+    monkeypatch.setattr(GraphedDenoiser, "__init__", counted)
+    monkeypatch.setattr(validator.sampling, "sample", recorded)
+    assert trainer.train()["step"] == 2
+    assert len(captures) == 2 and len(latents) == 2  # one pack at each of the two validations
+    assert trainer.train_step()["loss"] > 0  # training goes on after the graphs were freed
+    validator.run(3)  # the EMA moved by one more step: sample with graphs and eagerly with these weights
+    validator.config = attrs.evolve(validator.config, cuda_graphs=False)
+    validator.run(3)
+    assert len(captures) == 3 and len(latents) == 4
+    for got, want in zip(latents[2], latents[3]):
+        assert got.isfinite().all() and want.isfinite().all()
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max(), (got - want).abs().max()
+    assert not torch.equal(latents[1][0], latents[2][0])  # the extra step changed the EMA weights
+
+
 def _opaque_plugins():
     import attrs
 

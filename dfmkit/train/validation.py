@@ -7,8 +7,8 @@ samples ``validation.prompts`` with the recipe's sampler through the same code a
 ``<checkpoint.dir>/validation_generation/step_<n>/``, and logs them to TensorBoard (and W&B). A sample that
 holds NaN or inf (EMA weights of a run that diverged, or a guidance so large that it overflows) is not written
 nor logged, which a warning says; training goes on (the loss guard of the training loop deals with divergence).
-With ``validation.cuda_graphs`` on a GPU each pack's evaluations replay one CUDA graph, captured at each validation
-and freed after it (:mod:`dfmkit.generation.graphs`).
+On a GPU each pack's evaluations replay one CUDA graph, captured at each validation and freed after it
+(:mod:`dfmkit.generation.graphs`; ``validation.cuda_graphs = false`` samples eagerly).
 """
 
 from __future__ import annotations
