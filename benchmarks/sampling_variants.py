@@ -9,7 +9,9 @@ sampling path), elsewhere it runs eagerly. Random weights, bf16 on CUDA (float32
 - ``unfused-gelu``: fc1 and GELU as two kernels (megatron's MLP), not one cuBLASLt call;
 - ``cublaslt`` (CUDA): ``torch.backends.cuda.preferred_blas_library("cublaslt")`` for every matmul;
 - ``adaln-<elements>x<warps>``, ``qkv-<tokens>x<warps>`` (CUDA): other launch shapes of the Triton kernels;
-- ``short-key-cross``: the short-key kernels for the cross-attention to 77 text tokens, not cuDNN.
+- ``short-key-cross``: the short-key kernels for the cross-attention to 77 text tokens, not cuDNN;
+- ``cudnn-no-lse``: cuDNN's attention without the log-sum-exp that only a backward pass needs;
+- ``flash-varlen``: flash-attention varlen for every attention, not cuDNN.
 
 A variant that cannot run on this device is reported as such. Prints milliseconds per evaluation and the ratio to
 the baseline; ``--out`` writes them as JSON with the device and torch version. On the GPU machine:
@@ -65,6 +67,7 @@ def variants() -> dict[str, tuple[Callable[[], contextlib.AbstractContextManager
     from megatron.core.transformer.mlp import MLP
 
     from dfmkit import kernels
+    from dfmkit.components.attention import torch_backend
     from dfmkit.components.backbones.dit.block import DiTMLP
     from dfmkit.kernels import short_keys
 
@@ -74,6 +77,8 @@ def variants() -> dict[str, tuple[Callable[[], contextlib.AbstractContextManager
         "unfused-gelu": (_setting(DiTMLP, "forward", MLP.forward), False),
         "cublaslt": (_blas("cublaslt"), True),
         "short-key-cross": (_setting(short_keys, "BEATS_CUDNN_UP_TO", 128), True),
+        "cudnn-no-lse": (_setting(torch_backend, "_cudnn_attention", _cudnn_without_lse), True),
+        "flash-varlen": (_setting(torch_backend, "cudnn_available", lambda q: False), True),
     }
     for elements, warps in ((2048, 2), (8192, 2), (4096, 4), (8192, 8)):
         found[f"adaln-{elements}x{warps}"] = (_both(_setting(kernels.adaln, "FORWARD_ELEMENTS", elements),
@@ -83,6 +88,10 @@ def variants() -> dict[str, tuple[Callable[[], contextlib.AbstractContextManager
                                                 _setting(kernels.qkv, "FORWARD_WARPS", warps)), True)
     found["baseline-again"] = (contextlib.nullcontext, False)
     return found
+
+
+def _cudnn_without_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False)[0]
 
 
 def _both(first, second) -> Callable[[], contextlib.AbstractContextManager]:

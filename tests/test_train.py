@@ -290,6 +290,7 @@ def test_cuda_validation_replays_graphs_by_default_with_the_eager_samples(tmp_pa
     import attrs
 
     from dfmkit.generation.graphs import GraphedDenoiser
+    from dfmkit.generation.sampling import SamplingModel
 
     recipe = tiny_recipe(tmp_path / "val", train={"train_iters": 2}, optim={"warmup_iters": 1, "lr": 3e-2},
                          validation={"interval": 1, "prompts": ["a handwritten digit 3", "a 7", "an 8"],
@@ -298,18 +299,18 @@ def test_cuda_validation_replays_graphs_by_default_with_the_eager_samples(tmp_pa
     validator = trainer.validator
     assert trainer.device.type == "cuda" and trainer.model_dtype == torch.bfloat16 and validator.config.cuda_graphs
     captures, latents = [], []
-    init, sample = GraphedDenoiser.__init__, validator.sampling.sample
+    init, sample = GraphedDenoiser.__init__, SamplingModel.sample
 
     def counted(self, *args, **kwargs):
         captures.append(1)
         init(self, *args, **kwargs)
 
-    def recorded(*args, **kwargs):
-        latents.append(sample(*args, **kwargs))
+    def recorded(self, *args, **kwargs):
+        latents.append(sample(self, *args, **kwargs))
         return latents[-1]
 
     monkeypatch.setattr(GraphedDenoiser, "__init__", counted)
-    monkeypatch.setattr(validator.sampling, "sample", recorded)
+    monkeypatch.setattr(SamplingModel, "sample", recorded)
     assert trainer.train()["step"] == 2
     assert len(captures) == 2 and len(latents) == 2  # one pack at each of the two validations
     assert trainer.train_step()["loss"] > 0  # training goes on after the graphs were freed
