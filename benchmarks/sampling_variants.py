@@ -10,6 +10,7 @@ sampling path), elsewhere it runs eagerly. Random weights, bf16 on CUDA (float32
 - ``cublaslt`` (CUDA): ``torch.backends.cuda.preferred_blas_library("cublaslt")`` for every matmul;
 - ``adaln-<elements>x<warps>``, ``qkv-<tokens>x<warps>`` (CUDA): other launch shapes of the Triton kernels;
 - ``short-key-cross``: the short-key kernels for the cross-attention to 77 text tokens, not cuDNN;
+  ``short-key-cross-<query tile>x<warps>``: with other forward launch shapes;
 - ``cudnn-no-lse``: cuDNN's attention without the log-sum-exp that only a backward pass needs;
 - ``flash-varlen``: flash-attention varlen for every attention, not cuDNN.
 
@@ -86,6 +87,10 @@ def variants() -> dict[str, tuple[Callable[[], contextlib.AbstractContextManager
     for tokens, warps in ((2, 4), (1, 8), (4, 8)):
         found[f"qkv-{tokens}x{warps}"] = (_both(_setting(kernels.qkv, "TOKENS_PER_TILE", tokens),
                                                 _setting(kernels.qkv, "FORWARD_WARPS", warps)), True)
+    for block_q, warps in ((32, 4), (64, 8), (128, 4), (128, 8)):  # forward launch shapes of the 128-key tile
+        launch = {**short_keys.LAUNCH, 128: (block_q, warps, *short_keys.LAUNCH[128][2:])}
+        found[f"short-key-cross-{block_q}x{warps}"] = (_both(_setting(short_keys, "BEATS_CUDNN_UP_TO", 128),
+                                                             _setting(short_keys, "LAUNCH", launch)), True)
     found["baseline-again"] = (contextlib.nullcontext, False)
     return found
 
