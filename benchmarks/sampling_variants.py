@@ -7,6 +7,7 @@ sampling path), elsewhere it runs eagerly. Random weights, bf16 on CUDA (float32
 - ``baseline``: as dfmkit samples; ``baseline-again`` last, to see the machine's drift over the run;
 - ``no-null-text-skip``: the unconditional rows run their cross-attention (which outputs zero) as well;
 - ``unfused-gelu``: fc1 and GELU as two kernels (megatron's MLP), not one cuBLASLt call;
+- ``recomputed-text-keys``: the cross-attention keys and values of the text computed in every evaluation, not kept;
 - ``cublaslt`` (CUDA): ``torch.backends.cuda.preferred_blas_library("cublaslt")`` for every matmul;
 - ``adaln-<elements>x<warps>``, ``qkv-<tokens>x<warps>`` (CUDA): other launch shapes of the Triton kernels;
 - ``short-key-cross``: the short-key kernels for the cross-attention to 77 text tokens, not cuDNN;
@@ -69,6 +70,7 @@ def variants() -> dict[str, tuple[Callable[[], contextlib.AbstractContextManager
 
     from dfmkit import kernels
     from dfmkit.components.attention import torch_backend
+    from dfmkit.components.backbones.dit.attention import CrossAttention
     from dfmkit.components.backbones.dit.block import DiTMLP
     from dfmkit.kernels import short_keys
 
@@ -76,6 +78,7 @@ def variants() -> dict[str, tuple[Callable[[], contextlib.AbstractContextManager
         "baseline": (contextlib.nullcontext, False),
         "no-null-text-skip": (contextlib.nullcontext, False),  # applied to the pack (see evaluation_ms)
         "unfused-gelu": (_setting(DiTMLP, "forward", MLP.forward), False),
+        "recomputed-text-keys": (_setting(CrossAttention, "text_keys_values", _recomputed_text_keys), False),
         "cublaslt": (_blas("cublaslt"), True),
         "short-key-cross": (_setting(short_keys, "BEATS_CUDNN_UP_TO", 128), True),
         "cudnn-no-lse": (_setting(torch_backend, "_cudnn_attention", _cudnn_without_lse), True),
@@ -93,6 +96,11 @@ def variants() -> dict[str, tuple[Callable[[], contextlib.AbstractContextManager
                                                              _setting(short_keys, "LAUNCH", launch)), True)
     found["baseline-again"] = (contextlib.nullcontext, False)
     return found
+
+
+def _recomputed_text_keys(self, context: torch.Tensor, layout: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = layout.text_tokens[1] if layout.text_tokens is not None else context.shape[0]
+    return self._keys_values(context[:rows])
 
 
 def _cudnn_without_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -287,6 +287,83 @@ def test_null_text_skip_keeps_gradients():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _counting_text_projections(model) -> tuple[list[int], list]:
+    calls = []
+    hooks = [layer.cross_attention.linear_kv.register_forward_hook(lambda module, args, out: calls.append(1))
+             for layer in model.decoder.layers]
+    return calls, hooks
+
+
+def test_text_keys_and_values_are_kept_between_forwards_without_autograd_until_text_or_weights_change():
+    """Without autograd the cross-attentions keep the text's keys and values on the pack's layout: a second forward
+    of the pack projects no text and gives the same output. Text or weights changed in place are projected again,
+    into the kept tensors (which a CUDA graph reads), and the output is that of a fresh pack. With autograd
+    (training) nothing is kept."""
+    torch.manual_seed(0)
+    m = dit.build(H.tiny_options())
+    H.randomize_(m)
+    batch = H.make_packs()[0].with_unconditional()
+    x, c_noise, _ = H.pack_inputs(batch, 0)
+    layers = len(m.decoder.layers)
+    calls, hooks = _counting_text_projections(m)
+    try:
+        with torch.no_grad():
+            first = m(x, c_noise, batch)
+            kept = {key: (k.data_ptr(), v.data_ptr()) for key, (_, (k, v)) in m.layout(batch).text_keys_values.items()}
+            assert len(calls) == layers and len(kept) == layers
+            assert torch.equal(m(x, c_noise, batch), first) and len(calls) == layers  # nothing projected again
+
+            batch.text[:2].mul_(-0.5)  # other prompts written into the pack, as condition_on does
+            fresh = dataclasses.replace(batch, text=batch.text.clone())
+            assert torch.equal(m(x, c_noise, batch), m(x, c_noise, fresh))
+            assert not torch.equal(m(x, c_noise, batch), first)
+            m.decoder.layers[1].cross_attention.linear_kv.weight.mul_(1.5)  # in place, as the EMA swap does
+            calls.clear()
+            after_weights = m(x, c_noise, batch)
+            assert len(calls) == 1  # only the changed layer projects its text again
+            assert torch.equal(after_weights, m(x, c_noise, dataclasses.replace(batch, text=batch.text.clone())))
+            again = {key: (k.data_ptr(), v.data_ptr()) for key, (_, (k, v)) in m.layout(batch).text_keys_values.items()}
+            assert again == kept  # computed again into the same tensors
+
+        calls.clear()
+        trained = H.make_packs()[1]
+        for _ in range(2):
+            m(*H.pack_inputs(trained, 1)[:2], trained).sum().backward()
+        assert len(calls) == 2 * layers and m.layout(trained).text_keys_values == {}
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_conditioning_a_guided_denoiser_on_other_text_refreshes_the_kept_keys_and_values():
+    """GuidedDenoiser.condition_on writes other text into its pack and has the network compute its kept keys and
+    values again at once (what a CUDA graph replayed after it reads): they equal those of a fresh forward of the new
+    text, before any forward of the pack, and so do the denoised outputs after it."""
+    from dfmkit.components.objectives.edm import EDM
+    from dfmkit.diffusion.guidance import guided_denoiser
+    from dfmkit.diffusion.objective import as_model_fn
+
+    model = H.sampling_model("cpu")
+    model_fn = as_model_fn(model, torch.device("cpu"), torch.float32)
+    batch = H.make_packs()[0]
+    x = torch.randn(batch.latents.shape, dtype=torch.float64)
+    sigma = torch.tensor(2.0, dtype=torch.float64)
+    other_text = torch.randn_like(batch.text)
+    with torch.no_grad():
+        denoise = guided_denoiser(model_fn, EDM(condition_dropout=0.2), batch, 3.0, torch.float32)
+        denoise(x, sigma)
+        denoise.condition_on(other_text)
+        kept = model.layout(denoise.pack).text_keys_values
+        want = guided_denoiser(model_fn, EDM(condition_dropout=0.2), dataclasses.replace(batch, text=other_text), 3.0,
+                               torch.float32)
+        expected = want(x, sigma)
+        for layer in model.decoder.layers:
+            k, v = kept[id(layer.cross_attention)][1]
+            want_k, want_v = model.layout(want.pack).text_keys_values[id(layer.cross_attention)][1]
+            assert torch.equal(k, want_k) and torch.equal(v, want_v)
+        assert torch.equal(denoise(x, sigma), expected)
+
+
 def test_marked_null_text_must_be_a_sample_index():
     batch = H.make_packs()[0]
     with pytest.raises(BatchError, match="null_text_from 9 is not a sample index"):

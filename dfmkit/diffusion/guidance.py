@@ -89,6 +89,9 @@ class GuidedDenoiser:
         if text.shape != conditional.shape:
             raise ValueError(f"text states of shape {tuple(text.shape)} for a pack of {tuple(conditional.shape)}")
         conditional.copy_(text)
+        refresh = getattr(self.model_fn, "refresh_text", None)  # what the network keeps of the text (NetworkFn)
+        if refresh is not None:
+            refresh(self.pack)
 
 
 def guided_denoiser(

@@ -50,19 +50,37 @@ from dfmkit.parallel import ParallelLayout, all_reduce_context_parallel
 ModelFn = Callable[[torch.Tensor, torch.Tensor, PackedBatch], torch.Tensor]
 
 
-def as_model_fn(model: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype) -> ModelFn:
-    """``model`` (a backbone, or megatron's DDP around one) as the raw network: ``x`` and the batch's text are cast to
-    the model's ``dtype`` (the batch moved to ``device`` then), ``c_noise`` stays float32.
+class NetworkFn:
+    """``model`` (a backbone, or megatron's DDP around one) as the raw network ``(x, c_noise, batch) -> output``:
+    ``x`` and the batch's text are cast to the model's ``dtype`` (the batch moved to ``device`` then), ``c_noise``
+    stays float32. Made by :func:`as_model_fn`.
 
     A batch already in ``dtype`` reaches the model as it is. One in another dtype is converted at every call, into a
     new object each time: where one pack serves many calls (sampling), convert it once beforehand, so the model
     sees the same object every time and derives its layout once (:meth:`dfmkit.batch.PackedBatch.derived`)."""
 
-    def model_fn(x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        batch = batch if batch.text.dtype == dtype else batch.to(device, dtype)
-        return model(x.to(dtype), c_noise, batch)
+    def __init__(self, model: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype):
+        self.model, self.device, self.dtype = model, device, dtype
 
-    return model_fn
+    def __call__(self, x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        return self.model(x.to(self.dtype), c_noise, self._in_dtype(batch))
+
+    def refresh_text(self, batch: PackedBatch) -> None:
+        """Have the backbone compute again what it keeps of ``batch``'s text between forwards, after the text was
+        changed in place (a backbone that keeps something defines ``refresh_text(batch)``; the DiT keeps its
+        cross-attention keys and values)."""
+        network = getattr(self.model, "module", self.model)  # inside megatron's DDP
+        refresh = getattr(network, "refresh_text", None)
+        if refresh is not None:
+            refresh(self._in_dtype(batch))
+
+    def _in_dtype(self, batch: PackedBatch) -> PackedBatch:
+        return batch if batch.text.dtype == self.dtype else batch.to(self.device, self.dtype)
+
+
+def as_model_fn(model: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype) -> NetworkFn:
+    """``model`` as the raw network (:class:`NetworkFn`)."""
+    return NetworkFn(model, device, dtype)
 
 
 @attrs.frozen

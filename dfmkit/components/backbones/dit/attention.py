@@ -31,6 +31,7 @@ from dfmkit import kernels
 from dfmkit.components.attention.base import VarlenParams
 from dfmkit.components.backbones.dit.layers import RMSNorm, apply_rope
 from dfmkit.components.backbones.dit.layout import PackedLayout
+from dfmkit.compat.torch_tensor import version
 from dfmkit.registry import Registry
 
 
@@ -140,17 +141,56 @@ class CrossAttention(_Attention):
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         """The output of the first ``layout.text_tokens`` tokens when set: the rest are null-text samples', zero."""
         if layout.text_tokens is not None:
-            tokens, text_rows = layout.text_tokens
-            hidden, context = hidden[:tokens], context[:text_rows]
+            tokens, _ = layout.text_tokens
+            hidden = hidden[:tokens]
             if tokens == 0:
                 return hidden.new_zeros(0, *hidden.shape[1:])
         q, _ = self.linear_q(hidden)
-        kv, _ = self.linear_kv(context)  # [Lkv, 1, 2 * heads * head_dim]
-        if self.fused_kernels and kernels.qkv.available(q) and kernels.qkv.available(kv):
+        if self.fused_kernels and kernels.qkv.available(q):
             q = kernels.qkv.norm_heads(q, self.heads, self.q_layernorm.weight, self.q_layernorm.eps)
-            k, v = kernels.qkv.split_kv(kv, self.heads, self.k_layernorm.weight, self.k_layernorm.eps)
         else:
             q = self.q_layernorm(q.view(q.shape[0], self.heads, self.head_dim))
-            k, v = kv.view(kv.shape[0], self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
-            k = self.k_layernorm(k)
+        k, v = self.text_keys_values(context, layout)
         return self.project(self.attend(q, k, v, layout.cross_attn))
+
+    def text_keys_values(self, context: torch.Tensor, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[rows, heads, head_dim]`` of the text rows that cross-attention reads.
+
+        They depend on the text and the weights only. Without autograd (sampling, validation) they are kept on the
+        pack's layout and reused by later forwards of the pack while the text and the weights are the same tensors,
+        unchanged in place (their version counters). Otherwise they are computed again, into the kept tensors when
+        the shapes match: a CUDA graph captured from an earlier forward reads those, and does not compute them.
+        After the text or the weights change, a graph replays stale keys until an eager forward or
+        :meth:`dfmkit.components.backbones.dit.DiT.refresh_text` computes them again.
+        """
+        if layout.text_tokens is not None:
+            context = context[: layout.text_tokens[1]]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or context.is_inference():
+            return self._keys_values(context)
+        sources = (context, *self.linear_kv.parameters(), *self.k_layernorm.parameters())
+        kept = layout.text_keys_values.get(id(self))
+        if kept is not None and _unchanged(kept[0], sources):
+            return kept[1]
+        k, v = self._keys_values(context)
+        if kept is not None and kept[1][0].shape == k.shape and kept[1][1].shape == v.shape:
+            kept[1][0].copy_(k)
+            kept[1][1].copy_(v)
+            k, v = kept[1]
+        # The stamp holds the sources (detached: same storage and version counter), so no other tensor can take
+        # their addresses over while it is kept.
+        layout.text_keys_values[id(self)] = (tuple((t.detach(), version(t)) for t in sources), (k, v))
+        return k, v
+
+    def _keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv, _ = self.linear_kv(context)  # [Lkv, 1, 2 * heads * head_dim]
+        if self.fused_kernels and kernels.qkv.available(kv):
+            return kernels.qkv.split_kv(kv, self.heads, self.k_layernorm.weight, self.k_layernorm.eps)
+        k, v = kv.view(kv.shape[0], self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
+        return self.k_layernorm(k), v
+
+
+def _unchanged(stamp: tuple[tuple[torch.Tensor, int], ...], sources: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``sources`` are the tensors of ``stamp`` (same storage, shape and strides), unchanged in place."""
+    return len(stamp) == len(sources) and all(
+        kept.data_ptr() == t.data_ptr() and kept.shape == t.shape and kept.stride() == t.stride()
+        and kept_version == version(t) for (kept, kept_version), t in zip(stamp, sources))

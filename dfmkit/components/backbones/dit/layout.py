@@ -4,7 +4,7 @@ Which sample each token belongs to (whole sequence, and the share a layer holds 
 the attention segments of self- and cross-attention (cross-attention only of the samples with text: null-text
 samples, the unconditional half of a guided pack, get exactly zero from it and skip it), which keys are real
 (padding never serves as a key; under context parallelism: which rows of the all-gathered keys), and the rotary
-embedding's angles.
+embedding's angles; and, without autograd, the text's keys and values of each cross-attention.
 :meth:`dfmkit.components.backbones.dit.DiT.layout` keeps it on the batch, so every forward of one pack reuses it.
 """
 
@@ -35,6 +35,9 @@ class PackedLayout:
     text_tokens: tuple[int, int] | None
     rope: tuple[torch.Tensor, torch.Tensor] | None
     cp_group: Any = None  # set when keys/values must be all-gathered over context parallelism
+    # Each cross-attention's text keys and values, kept between forwards without autograd (the stamp of what they
+    # were computed from, (k, v)); see CrossAttention.text_keys_values.
+    text_keys_values: dict[int, tuple[Any, tuple[torch.Tensor, torch.Tensor]]] = dataclasses.field(default_factory=dict)
 
 
 def _real_positions(cu: list[int], seqlens: list[int], device) -> torch.Tensor:

@@ -178,6 +178,16 @@ class DiT(MegatronModule):
             (*batch.LAYOUT_FIELDS, "cu_seqlens_kv", "pos_ids"),
         )
 
+    @torch.no_grad()
+    def refresh_text(self, batch: PackedBatch) -> None:
+        """Compute again, in place, what the layers keep of ``batch``'s text between forwards without autograd (each
+        cross-attention's keys and values: :meth:`CrossAttention.text_keys_values`), now that the text or the weights
+        changed in place: a CUDA graph captured from a forward of this pack reads them and does not compute them."""
+        layout = self.layout(batch)
+        context = batch.text.to(self.x_embedder.weight.dtype).unsqueeze(1)
+        for layer in self.decoder.layers:
+            layer.cross_attention.text_keys_values(context, layout)
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         self.check_inputs(x, c_noise, batch)
         layout = self.layout(batch)
