@@ -300,7 +300,7 @@ def test_text_keys_and_values_are_kept_between_forwards_without_autograd_until_t
     into the kept tensors (which a CUDA graph reads), and the output is that of a fresh pack. With autograd
     (training) nothing is kept."""
     torch.manual_seed(0)
-    m = dit.build(H.tiny_options())
+    m = dit.build(H.tiny_options(), device="cpu")
     H.randomize_(m)
     batch = H.make_packs()[0].with_unconditional()
     x, c_noise, _ = H.pack_inputs(batch, 0)
