@@ -271,6 +271,13 @@ def test_mock_data(tmp_path):
     assert batch.num_samples == 2 and batch.latents.shape == (2048, 64) and batch.text.shape == (32, 1024)
     with pytest.raises(Exception, match="seq_length"):
         build_train_loader(recipe(mock=True, mock_latent_shape=[16, 1, 64, 64], seq_length=512))
+    # More samples a pack than seq_length holds: refused up front, as real packs never exceed it (a typo of 10**9
+    # would build packs of 10**9 samples).
+    from dfmkit.errors import DfmkitError
+
+    with pytest.raises(DfmkitError, match=r"^data.mock_samples_per_pack = 5 samples of 1024 tokens do not fit in "
+                                          r"data.seq_length = 4096; give at most 4, or 0 \(as many as fit\)$"):
+        build_train_loader(recipe(mock=True, mock_samples_per_pack=5, seq_length=4096))
 
 
 def test_data_that_does_not_fit_the_model_is_a_clear_error(tmp_path):

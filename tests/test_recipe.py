@@ -121,6 +121,8 @@ def test_every_problem_is_reported_at_once_component_checks_included():
     with pytest.raises(RecipeError) as info:
         load_recipe("quickstart_digits", ["model.attention=torch-sdap", "optim.warmup_iters=5000", "validation.seed=-1",
                                           "sampler.num_steps=lots", "parallel.context=4", "data.seq_length=6"])
+    with pytest.raises(RecipeError) as too_many:  # not a failed allocation of the grid at the first validation
+        load_recipe("quickstart_digits", ["sampler.num_steps=1000000000000"])
     [attention] = [p for p in problems(info) if p.startswith("model.attention")]
     assert attention.startswith("model.attention: unknown attention 'torch-sdap'; did you mean 'torch-sdpa'?")
     assert set(problems(info)) - {attention} == {
@@ -131,6 +133,7 @@ def test_every_problem_is_reported_at_once_component_checks_included():
         "data.seq_length (6) is smaller than 8, the tokens each sample is padded to for parallel.context = 4 "
         "(2 x context); raise data.seq_length",
     }
+    assert problems(too_many) == ["sampler.num_steps: must be from 1 to 100000, got 1000000000000"]
 
 
 def test_a_component_checks_itself_against_the_recipe_and_registries(toy_plugins):

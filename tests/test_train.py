@@ -373,6 +373,14 @@ def test_bad_input_fails_before_any_work(tmp_path):
     # Validation sizes that do not fit the patches: refused when the recipe is read, not at the first validation.
     with pytest.raises(RecipeError, match="validation.height: size 1 frames x 9 x 8 .* height 9 -> 8 or 10"):
         dfmkit.build(tiny_recipe(tmp_path / "x", validation={"interval": 2, "prompts": ["a"], "height": 9, "width": 8}))
+    # Validation sizes whose generation cannot fit in memory: refused before the first step, not at the first
+    # validation (which would be killed, or fail, after the steps before it).
+    huge = tiny_recipe(tmp_path / "huge", validation={"interval": 2, "prompts": ["a", "b"], "height": 2**30, "width": 8})
+    with pytest.raises(GenerateError, match=r"^validation generation: this request needs at least .* GiB of memory .* "
+                                            r"lower validation.height/width/frames \(now 1073741824 x 8 x 1 frames\) "
+                                            r"or give fewer validation.prompts \(now 2\)$"):
+        Trainer(dfmkit.build(huge))
+    assert not (tmp_path / "huge").exists() or not any((tmp_path / "huge").rglob("iter_*"))
 
 
 def test_a_missing_dataset_is_prepared_from_its_source(tmp_path):

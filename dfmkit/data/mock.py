@@ -48,7 +48,12 @@ class MockLoader:
         self.tokens_per_sample = round_up((t // pt) * (h // p) * (w // p), self.pad_multiple)
         if self.tokens_per_sample > data.seq_length:
             raise DfmkitError(f"a mock sample has {self.tokens_per_sample} tokens, more than data.seq_length={data.seq_length}")
-        self.samples_per_pack = data.mock_samples_per_pack or max(1, data.seq_length // self.tokens_per_sample)
+        fits = data.seq_length // self.tokens_per_sample
+        if data.mock_samples_per_pack > fits:  # real packs never exceed seq_length: neither do mock ones
+            raise DfmkitError(
+                f"data.mock_samples_per_pack = {data.mock_samples_per_pack} samples of {self.tokens_per_sample} tokens "
+                f"do not fit in data.seq_length = {data.seq_length}; give at most {fits}, or 0 (as many as fit)")
+        self.samples_per_pack = data.mock_samples_per_pack or fits
         self.skips = SkipCounter()
         self.batches = 0
 

@@ -75,10 +75,12 @@ def _size(count: int) -> str:
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
-def check_memory(need: MemoryNeed, device: torch.device) -> None:
-    """A :class:`GenerateError` with the estimate and what is available when ``need`` cannot fit on ``device``."""
+def check_memory(need: MemoryNeed, device: torch.device, fix: str = "") -> None:
+    """A :class:`GenerateError` with the estimate and what is available when ``need`` cannot fit on ``device``.
+    ``fix`` says what to change (default: ``dfmkit generate``'s sizes, prompts per call and ``--max-tokens``)."""
     host = host_available()
-    smaller = f"ask for smaller sizes (the largest is {need.largest}) or fewer prompts per call"
+    smaller = fix or f"ask for smaller sizes (the largest is {need.largest}) or fewer prompts per call"
+    split = "" if fix else ", or split the prompts into smaller packs (--max-tokens)"
     if device.type != "cuda":
         total = need.kept + need.pack
         if host is not None and total > host:
@@ -91,8 +93,7 @@ def check_memory(need: MemoryNeed, device: torch.device) -> None:
     if free is not None and need.pack > free:
         raise GenerateError(
             f"this request needs at least {_size(need.pack)} of GPU memory to sample its largest pack of "
-            f"{need.pack_tokens} tokens, more than the {_size(free)} free on {device}; {smaller}, or split the "
-            "prompts into smaller packs (--max-tokens)")
+            f"{need.pack_tokens} tokens, more than the {_size(free)} free on {device}; {smaller}{split}")
     if host is not None and need.kept > host:
         raise GenerateError(
             f"this request needs at least {_size(need.kept)} of host memory for its latents and decoded pixels, "

@@ -130,7 +130,7 @@ class Trainer:
 
     def _build_validator(self) -> Validator:
         state = self.state
-        return Validator(self.job, model_fn=as_model_fn(state.ddp, self.device, self.model_dtype),
+        return Validator(self.job, model=state.model, model_fn=as_model_fn(state.ddp, self.device, self.model_dtype),
                          ema_weights=lambda: ema_evaluation(state.model, state.ema), env=self.env, device=self.device,
                          model_dtype=self.model_dtype, pad_multiple=self.pad_multiple,
                          out_dir=self.checkpoint_dir / "validation_generation", logger=self.logger)

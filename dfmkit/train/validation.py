@@ -29,6 +29,7 @@ from dfmkit.data.loader import build_validation_batches
 from dfmkit.diffusion.objective import ModelFn, loss_share
 from dfmkit.errors import GenerateError
 from dfmkit.generation.graphs import whole_denoiser_graphs
+from dfmkit.generation.memory import check_memory, memory_need
 from dfmkit.generation.outputs import (
     decode,
     non_finite,
@@ -79,15 +80,16 @@ def validation_shape(job: Job, tokenizer: Any) -> tuple[int, int, int, int]:
 class Validator:
     """Validation of a training run: :meth:`run` at a step computes the loss and generates the prompts.
 
-    It sees the run through what it needs: ``model_fn(x, c_noise, batch)`` (the live model's call),
+    It sees the run through what it needs: the backbone (for its sizes, in the memory check of the validation
+    prompts before training starts), ``model_fn(x, c_noise, batch)`` (the live model's call),
     ``ema_weights()`` (a context in which the model holds its EMA weights, in eval mode), the parallel ``env``,
     the device and dtype, the pack padding, the folder for generated files and the logger. Its loss is the
     training loss (the trainer's context-parallel sharding and :func:`~dfmkit.diffusion.objective.loss_share`) at
     fixed noise levels."""
 
-    def __init__(self, job: Job, *, model_fn: ModelFn, ema_weights: Callable[[], AbstractContextManager[Any]],
-                 env: ParallelLayout, device: torch.device, model_dtype: torch.dtype,
-                 pad_multiple: int, out_dir: Path, logger: MetricsLogger):
+    def __init__(self, job: Job, *, model: torch.nn.Module, model_fn: ModelFn,
+                 ema_weights: Callable[[], AbstractContextManager[Any]], env: ParallelLayout, device: torch.device,
+                 model_dtype: torch.dtype, pad_multiple: int, out_dir: Path, logger: MetricsLogger):
         self.job = job
         self.config = job.recipe.validation
         self.model_fn = model_fn
@@ -113,11 +115,29 @@ class Validator:
                                           defaults=(self.config.frames, self.config.height, self.config.width))
             self.tokenizer = job.components["tokenizer"].build(recipe=job.recipe)
             self.latent_shape = validation_shape(job, self.tokenizer)
+            self._check_memory(model)
             self.sampler_name, self.sampler, self.sampler_options = build_sampler(job)
             # Encode the prompts once; the (possibly very large) text encoder is not kept.
             encoder = job.components["text_encoder"].build(recipe=job.recipe)
             self.prompt_states = encode_prompts(encoder, self.config.prompts, job.recipe)
             del encoder
+
+    def _check_memory(self, model: torch.nn.Module) -> None:
+        """Refuse, before training starts, validation sizes whose generation cannot fit in the memory there is now
+        (the model, its gradients and optimizer state already allocated): the lower bound of
+        :mod:`dfmkit.generation.memory`, all prompts in one pack, as :meth:`generate` samples them."""
+        config = self.config
+        shapes = [self.latent_shape] * len(self.requests)
+        need = memory_need(self.requests, shapes, [list(range(len(shapes)))], patch_spatial=self.sampling.patch_spatial,
+                           patch_temporal=self.sampling.patch_temporal, pad_multiple=self.sampling.pad_multiple,
+                           guided=config.guidance != 1.0, model=model, dtype=self.model_dtype,
+                           tensor=self.env.tp_size, context=self.env.cp_size)
+        fix = (f"lower validation.height/width/frames (now {config.height} x {config.width} x {config.frames} frames) "
+               f"or give fewer validation.prompts (now {len(self.requests)})")
+        try:
+            check_memory(need, self.device, fix)
+        except GenerateError as exc:
+            raise GenerateError(f"validation generation: {exc}") from None
 
     @torch.no_grad()
     def validation_loss(self) -> dict[str, float]:

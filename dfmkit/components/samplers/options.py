@@ -24,14 +24,18 @@ def _check(condition: str, test):
 
 _positive = _check("a finite number > 0", lambda x: 0 < x < math.inf)
 _non_negative = _check("a finite number >= 0", lambda x: 0 <= x < math.inf)
-_at_least_one = _check("at least 1", lambda x: x >= 1)
+# A bound far past any sampler's use (EDM's converge by a few hundred steps; DDPM's ancestral sampling takes 1000), so
+# that a typo such as 10**12 is one message when the recipe is read, not a failed allocation of the noise-level grid
+# at the first validation.
+MAX_STEPS = 100_000
+_steps = _check(f"from 1 to {MAX_STEPS}", lambda x: 1 <= x <= MAX_STEPS)
 
 
 @attrs.define(kw_only=True)
 class SamplerOptions:
     """N steps on the objective's grid of noise levels (``diffusion.*``), down to 0."""
 
-    num_steps: int = attrs.field(default=35, validator=_at_least_one)
+    num_steps: int = attrs.field(default=35, validator=_steps)
 
 
 @attrs.define(kw_only=True)
