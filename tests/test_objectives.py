@@ -150,7 +150,7 @@ def test_the_recipe_names_the_objective_and_its_options_are_checked():
                      "validation": {"loss_sigmas": [0.5, 2.0]}}, **plugins_registries())
     assert set(info.value.problems) == {
         "diffusion.sigma_data: unknown key; known keys: name, condition_dropout, loss_normalization, p_mean, p_std, "
-        "shift, shift_by_tokens, shift_tokens, log_shift, sample_shift, time_scale",
+        "shift, shift_by_tokens, shift_tokens, log_shift, sample_shift, sample_shift_by_tokens, time_scale",
         "diffusion.p_std: must be > 0: 0.0",
     }
     with pytest.raises(RecipeError) as info:

@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from dfmkit.components.objectives import EDMOptions
+from dfmkit.components.objectives import EDMOptions, RectifiedFlowOptions
 from dfmkit.components.objectives.edm import EDM, karras_sigmas
-from dfmkit.components.objectives.rectified_flow import RectifiedFlow
+from dfmkit.components.objectives.rectified_flow import RectifiedFlow, shift_times
 from dfmkit.components.samplers import HeunOptions, make_sampler
 from dfmkit.components.samplers.heun import Euler, Heun, Sampler
 from dfmkit.diffusion import from_reference_scale, guided_denoiser, warn_if_unguidable
@@ -60,6 +60,56 @@ def test_rectified_flow_grid_is_uniform_from_one_to_zero_and_shifts_towards_nois
     assert shifted[0] == 1 and shifted[-1] == 0 and torch.all(shifted[1:] < shifted[:-1])
     assert float(shifted[2]) == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))  # s t / (1 + (s - 1) t)
     assert torch.all(shifted[1:-1] > t[1:-1])  # more of the steps at high noise
+
+
+def test_rectified_flow_can_sample_each_size_on_the_grid_its_tokens_have_in_training():
+    """sample_shift_by_tokens: the objective of samples of n tokens has the grid shifted by the training shift of n
+    tokens (Flux's sampling); the objective itself has no single grid, and a fixed sample_shift beside the flag is
+    refused (one of them would be ignored)."""
+    flow = RectifiedFlow(shift_by_tokens=True, sample_shift_by_tokens=True)
+    assert flow.grid_by_tokens and not RectifiedFlow().grid_by_tokens and RectifiedFlow().for_tokens(64) == RectifiedFlow()
+    for tokens in (16, 256, 1024, 4096):
+        want = shift_times(RectifiedFlow().sampling_sigmas(8), math.exp(0.5 + 0.65 * (tokens - 256) / 3840))
+        torch.testing.assert_close(flow.for_tokens(tokens).sampling_sigmas(8), want, rtol=1e-12, atol=1e-12)
+        assert float(flow.shift_of(float(tokens))) == pytest.approx(float(flow.shift_of(torch.tensor(float(tokens)))))
+    assert float(flow.for_tokens(4096).sampling_sigmas(8)[4]) > float(flow.for_tokens(256).sampling_sigmas(8)[4])
+    with pytest.raises(ValueError, match="the grid depends on the samples' size"):
+        flow.sampling_sigmas(8)
+    with pytest.raises(ValueError, match=r"'sample_shift' \(3.0\) and 'sample_shift_by_tokens' are both set"):
+        RectifiedFlowOptions(sample_shift=3.0, sample_shift_by_tokens=True)
+
+
+def test_sizes_are_sampled_in_packs_of_their_own_where_the_grid_depends_on_the_size():
+    """With a grid by tokens, a call of prompts of two sizes samples each size in packs of its own on its own grid:
+    each latent equals that size sampled alone with sample_shift fixed to its shift, from the same seed (latent i:
+    seed + i, whatever pack it lands in)."""
+    import dit_harness as H
+
+    from dfmkit.diffusion.objective import as_model_fn
+    from dfmkit.generation.sampling import SamplingModel, split_packs
+    from dfmkit.parallel import ensure_initialized
+
+    shapes = [(H.CHANNELS, 1, 8, 8), (H.CHANNELS, 1, 4, 6), (H.CHANNELS, 1, 8, 8), (H.CHANNELS, 2, 4, 4)]
+    assert split_packs(shapes, 2, 1, 0, 1) == [[0, 1, 2, 3]]
+    assert split_packs(shapes, 2, 1, 0, 1, by_size=True) == [[0, 2], [1], [3]]  # 16, 6 and 8 tokens
+    assert split_packs(shapes, 2, 1, 16, 1, by_size=True) == [[0], [2], [1], [3]]
+    texts = [torch.randn(n, H.TEXT_DIM, generator=torch.Generator().manual_seed(n)) for n in (3, 5, 2, 4)]
+    model_fn = as_model_fn(H.sampling_model("cpu"), torch.device("cpu"), torch.float32)
+    env = ensure_initialized()
+
+    def sample(objective, indices):
+        sampling = SamplingModel(model_fn, objective, env, torch.device("cpu"), torch.float32, 2, 1, 1)
+        return sampling.sample(make_sampler("euler", num_steps=3), [texts[i] for i in indices],
+                               [shapes[i] for i in indices], guidance=2.0, seed=7 + indices[0])
+
+    by_tokens = RectifiedFlow(condition_dropout=0.2, shift_by_tokens=True, sample_shift_by_tokens=True)
+    together = sample(by_tokens, [0, 1, 2, 3])
+    for i, tokens in enumerate((16, 6, 16, 8)):
+        alone = sample(RectifiedFlow(condition_dropout=0.2, shift_by_tokens=True,
+                                     sample_shift=float(by_tokens.shift_of(float(tokens)))), [i])[0]
+        torch.testing.assert_close(together[i], alone, rtol=1e-5, atol=1e-5)
+    fixed = sample(RectifiedFlow(condition_dropout=0.2, shift_by_tokens=True), [0, 1, 2, 3])
+    assert not torch.allclose(fixed[1], together[1], atol=1e-3)  # another grid: another sample
 
 
 @pytest.mark.parametrize(

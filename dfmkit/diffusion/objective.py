@@ -173,6 +173,18 @@ class Objective(abc.ABC):
         """The sampling grid: ``num_steps + 1`` float64 noise levels, falling, the last one 0."""
         ...
 
+    # -- sampling: the grid of a sample's size ------------------------------------------------
+
+    @property
+    def grid_by_tokens(self) -> bool:
+        """Whether the sampling grid depends on the sample's size: then each size is sampled in packs of its own,
+        with the objective :meth:`for_tokens` gives (rectified flow's ``sample_shift_by_tokens``)."""
+        return False
+
+    def for_tokens(self, tokens: int) -> Objective:
+        """The objective whose :meth:`sampling_sigmas` serve samples of ``tokens`` latent tokens."""
+        return self
+
     # -- sampling: the probability-flow ODE ---------------------------------------------------
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:

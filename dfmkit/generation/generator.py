@@ -177,7 +177,8 @@ class Generator:
         sampling = self._sampling_model()
         shapes = [latent_shape_for(self.tokenizer, sampling.patch_spatial, sampling.patch_temporal, r.frames,
                                    r.height, r.width, self.recipe.tokenizer.name) for r in requests]
-        packs = split_packs(shapes, sampling.patch_spatial, sampling.patch_temporal, max_tokens, sampling.pad_multiple)
+        packs = split_packs(shapes, sampling.patch_spatial, sampling.patch_temporal, max_tokens, sampling.pad_multiple,
+                            sampling.objective.grid_by_tokens)
         need = memory_need(requests, shapes, packs, patch_spatial=sampling.patch_spatial,
                            patch_temporal=sampling.patch_temporal, pad_multiple=sampling.pad_multiple,
                            guided=guidance != 1.0, model=self.model, dtype=self.model_dtype, tensor=self.env.tp_size,

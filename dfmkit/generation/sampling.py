@@ -26,11 +26,11 @@ ShardFn = Callable[[PackedBatch, torch.Tensor], tuple[PackedBatch, torch.Tensor]
 GatherFn = Callable[[torch.Tensor, PackedBatch], torch.Tensor]
 
 
-def starting_noise(batch: PackedBatch, seed: int) -> torch.Tensor:
-    """Unit Gaussian ``[L, F]``, sample i drawn from a generator seeded with ``seed + i``; zero on padding."""
+def starting_noise(batch: PackedBatch, seeds: Sequence[int]) -> torch.Tensor:
+    """Unit Gaussian ``[L, F]``, sample i drawn from a generator seeded with ``seeds[i]``; zero on padding."""
     noise = torch.zeros_like(batch.latents, dtype=torch.float32)
-    for i, (start, n) in enumerate(zip(batch.cu_seqlens.tolist(), batch.seqlens.tolist())):
-        generator = torch.Generator().manual_seed(seed + i)
+    for seed, start, n in zip(seeds, batch.cu_seqlens[:-1].tolist(), batch.seqlens.tolist(), strict=True):
+        generator = torch.Generator().manual_seed(seed)
         noise[start : start + n] = torch.randn(n, batch.latents.shape[1], generator=generator)
     return noise
 
@@ -44,7 +44,7 @@ def sample_latents(
     latent_shapes: Sequence[Sequence[int]],
     *,
     guidance: float,
-    seed: int,
+    seed: int | Sequence[int],
     patch_spatial: int,
     patch_temporal: int,
     pad_multiple: int = 1,
@@ -55,7 +55,8 @@ def sample_latents(
     cuda_graphs: bool = False,
     graphs: PackGraphs | None = None,
 ) -> list[torch.Tensor]:
-    """Latents ``[C, T, H, W]`` for each (text states, latent shape), all sampled in one packed sequence.
+    """Latents ``[C, T, H, W]`` for each (text states, latent shape), all sampled in one packed sequence; latent i
+    starts from noise seeded with ``seed + i``, or ``seed[i]`` when ``seed`` is one per latent.
 
     ``shard(batch, noise)`` splits the pack across context-parallel ranks and ``gather(x, shard)`` puts the
     result back in the full pack's order.
@@ -68,7 +69,8 @@ def sample_latents(
     samples = [Sample(torch.zeros(*(int(s) for s in shape)), text.float().cpu(), f"sample_{i}")
                for i, (text, shape) in enumerate(zip(texts, latent_shapes))]
     batch = pack(samples, patch_spatial, patch_temporal, pad_multiple)
-    noise = starting_noise(batch, seed)
+    seeds = [seed + i for i in range(len(samples))] if isinstance(seed, int) else [int(s) for s in seed]
+    noise = starting_noise(batch, seeds)
     local_batch, local_noise = shard(batch, noise) if shard else (batch, noise)
     # On the device in the network's dtype once: every evaluation hands the network this same pack, with nothing
     # to convert or copy, and the network lays the pack out once (kept on the batch).
@@ -82,24 +84,36 @@ def sample_latents(
         x_example, sigma_example = local_noise.to(torch.float64), objective.sampling_sigmas(1, device)[0]
         kept = graphs if graphs is not None else PackGraphs(max_packs=1)
         denoise = kept.denoiser(key, denoise, x_example, sigma_example)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seeds[0])
     x0 = sampler.sample(denoise, local_noise, objective, generator=generator)
     x0 = gather(x0, local_batch) if gather else x0
     return unpack(batch, x0.float().cpu(), patch_spatial, patch_temporal)
 
 
+def latent_tokens(shape: Sequence[int], patch_spatial: int, patch_temporal: int) -> int:
+    """The tokens of a latent ``(C, T, H, W)``: one per patch."""
+    _, t, h, w = shape
+    return (t // patch_temporal) * (h // patch_spatial) * (w // patch_spatial)
+
+
 def split_packs(shapes: Sequence[Sequence[int]], patch_spatial: int, patch_temporal: int, max_tokens: int,
-                pad_multiple: int) -> list[list[int]]:
-    """Indices of the latents of each pack: in order, at most ``max_tokens`` latent tokens each (0: one pack)."""
-    packs: list[list[int]] = [[]]
-    used = 0
-    for i, (_, t, h, w) in enumerate(shapes):
-        tokens = round_up((t // patch_temporal) * (h // patch_spatial) * (w // patch_spatial), pad_multiple)
-        if max_tokens and packs[-1] and used + tokens > max_tokens:
-            packs.append([])
-            used = 0
-        packs[-1].append(i)
-        used += tokens
+                pad_multiple: int, by_size: bool = False) -> list[list[int]]:
+    """Indices of the latents of each pack: in order, at most ``max_tokens`` latent tokens each (0: no limit);
+    ``by_size``: a pack holds latents of one token count only (the sizes in order of first appearance)."""
+    tokens = [latent_tokens(shape, patch_spatial, patch_temporal) for shape in shapes]
+    groups = [[i for i in range(len(shapes)) if tokens[i] == n] for n in dict.fromkeys(tokens)] if by_size else [
+        list(range(len(shapes)))]
+    packs: list[list[int]] = []
+    for group in groups:
+        packs.append([])
+        used = 0
+        for i in group:
+            padded = round_up(tokens[i], pad_multiple)
+            if max_tokens and packs[-1] and used + padded > max_tokens:
+                packs.append([])
+                used = 0
+            packs[-1].append(i)
+            used += padded
     return packs
 
 
@@ -126,15 +140,20 @@ class SamplingModel:
                guidance: float, seed: int, max_tokens: int = 0, cuda_graphs: bool = False) -> list[torch.Tensor]:
         """Latents ``[C, T, H, W]`` (float32, CPU, on every rank) for each (text states, latent shape); latent i
         starts from noise seeded with ``seed + i``. ``max_tokens`` > 0 samples packs of at most that many
-        latent tokens, one after the other (0: one pack). ``cuda_graphs``: each pack's evaluations replay one CUDA
-        graph (see :func:`sample_latents`) where the network runs on one GPU; under tensor or context parallelism
-        the packs are sampled eagerly (collectives inside a captured graph are untried here)."""
+        latent tokens, one after the other (0: one pack; or one per size where the objective's grid depends on
+        it, :attr:`~dfmkit.diffusion.objective.Objective.grid_by_tokens`). ``cuda_graphs``: each pack's evaluations
+        replay one CUDA graph (see :func:`sample_latents`) where the network runs on one GPU; under tensor or
+        context parallelism the packs are sampled eagerly (collectives inside a captured graph are untried here)."""
         cuda_graphs = cuda_graphs and self.env.tp_size == 1 and self.env.cp_size == 1
         latents: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
-        for indices in split_packs(shapes, self.patch_spatial, self.patch_temporal, max_tokens, self.pad_multiple):
+        by_size = self.objective.grid_by_tokens  # each size on its own grid: packs of one size
+        for indices in split_packs(shapes, self.patch_spatial, self.patch_temporal, max_tokens, self.pad_multiple,
+                                   by_size):
+            objective = self.objective.for_tokens(latent_tokens(shapes[indices[0]], self.patch_spatial,
+                                                                self.patch_temporal))
             pack_latents = sample_latents(
-                self.model_fn, self.objective, sampler, [texts[i] for i in indices], [shapes[i] for i in indices],
-                guidance=guidance, seed=seed + indices[0], patch_spatial=self.patch_spatial,
+                self.model_fn, objective, sampler, [texts[i] for i in indices], [shapes[i] for i in indices],
+                guidance=guidance, seed=[seed + i for i in indices], patch_spatial=self.patch_spatial,
                 patch_temporal=self.patch_temporal, pad_multiple=self.pad_multiple, device=self.device,
                 model_dtype=self.dtype, shard=self._shard, gather=parallel.gather_from_context_parallel,
                 cuda_graphs=cuda_graphs, graphs=self.graphs,

@@ -66,10 +66,18 @@ class RectifiedFlowOptions(TrainingOptions):
     shift_tokens: tuple[int, int] = attrs.field(default=(256, 4096), validator=_increasing_pair)
     log_shift: tuple[float, float] = (0.5, 1.15)  # mu at those token counts (Flux's)
     sample_shift: float = attrs.field(default=1.0, validator=v.gt(0))  # the sampling grid's shift
+    # Instead of sample_shift: each sample's grid shifted by the shift its token count has in training's
+    # shift_by_tokens (s = exp(mu), shift_tokens, log_shift), as Flux samples; a call's sizes are sampled apart.
+    sample_shift_by_tokens: bool = False
     time_scale: float = attrs.field(default=1000.0, validator=v.gt(0),  # c_noise = time_scale t
                                     metadata={DEFINES_MODEL: True})
 
     LOSS_SIGMAS: ClassVar[tuple[float, ...]] = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+    def __attrs_post_init__(self) -> None:
+        if self.sample_shift_by_tokens and self.sample_shift != 1.0:  # one of them would be ignored
+            raise ValueError(f"'sample_shift' ({self.sample_shift!r}) and 'sample_shift_by_tokens' are both set: "
+                             "set sample_shift = 1 to shift by tokens, or sample_shift_by_tokens = false")
 
     def sigma_problem(self, sigma: float) -> str | None:
         return None if sigma <= 1 else f"rectified-flow noise levels (times t) are at most 1, got {sigma:g}"

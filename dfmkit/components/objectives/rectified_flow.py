@@ -14,11 +14,15 @@ Training times (SD3 Sec. 3.1): ``logit(t) ~ N(p_mean, p_std^2)``, then shifted t
 (``shift_by_tokens``: ``s = exp(mu)``, ``mu`` linear from ``log_shift[0]`` at ``shift_tokens[0]`` tokens to
 ``log_shift[1]`` at ``shift_tokens[1]``, as Flux and Wan do for larger images). Each sample of a pack draws its own
 ``t`` (and its shift reads its own token count). Sampling runs a uniform grid from 1 to 0 shifted by
-``sample_shift``.
+``sample_shift``, or with ``sample_shift_by_tokens`` by each size's shift of ``shift_by_tokens`` (Flux's sampling:
+a call's sizes are sampled in packs of their own, :meth:`RectifiedFlow.for_tokens`).
 """
 
 from __future__ import annotations
 
+import math
+
+import attrs
 import torch
 
 from dfmkit.batch import PackedBatch
@@ -65,10 +69,14 @@ class RectifiedFlow(Objective):
         t = torch.sigmoid(torch.randn(len(tokens), generator=generator, device=device) * o.p_std + o.p_mean)
         if not o.shift_by_tokens:
             return shift_times(t, o.shift) if o.shift != 1.0 else t
-        (n0, n1), (mu0, mu1) = o.shift_tokens, o.log_shift
-        tokens = tokens.to(device=device, dtype=torch.float32)
+        return shift_times(t, self.shift_of(tokens.to(device=device, dtype=torch.float32)))
+
+    def shift_of(self, tokens: torch.Tensor | float) -> torch.Tensor | float:
+        """The shift of samples of ``tokens`` tokens: ``exp(mu)``, ``mu`` linear from ``log_shift[0]`` at
+        ``shift_tokens[0]`` tokens to ``log_shift[1]`` at ``shift_tokens[1]`` (extended past them)."""
+        (n0, n1), (mu0, mu1) = self.options.shift_tokens, self.options.log_shift
         mu = mu0 + (mu1 - mu0) * (tokens - n0) / (n1 - n0)
-        return shift_times(t, mu.exp())
+        return mu.exp() if isinstance(mu, torch.Tensor) else math.exp(mu)
 
     def prediction(self, model_fn: ModelFn, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor,
                    noise: torch.Tensor, batch: PackedBatch, model_dtype: torch.dtype | None) -> Prediction:
@@ -77,9 +85,24 @@ class RectifiedFlow(Objective):
         return Prediction(v, noise - x0, torch.ones_like(sigma))
 
     def sampling_sigmas(self, num_steps: int, device=None) -> torch.Tensor:
-        """``1 - i / N`` for i = 0..N, shifted by ``sample_shift``: N + 1 float64 times from 1 to 0."""
+        """``1 - i / N`` for i = 0..N, shifted by ``sample_shift``: N + 1 float64 times from 1 to 0. With
+        ``sample_shift_by_tokens``, the grid of :meth:`for_tokens`' objective of each size."""
+        if self.options.sample_shift_by_tokens:
+            raise ValueError("sample_shift_by_tokens: the grid depends on the samples' size; sample with "
+                             "for_tokens(tokens)'s objective")
         t = 1 - torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps
         return shift_times(t, self.options.sample_shift)
+
+    @property
+    def grid_by_tokens(self) -> bool:
+        return self.options.sample_shift_by_tokens
+
+    def for_tokens(self, tokens: int) -> RectifiedFlow:
+        """With ``sample_shift_by_tokens``: this objective with ``sample_shift`` the shift of ``tokens`` tokens."""
+        if not self.options.sample_shift_by_tokens:
+            return self
+        return RectifiedFlow(attrs.evolve(self.options, sample_shift=float(self.shift_of(float(tokens))),
+                                          sample_shift_by_tokens=False))
 
 
 def build(options: RectifiedFlowOptions, **_context) -> RectifiedFlow:
