@@ -335,6 +335,34 @@ def test_text_keys_and_values_are_kept_between_forwards_without_autograd_until_t
             hook.remove()
 
 
+def test_the_dit_runs_under_inference_mode():
+    """Under torch.inference_mode tensors made there keep no version counter: the pack's layout is still kept (taken
+    as unchanged), text made there is projected at every forward (a change to it could go unseen), and the outputs
+    are those under no_grad. Before, the layout's version check raised at the first forward."""
+    m = dit.build(H.tiny_options(), device="cpu")
+    H.randomize_(m)
+    batch = H.make_packs()[0].with_unconditional()
+    x, c_noise, _ = H.pack_inputs(batch, 0)
+    with torch.no_grad():
+        want = m(x, c_noise, batch)
+        halved = m(x, c_noise, dataclasses.replace(batch, text=batch.text * 0.5))
+    calls, hooks = _counting_text_projections(m)
+    try:
+        with torch.inference_mode():
+            assert torch.equal(m(x, c_noise, batch), want) and torch.equal(m(x, c_noise, batch), want)
+            assert not calls  # the keys and values of the text made outside, kept from the no_grad forward
+            made_here = dataclasses.replace(batch, text=batch.text.clone())
+            assert made_here.text.is_inference()
+            calls.clear()
+            assert torch.equal(m(x, c_noise, made_here), want)
+            made_here.text.mul_(0.5)
+            assert torch.equal(m(x, c_noise, made_here), halved)
+            assert len(calls) == 2 * len(m.decoder.layers)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_conditioning_a_guided_denoiser_on_other_text_refreshes_the_kept_keys_and_values():
     """GuidedDenoiser.condition_on writes other text into its pack and has the network compute its kept keys and
     values again at once (what a CUDA graph replayed after it reads): they equal those of a fresh forward of the new

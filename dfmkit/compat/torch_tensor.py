@@ -14,9 +14,11 @@ import torch
 CHECKED_ON = {"torch": "2.13.0"}
 
 
-def version(tensor: torch.Tensor) -> int:
-    """How many times ``tensor`` (or a view of its storage) was changed in place."""
-    return tensor._version
+def version(tensor: torch.Tensor) -> int | None:
+    """How many times ``tensor`` (or a view of its storage) was changed in place; None for an inference tensor (made
+    under ``torch.inference_mode``), which keeps no count: it can only change inside inference mode, and the values
+    dfmkit keeps for one (a pack's layout) are taken as unchanged."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def check() -> list[str]:
@@ -29,4 +31,8 @@ def check() -> list[str]:
         return ["version: torch.Tensor has no '_version'"]
     if not (isinstance(before, int) and after > before):
         return [f"version: an in-place add through a view leaves torch.Tensor._version at {before} -> {after}"]
+    with torch.inference_mode():
+        inference = torch.zeros(2)
+    if not inference.is_inference():
+        return ["version: a tensor made under torch.inference_mode is not an inference tensor"]
     return []

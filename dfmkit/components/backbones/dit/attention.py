@@ -158,21 +158,26 @@ class CrossAttention(_Attention):
 
         They depend on the text and the weights only. Without autograd (sampling, validation) they are kept on the
         pack's layout and reused by later forwards of the pack while the text and the weights are the same tensors,
-        unchanged in place (their version counters). Otherwise they are computed again, into the kept tensors when
+        unchanged in place (their version counters; text or weights made under ``torch.inference_mode`` have none,
+        and are projected at every forward). Otherwise they are computed again, into the kept tensors when
         the shapes match: a CUDA graph captured from an earlier forward reads those, and does not compute them.
         After the text or the weights change, a graph replays stale keys until an eager forward or
         :meth:`dfmkit.components.backbones.dit.DiT.refresh_text` computes them again.
         """
         if layout.text_tokens is not None:
             context = context[: layout.text_tokens[1]]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or context.is_inference():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._keys_values(context)
         sources = (context, *self.linear_kv.parameters(), *self.k_layernorm.parameters())
+        if any(version(t) is None for t in sources):  # inference tensors: a change in place would go unseen
+            return self._keys_values(context)
         kept = layout.text_keys_values.get(id(self))
         if kept is not None and _unchanged(kept[0], sources):
             return kept[1]
         k, v = self._keys_values(context)
-        if kept is not None and kept[1][0].shape == k.shape and kept[1][1].shape == v.shape:
+        # Into the kept tensors where they can be written: not those made under inference mode, outside it.
+        writable = kept is not None and (torch.is_inference_mode_enabled() or not kept[1][0].is_inference())
+        if writable and kept[1][0].shape == k.shape and kept[1][1].shape == v.shape:
             kept[1][0].copy_(k)
             kept[1][1].copy_(v)
             k, v = kept[1]
