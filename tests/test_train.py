@@ -383,6 +383,37 @@ def test_bad_input_fails_before_any_work(tmp_path):
     assert not (tmp_path / "huge").exists() or not any((tmp_path / "huge").rglob("iter_*"))
 
 
+def test_a_set_up_failure_on_one_rank_ends_every_rank(tmp_path):
+    """Validation sizes that cannot fit are refused on the ranks that generate (data-parallel group 0) only. Every
+    rank learns of it at set-up and ends with the message, instead of going on into the first gradient all-reduce
+    to wait for rank 0 until the collective's timeout. Two processes started without torchrun, whose agent would
+    otherwise end the waiting rank itself."""
+    recipe = tiny_recipe(tmp_path / "ck", validation={"interval": 2, "prompts": ["a"], "height": 2**30, "width": 8})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"recipe": recipe, "out": str(tmp_path / "out.json")}))
+    port = str(_free_port())
+    processes = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "CUDA_VISIBLE_DEVICES": ""}
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        processes.append((subprocess.Popen([sys.executable, str(WORKER), str(config)], stdout=log,
+                                           stderr=subprocess.STDOUT, env=env, start_new_session=True), log))
+    try:
+        codes = [process.wait(timeout=180) for process, _ in processes]
+    finally:
+        for process, log in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            log.close()
+    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
+    assert codes == [2, 2], logs
+    assert "error: validation generation: this request needs at least" in logs[0]
+    assert ("error: rank 0 could not set up the run (1 of 2 ranks failed), so this rank stops too: validation "
+            "generation: this request needs at least") in logs[1]
+
+
 def test_a_missing_dataset_is_prepared_from_its_source(tmp_path):
     path = tmp_path / "digits"
     recipe = tiny_recipe(tmp_path / "ck", data={"mock": False, "path": str(path), "prepare_source": "digits",

@@ -47,7 +47,7 @@ from dfmkit.train import checkpoint as ckpt
 from dfmkit.train.logger import MetricsLogger
 from dfmkit.train.optim import check_schedule, step_on_device
 from dfmkit.train.resume import resume
-from dfmkit.train.setup import ensure_dataset, micro_batches_per_rank, training_device
+from dfmkit.train.setup import ensure_dataset, micro_batches_per_rank, on_every_rank, training_device
 from dfmkit.train.state import build_train_state
 from dfmkit.train.step import compute_gradients, step_generator
 from dfmkit.train.stopping import (
@@ -112,13 +112,13 @@ class Trainer:
         self.pad_multiple = parallel.required_pad_multiple(recipe.parallel)
         self.state = build_train_state(job, recipe, self.env, self.device, self.model_dtype)
         self.objective = job.components["diffusion"].build(recipe=recipe)
-        if data is None:
-            data = build_train_loader(job, dp_rank=self.env.dp_rank, dp_size=self.env.dp_size,
-                                      pad_multiple=self.pad_multiple)
+        self._stop_group = stop_group()
+        if data is None:  # a rank's data may be missing or broken where the others' is not
+            data = on_every_rank(lambda: build_train_loader(job, dp_rank=self.env.dp_rank, dp_size=self.env.dp_size,
+                                                            pad_multiple=self.pad_multiple), self._stop_group)
         self.data = data
         self.nonfinite_in_a_row = 0
         self.stop = StopSignals(grace=0.0 if self.env.world_size == 1 else DATA_GRACE_S)
-        self._stop_group = stop_group()
         self.stop_requested = False  # a stop signal reached some rank by the last step (all ranks know it)
         self.checkpoint_dir = Path(recipe.checkpoint.dir)
         resume(self.state, self.data, recipe, job.plugins.registries, self.env)
@@ -126,7 +126,8 @@ class Trainer:
         self.logger = MetricsLogger(recipe.logging, str(self.checkpoint_dir), self._run_config(),
                                     enabled=self.env.rank == 0, total_steps=recipe.train.train_iters,
                                     start_step=self.state.step)
-        self.validator = self._build_validator() if recipe.validation.interval > 0 else None
+        # Data-parallel group 0 prepares the validation prompts and checks their sizes alone.
+        self.validator = on_every_rank(self._build_validator, self._stop_group) if recipe.validation.interval else None
 
     def _build_validator(self) -> Validator:
         state = self.state
