@@ -383,6 +383,21 @@ def test_bad_input_fails_before_any_work(tmp_path):
     assert not (tmp_path / "huge").exists() or not any((tmp_path / "huge").rglob("iter_*"))
 
 
+def test_a_run_says_what_it_is_about_to_do(tmp_path, caplog):
+    """The first line of a run: model and size, objective, processes and layout, steps (from where a resumed run
+    goes on) and micro-batches per step (a step of many shows no progress until it ends), checkpoint folder."""
+    recipe = tiny_recipe(tmp_path / "ck", train={"train_iters": 4, "global_batch_size": 3, "device": "cpu"})
+    with caplog.at_level("INFO", logger="dfmkit"):
+        train(dfmkit.build(recipe), until_step=2)
+        train(dfmkit.build(recipe))
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training ")]
+    parameters = sum(p.numel() for p in Trainer(dfmkit.build(recipe)).state.model.parameters())
+    assert plans == [
+        f"training dit ({parameters / 1e6:.1f}M parameters, float32) as edm on 1 process on cpu (data 1 x tensor 1 x "
+        f"context 1): {steps} of 3 micro-batches per rank, each a pack of up to 64 tokens; checkpoints in "
+        f"{tmp_path / 'ck'}" for steps in ("2 steps", "steps 3 to 4")]
+
+
 def test_a_set_up_failure_on_one_rank_ends_every_rank(tmp_path):
     """Validation sizes that cannot fit are refused on the ranks that generate (data-parallel group 0) only. Every
     rank learns of it at set-up and ends with the message, instead of going on into the first gradient all-reduce

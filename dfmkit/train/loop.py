@@ -245,6 +245,8 @@ class Trainer:
     def train(self, until_step: int | None = None) -> dict[str, Any]:
         """Train to ``train.train_iters``, or stop (and save) after ``until_step`` like a preempted run."""
         state = self.state
+        if self.env.rank == 0:
+            log.info(self.plan(until_step))
         try:
             with self.stop:
                 history, grad_norms = self._loop(until_step)
@@ -267,6 +269,23 @@ class Trainer:
         parallel.barrier()
         return {"step": state.step, "losses": history, "grad_norms": grad_norms,
                 "checkpoint_dir": str(self.checkpoint_dir), "stopped_by_signal": stopped, "skipped_samples": skipped}
+
+    def plan(self, until_step: int | None = None) -> str:
+        """One line of what :meth:`train` is about to do: the model and objective, the processes and their layout,
+        a step's micro-batches, the steps, and where checkpoints go. A step of many micro-batches shows no progress
+        until it ends: this line says how many there are."""
+        recipe, env = self.recipe, self.env
+        parameters = sum(p.numel() for p in self.state.model.parameters())
+        shard = f" ({env.tp_size}-way tensor parallel: this rank's share)" if env.tp_size > 1 else ""
+        processes = f"{env.world_size} process{'es' if env.world_size > 1 else ''} on {self.device.type}"
+        layout = f"data {env.dp_size} x tensor {env.tp_size} x context {env.cp_size}"
+        steps = f"steps {self.state.step + 1} to {self._last_step(until_step)}" if self.state.step else \
+            f"{self._last_step(until_step)} steps"
+        dtype = str(self.model_dtype).removeprefix("torch.")
+        return (f"training {recipe.model.name} ({parameters / 1e6:.1f}M parameters{shard}, {dtype}) as "
+                f"{recipe.diffusion.name} on {processes} ({layout}): {steps} of {self.micro_batches} micro-batch"
+                f"{'es' if self.micro_batches > 1 else ''} per rank, each a pack of up to {recipe.data.seq_length} "
+                f"tokens; checkpoints in {self.checkpoint_dir}")
 
     def _last_step(self, until_step: int | None) -> int:
         return self.recipe.train.train_iters if until_step is None else min(until_step, self.recipe.train.train_iters)
