@@ -1,4 +1,5 @@
-"""Which pixel sizes fit a tokenizer's latent and the backbone's patches, and the nearest ones that do.
+"""Which pixel sizes fit a tokenizer's latent and the backbone's patches, and the nearest ones that do; and how many
+tokens a latent makes.
 
 One implementation for every place that checks a size: the recipe checks (validation sizes, through a tokenizer's
 options), ``dfmkit generate`` and validation during training (through the built tokenizer). A ``tokenizer`` here
@@ -8,12 +9,19 @@ is anything with ``latent_shape(frames, height, width) -> (C, T, H, W)`` that ra
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dfmkit.errors import DfmkitError
 
 LatentShape = tuple[int, int, int, int]
+
+
+def latent_tokens(shape: Sequence[int], patch_spatial: int, patch_temporal: int) -> int:
+    """The tokens of a latent ``(C, T, H, W)`` (before padding): one per ``patch_temporal x patch_spatial^2``
+    patch."""
+    _, t, h, w = shape
+    return (t // patch_temporal) * (h // patch_spatial) * (w // patch_spatial)
 
 
 def patch_sizes(model_options: Any) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch
 
 from dfmkit.batch import PackedBatch, Sample, pack, round_up
 from dfmkit.data import check_fits_model, model_dims
-from dfmkit.latent_sizes import patch_sizes
+from dfmkit.latent_sizes import latent_tokens, patch_sizes
 from dfmkit.data.skips import SkipCounter
 from dfmkit.errors import DfmkitError
 
@@ -45,7 +45,7 @@ class MockLoader:
         p, pt = self.patch_spatial, self.patch_temporal
         if t % pt or h % p or w % p:
             raise DfmkitError(f"data.mock_latent_shape {list(self.latent_shape)} does not divide into {pt}x{p}x{p} patches")
-        self.tokens_per_sample = round_up((t // pt) * (h // p) * (w // p), self.pad_multiple)
+        self.tokens_per_sample = round_up(latent_tokens(self.latent_shape, p, pt), self.pad_multiple)
         if self.tokens_per_sample > data.seq_length:
             raise DfmkitError(f"a mock sample has {self.tokens_per_sample} tokens, more than data.seq_length={data.seq_length}")
         fits = data.seq_length // self.tokens_per_sample

@@ -30,6 +30,7 @@ from dfmkit.batch import round_up
 from dfmkit.devices import device_available, host_available
 from dfmkit.errors import GenerateError
 from dfmkit.generation.prompts import Request
+from dfmkit.latent_sizes import latent_tokens
 
 FLOAT32_BYTES = 4
 LATENT_COPIES = 3  # the starting noise, the sampler's state and the denoised estimate
@@ -60,8 +61,7 @@ def memory_need(requests: Sequence[Request], shapes: Sequence[Sequence[int]], pa
     row_bytes = (hidden + mlp) * dtype.itemsize
     pack, pack_tokens = 0, 0
     for indices in packs:
-        tokens = sum(round_up((shapes[i][1] // patch_temporal) * (shapes[i][2] // patch_spatial)
-                              * (shapes[i][3] // patch_spatial), pad_multiple) for i in indices)
+        tokens = sum(round_up(latent_tokens(shapes[i], patch_spatial, patch_temporal), pad_multiple) for i in indices)
         rows = -(-tokens * (2 if guided else 1) // context)
         need = LATENT_COPIES * sum(latent[i] for i in indices) * FLOAT32_BYTES + rows * row_bytes
         if need > pack:

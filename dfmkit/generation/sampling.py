@@ -19,6 +19,7 @@ from dfmkit.diffusion.objective import ModelFn, Objective
 from dfmkit.diffusion.guidance import guided_denoiser
 from dfmkit.generation.graphs import PackGraphs
 from dfmkit.job import Job
+from dfmkit.latent_sizes import latent_tokens
 from dfmkit.parallel import ParallelLayout
 from dfmkit.recipe import load_recipe
 
@@ -88,12 +89,6 @@ def sample_latents(
     x0 = sampler.sample(denoise, local_noise, objective, generator=generator)
     x0 = gather(x0, local_batch) if gather else x0
     return unpack(batch, x0.float().cpu(), patch_spatial, patch_temporal)
-
-
-def latent_tokens(shape: Sequence[int], patch_spatial: int, patch_temporal: int) -> int:
-    """The tokens of a latent ``(C, T, H, W)``: one per patch."""
-    _, t, h, w = shape
-    return (t // patch_temporal) * (h // patch_spatial) * (w // patch_spatial)
 
 
 def split_packs(shapes: Sequence[Sequence[int]], patch_spatial: int, patch_temporal: int, max_tokens: int,

@@ -40,7 +40,7 @@ from megatron.energon import Cooker, Sample, SkipSample, TaskEncoder, basic_samp
 from dfmkit.batch import PackedBatch, patchify, round_up
 from dfmkit.components.task_encoders import PackedOptions
 from dfmkit.data import model_dims
-from dfmkit.latent_sizes import patch_sizes
+from dfmkit.latent_sizes import latent_tokens, patch_sizes
 from dfmkit.data.shards import LATENT, META_PART, TEXT, decode_tensor, find_member
 from dfmkit.data.skips import SkipCounter, SkipError
 
@@ -212,7 +212,7 @@ class PackedTaskEncoder(TaskEncoder):
         bound = self.options.max_abs_latent
         if bound and largest > bound:
             raise SkipError("nonfinite", f"latent has values up to {largest:g}, beyond max_abs_latent={bound:g}")
-        tokens = round_up((t // pt) * (h // p) * (w // p), self.pad_multiple)
+        tokens = round_up(latent_tokens(latent.shape, p, pt), self.pad_multiple)
         if tokens > self.seq_length:
             raise SkipError("too_long", f"latent {list(latent.shape)} makes {tokens} tokens ({pt}x{p}x{p} patches, "
                             f"padded to a multiple of {self.pad_multiple}), more than a pack of "
