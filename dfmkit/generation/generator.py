@@ -25,7 +25,7 @@ from dfmkit.diffusion.objective import as_model_fn
 from dfmkit.errors import GenerateError
 from dfmkit.generation.graphs import PackGraphs, whole_denoiser_graphs
 from dfmkit.generation.loading import generation_parallel, load_model
-from dfmkit.generation.memory import check_memory, memory_need
+from dfmkit.generation.memory import check_memory
 from dfmkit.generation.outputs import (
     NonFiniteOutputError,
     check_out_dir,
@@ -39,7 +39,7 @@ from dfmkit.generation.outputs import (
     write_output,
 )
 from dfmkit.generation.prompts import Request, encode_prompts, make_requests
-from dfmkit.generation.sampling import SamplingModel, build_sampler, split_packs
+from dfmkit.generation.sampling import SamplingModel, build_sampler
 from dfmkit.generation.sizes import latent_shape_for
 from dfmkit.latent_sizes import patch_sizes
 from dfmkit.job import Job
@@ -177,12 +177,7 @@ class Generator:
         sampling = self._sampling_model()
         shapes = [latent_shape_for(self.tokenizer, sampling.patch_spatial, sampling.patch_temporal, r.frames,
                                    r.height, r.width, self.recipe.tokenizer.name) for r in requests]
-        packs = split_packs(shapes, sampling.patch_spatial, sampling.patch_temporal, max_tokens, sampling.pad_multiple,
-                            sampling.objective.grid_by_tokens)
-        need = memory_need(requests, shapes, packs, patch_spatial=sampling.patch_spatial,
-                           patch_temporal=sampling.patch_temporal, pad_multiple=sampling.pad_multiple,
-                           guided=guidance != 1.0, model=self.model, dtype=self.model_dtype, tensor=self.env.tp_size,
-                           context=self.env.cp_size)
+        need = sampling.memory_need(requests, shapes, max_tokens, guided=guidance != 1.0, model=self.model)
         try:
             check_memory(need, self.device)
         except GenerateError:

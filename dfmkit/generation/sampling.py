@@ -18,6 +18,8 @@ from dfmkit.batch import PackedBatch, Sample, pack, round_up, unpack
 from dfmkit.diffusion.objective import ModelFn, Objective
 from dfmkit.diffusion.guidance import guided_denoiser
 from dfmkit.generation.graphs import PackGraphs
+from dfmkit.generation.memory import MemoryNeed, memory_need
+from dfmkit.generation.prompts import Request
 from dfmkit.job import Job
 from dfmkit.latent_sizes import latent_tokens
 from dfmkit.parallel import ParallelLayout
@@ -127,6 +129,19 @@ class SamplingModel:
     pad_multiple: int
     graphs: PackGraphs | None = None  # CUDA graphs kept between calls (None: each call captures its own)
 
+    def packs(self, shapes: Sequence[Sequence[int]], max_tokens: int = 0) -> list[list[int]]:
+        """The indices of the latents of ``shapes`` that :meth:`sample` samples together, pack by pack."""
+        return split_packs(shapes, self.patch_spatial, self.patch_temporal, max_tokens, self.pad_multiple,
+                           self.objective.grid_by_tokens)  # each size on its own grid: packs of one size
+
+    def memory_need(self, requests: Sequence[Request], shapes: Sequence[Sequence[int]], max_tokens: int, *,
+                    guided: bool, model: torch.nn.Module) -> MemoryNeed:
+        """What sampling ``requests`` of latent ``shapes`` in :meth:`packs` needs at least (``model``: the backbone,
+        for its sizes; :mod:`dfmkit.generation.memory`)."""
+        return memory_need(requests, shapes, self.packs(shapes, max_tokens), patch_spatial=self.patch_spatial,
+                           patch_temporal=self.patch_temporal, pad_multiple=self.pad_multiple, guided=guided,
+                           model=model, dtype=self.dtype, tensor=self.env.tp_size, context=self.env.cp_size)
+
     def _shard(self, batch: PackedBatch, noise: torch.Tensor) -> tuple[PackedBatch, torch.Tensor]:
         return parallel.shard_for_context_parallel(batch, noise, self.env)
 
@@ -141,9 +156,7 @@ class SamplingModel:
         context parallelism the packs are sampled eagerly (collectives inside a captured graph are untried here)."""
         cuda_graphs = cuda_graphs and self.env.tp_size == 1 and self.env.cp_size == 1
         latents: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
-        by_size = self.objective.grid_by_tokens  # each size on its own grid: packs of one size
-        for indices in split_packs(shapes, self.patch_spatial, self.patch_temporal, max_tokens, self.pad_multiple,
-                                   by_size):
+        for indices in self.packs(shapes, max_tokens):
             objective = self.objective.for_tokens(latent_tokens(shapes[indices[0]], self.patch_spatial,
                                                                 self.patch_temporal))
             pack_latents = sample_latents(

@@ -29,7 +29,7 @@ from dfmkit.data.loader import build_validation_batches
 from dfmkit.diffusion.objective import ModelFn, loss_share
 from dfmkit.errors import GenerateError
 from dfmkit.generation.graphs import whole_denoiser_graphs
-from dfmkit.generation.memory import check_memory, memory_need
+from dfmkit.generation.memory import check_memory
 from dfmkit.generation.outputs import (
     decode,
     non_finite,
@@ -125,13 +125,10 @@ class Validator:
     def _check_memory(self, model: torch.nn.Module) -> None:
         """Refuse, before training starts, validation sizes whose generation cannot fit in the memory there is now
         (the model, its gradients and optimizer state already allocated): the lower bound of
-        :mod:`dfmkit.generation.memory`, all prompts in one pack, as :meth:`generate` samples them."""
+        :mod:`dfmkit.generation.memory`, in the packs :meth:`generate` samples them in."""
         config = self.config
-        shapes = [self.latent_shape] * len(self.requests)
-        need = memory_need(self.requests, shapes, [list(range(len(shapes)))], patch_spatial=self.sampling.patch_spatial,
-                           patch_temporal=self.sampling.patch_temporal, pad_multiple=self.sampling.pad_multiple,
-                           guided=config.guidance != 1.0, model=model, dtype=self.model_dtype,
-                           tensor=self.env.tp_size, context=self.env.cp_size)
+        need = self.sampling.memory_need(self.requests, [self.latent_shape] * len(self.requests), 0,
+                                         guided=config.guidance != 1.0, model=model)
         fix = (f"lower validation.height/width/frames (now {config.height} x {config.width} x {config.frames} frames) "
                f"or give fewer validation.prompts (now {len(self.requests)})")
         try:
